@@ -1,0 +1,100 @@
+"""Tiny randomly initialised models and a tokenizer built in code, for tests and examples.
+
+Nothing here touches the network: the tokenizer is a byte-level BPE trained on a built-in text,
+the models are transformers configs with random weights saved to a local folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = """The quick brown fox jumps over the lazy dog. A radix tree shares prefixes between keys.
+Question: What is the capital of France? Answer: Paris. Question: What is two plus two? Answer: 4.
+{"name": "Alice", "age": 31, "email": "alice@example.com", "tags": ["a", "b"], "ok": true}
+192.168.0.1 2024-01-31 3.14159 -42 yes no maybe true false null [] {} () <> = + - * / , ; :
+Large language models generate text one token at a time; structured generation constrains them.
+0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ éàü 你好 🙂
+"""
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tiny_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE `PreTrainedTokenizerFast` with ChatML specials and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
+    """A small transformers config of the given architecture (llama, qwen2, qwen3, mistral)."""
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if arch in ("qwen3",):
+        common["head_dim"] = 16
+    common.update(overrides)
+    return AutoConfig.for_model(arch, **common)
+
+
+def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Save a random `arch` model and the tiny tokenizer to `path`; returns the folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_tokenizer()
+    config = tiny_config(arch, **overrides)
+    config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id})
+    )
+    return path
