@@ -1,0 +1,22 @@
+"""Errors the engine reports to a single request without affecting anyone else."""
+
+from __future__ import annotations
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses.
+
+    `field` names the offending field (e.g. 'sampling_params.top_p', 'input_ids', 'prompt'),
+    or is None when the request as a whole is at fault.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message if self.field is None else f"{self.message} (field: {self.field})"
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.field))
