@@ -15,8 +15,5 @@ class InvalidRequestError(ValueError):
         self.message = message
         self.field = field
 
-    def __str__(self) -> str:
-        return self.message if self.field is None else f"{self.message} (field: {self.field})"
-
     def __reduce__(self):
         return (type(self), (self.message, self.field))
