@@ -151,11 +151,18 @@ def constrain(
 
 
 def filter_probs(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """Zero the probabilities that top-k, then top-p (over the top-k renormalised mass), then
-    min-p (relative to the most likely token) exclude. Returns a new unnormalised [S, V] tensor."""
+    """Zero the probabilities that top-k, then top-p, then min-p exclude (HF warper semantics).
+
+    Top-p keeps the smallest most-likely set whose top-k-renormalised mass reaches top_p; min-p
+    drops tokens below min_p times the most likely one. Returns a new unnormalised [S, V] tensor.
+    """
     vocab = probs.shape[-1]
     knobs = _per_row(
-        [[p.top_k if p.top_k > 0 else vocab, p.top_p, p.min_p] for p in params], probs.device
+        [
+            [p.top_k if p.top_k > 0 else vocab, p.top_p if p.top_p < 1.0 else 2.0, p.min_p]
+            for p in params
+        ],
+        probs.device,
     )
     top_k, top_p, min_p = knobs[:, :1], knobs[:, 1:2], knobs[:, 2:]
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
@@ -163,7 +170,7 @@ def filter_probs(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     sorted_probs = sorted_probs.masked_fill(position >= top_k, 0.0)
     cumulative = sorted_probs.cumsum(dim=-1)
     mass_before = cumulative - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before > top_p * cumulative[:, -1:], 0.0)
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p * cumulative[:, -1:], 0.0)
     sorted_probs = sorted_probs.masked_fill(sorted_probs < min_p * sorted_probs[:, :1], 0.0)
     return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
 
