@@ -1,0 +1,62 @@
+"""Engine configuration: one frozen dataclass, passed down explicitly."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs besides the weights.
+
+    `max_total_tokens` is the KV pool size in tokens (None: derived from free memory on CUDA,
+    16384 on CPU). `chunked_prefill_size` caps the tokens of one prefill batch (a longer prompt
+    is prefilled in chunks); -1 turns chunking off. `in_batch_prefix_min` is the shared length
+    (tokens) above which a waiting request is held back one round so that another request of
+    the same round prefills the shared prefix once.
+    """
+
+    model_path: str | None = None
+    tokenizer_path: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attention_backend: str = "auto"
+    max_total_tokens: int | None = None
+    mem_fraction_static: float = 0.8
+    page_size: int = 1
+    disable_radix_cache: bool = False
+    chunked_prefill_size: int = 4096
+    max_running_requests: int = 256
+    context_length: int | None = None
+    schedule_policy: str = "lpm"
+    in_batch_prefix_min: int = 16
+    enable_jump_forward: bool = True
+    seed: int = 0
+    trust_remote_code: bool = False
+    cuda_graph_max_bs: int = 0
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError("chunked_prefill_size must be positive or -1")
+        if self.max_running_requests < 1:
+            raise ValueError("max_running_requests must be >= 1")
+        if self.schedule_policy not in ("lpm", "fcfs"):
+            raise ValueError("schedule_policy must be 'lpm' or 'fcfs'")
+        if self.max_total_tokens is not None and self.max_total_tokens < 2:
+            raise ValueError("max_total_tokens must be >= 2")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

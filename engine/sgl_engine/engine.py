@@ -1,0 +1,356 @@
+"""`Engine`: the in-process, thread-safe front of the scheduler, shaped like `sglang.Engine`."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+from sgl_engine.config import EngineConfig
+from sgl_engine.errors import InvalidRequestError
+from sgl_engine.inputs import RequestBuilder
+from sgl_engine.model_runner import ModelRunner
+from sgl_engine.processor import RequestProcessor
+from sgl_engine.request import Req
+from sgl_engine.scheduler import Scheduler
+
+_DONE = object()
+
+
+class _Channel:
+    """Carries a request's outputs from the scheduler thread to one waiting caller."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop
+        self.q: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+
+    def put(self, item: Any) -> None:
+        if self.loop is None:
+            self.q.put(item)
+        elif not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.q.put_nowait, item)
+
+
+class Engine:
+    """Load a model and serve `generate` calls from any number of threads or event loops.
+
+    One background thread runs the scheduler; callers only enqueue requests and wait on their
+    own channel, so requests from many threads are batched together (continuous batching).
+    """
+
+    def __init__(
+        self, model_path: str | None = None, *, random_weights: bool = False, **kwargs: Any
+    ) -> None:
+        from sgl_engine.model_source import load_hf_config, load_tokenizer, resolve_model_path
+
+        self.config = EngineConfig.from_kwargs(model_path=model_path, **kwargs)
+        path = None if random_weights and model_path is None else resolve_model_path(model_path)
+        self.model_path = path
+        trust = self.config.trust_remote_code
+        self.tokenizer = load_tokenizer(self.config.tokenizer_path or path, trust_remote_code=trust)
+        self.hf_config = load_hf_config(path, trust_remote_code=trust)
+        self.context_length = self.config.context_length or getattr(
+            self.hf_config, "max_position_embeddings", 4096
+        )
+        self.runner = ModelRunner(
+            self.config, path, self.hf_config, self.context_length, random_weights
+        )
+        self.grammar = self._make_grammar()
+        self.processor = RequestProcessor(
+            self.tokenizer,
+            self._eos_ids(),
+            self.context_length,
+            self.runner.device,
+            self.grammar,
+            self.runner.vocab_size,
+        )
+        self.scheduler = Scheduler(self.config, self.runner, self.processor)
+        self.builder = RequestBuilder(
+            self.tokenizer,
+            self.runner.vocab_size,
+            self.context_length,
+            self.runner.num_slots,
+            self.grammar,
+        )
+        self._cv = threading.Condition()
+        self._inbox: list[Callable[[], None]] = []
+        self._channels: dict[str, _Channel] = {}
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="sgl-engine-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- set-up helpers ---------------------------------------------------------------------
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (self.tokenizer.eos_token_id, getattr(self.hf_config, "eos_token_id", None)):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, (list, tuple)):
+                ids.update(int(x) for x in src)
+        try:
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(self.model_path) if self.model_path else None
+            eos = getattr(gen, "eos_token_id", None)
+            ids.update([eos] if isinstance(eos, int) else list(eos or []))
+        except (OSError, ValueError):
+            pass
+        return ids
+
+    def _make_grammar(self) -> Any:
+        try:
+            from sgl_engine.grammar import GrammarCompiler
+        except ImportError:
+            return None
+        return GrammarCompiler(self.tokenizer, self.runner.vocab_size)
+
+    # ---- the scheduler thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._inbox and not self.scheduler.has_work() and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self.scheduler.has_work() and not self._inbox:
+                    return
+                commands, self._inbox = self._inbox, []
+            for command in commands:
+                command()
+            if self.scheduler.has_work():
+                passes = self.scheduler.counters.forward_passes
+                self._deliver(self.scheduler.step())
+                if self.scheduler.counters.forward_passes == passes and not self._inbox:
+                    with self._cv:
+                        self._cv.wait(timeout=0.002)
+
+    def _post(self, command: Callable[[], None]) -> None:
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the engine has been shut down")
+            self._inbox.append(command)
+            self._cv.notify()
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the scheduler thread and wait for its result."""
+        fut: Future = Future()
+
+        def command() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 -- handed to the caller
+                fut.set_exception(exc)
+
+        self._post(command)
+        return fut.result()
+
+    def _deliver(self, reqs: list[Req]) -> None:
+        for req in reqs:
+            ch = self._channels.get(req.rid)
+            if ch is None:
+                continue
+            if req.finished:
+                self._channels.pop(req.rid, None)
+                ch.put(self.processor.result(req))
+                ch.put(_DONE)
+            elif req.stream:
+                text = self.processor.stream_text(req)
+                if len(text) > req.sent_len:
+                    chunk = self.processor.result(req, text)
+                    chunk["delta"] = text[req.sent_len :]
+                    req.sent_len = len(text)
+                    ch.put(chunk)
+
+    def _submit(self, reqs: list[Req], loop: asyncio.AbstractEventLoop | None) -> list[_Channel]:
+        channels = []
+        for req in reqs:
+            if req.rid in self._channels:
+                raise InvalidRequestError(f"request id {req.rid!r} is already in use", "rid")
+        for req in reqs:
+            ch = _Channel(loop)
+            self._channels[req.rid] = ch
+            channels.append(ch)
+            req.channel = ch
+
+        def add() -> None:
+            for req in reqs:
+                self.processor.prepare(req)
+                self.scheduler.add(req)
+
+        self._post(add)
+        return channels
+
+    # ---- public API -------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] = -1,
+        top_logprobs_num: int | list[int] = 0,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict | list[dict] | Iterator[dict]:
+        """Generate for one request (a dict back) or a list (a list back); `stream=True`
+        returns an iterator of chunks whose `text` is cumulative and `delta` is new."""
+        reqs, single = self.builder.build(
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            stream,
+            rid,
+        )
+        if stream:
+            return self._stream_sync(reqs)
+        channels = self._submit(reqs, None)
+        results = [self._wait(ch) for ch in channels]
+        return results[0] if single else results
+
+    def _wait(self, ch: _Channel) -> dict:
+        result = None
+        while True:
+            item = ch.q.get()
+            if item is _DONE:
+                return result
+            result = item
+
+    def _stream_sync(self, reqs: list[Req]) -> Iterator[dict]:
+        (ch,) = self._submit(reqs, None)
+        try:
+            while True:
+                item = ch.q.get()
+                if item is _DONE:
+                    return
+                yield item
+        finally:
+            if reqs[0].rid in self._channels:
+                self.abort(reqs[0].rid)
+
+    async def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] = -1,
+        top_logprobs_num: int | list[int] = 0,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> dict | list[dict] | AsyncIterator[dict]:
+        """The asyncio twin of `generate`; with `stream=True` returns an async iterator."""
+        reqs, single = self.builder.build(
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            stream,
+            rid,
+        )
+        loop = asyncio.get_running_loop()
+        if stream:
+            return self._stream_async(reqs, loop)
+        channels = self._submit(reqs, loop)
+        results = [await self._await(ch) for ch in channels]
+        return results[0] if single else results
+
+    async def _await(self, ch: _Channel) -> dict:
+        result = None
+        while True:
+            item = await ch.q.get()
+            if item is _DONE:
+                return result
+            result = item
+
+    async def _stream_async(self, reqs: list[Req], loop) -> AsyncIterator[dict]:
+        (ch,) = self._submit(reqs, loop)
+        try:
+            while True:
+                item = await ch.q.get()
+                if item is _DONE:
+                    return
+                yield item
+        finally:
+            if reqs[0].rid in self._channels:
+                self.abort(reqs[0].rid)
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def abort(self, rid: str) -> None:
+        """Abort a queued or running request; its caller gets finish_reason 'abort'."""
+
+        def command() -> None:
+            req = self.scheduler.abort(rid)
+            if req is not None:
+                self._deliver([req])
+
+        self._post(command)
+
+    def flush_cache(self) -> bool:
+        """Drop the radix cache; refused (False) while requests are in flight."""
+        return self._call(self.scheduler.flush_cache)
+
+    def metrics(self) -> dict:
+        return self._call(self._metrics)
+
+    def _metrics(self) -> dict:
+        s = self.scheduler
+        c = s.counters
+        total = s.allocator.size
+        return {
+            "prefill_tokens": c.prefill_tokens,
+            "cached_tokens": c.cached_tokens,
+            "prompt_tokens": c.prompt_tokens,
+            "hit_rate": c.cached_tokens / c.prompt_tokens if c.prompt_tokens else 0.0,
+            "decode_tokens": c.decode_tokens,
+            "forward_passes": c.forward_passes,
+            "prefill_passes": c.prefill_passes,
+            "sampled_tokens": c.sampled_tokens,
+            "forced_tokens": c.forced_tokens,
+            "retractions": c.retractions,
+            "finished_requests": c.finished,
+            "aborted_requests": c.aborted,
+            "kv_total": total,
+            "kv_used": total - s.allocator.available(),
+            "kv_usage": (total - s.allocator.available()) / total,
+            "cache_tokens": s.cache.total_size(),
+            "running": len(s.running) + (1 if s.chunked else 0),
+            "waiting": len(s.waiting),
+        }
+
+    def check_invariants(self) -> None:
+        """Wait until idle, then assert that no KV slot leaked and no lock is held."""
+        import time
+
+        for _ in range(2000):
+            if self._call(lambda: not self.scheduler.has_work()):
+                break
+            time.sleep(0.005)
+        self._call(self.scheduler.check_idle_invariants)
+
+    def shutdown(self) -> None:
+        """Finish in-flight requests, then stop the scheduler thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)
+        if self.grammar is not None:
+            self.grammar.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,151 @@
+"""Turn `generate(...)` arguments into validated `Req`s; every error names its field."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from sgl_engine.errors import InvalidRequestError
+from sgl_engine.request import Req, new_rid
+from sgl_engine.sampling_params import SamplingParams
+
+
+def _per_request(name: str, value: Any, n: int, scalar_types: tuple[type, ...]) -> list[Any]:
+    if isinstance(value, list) and not isinstance(value, scalar_types):
+        if len(value) != n:
+            raise InvalidRequestError(f"{name} has {len(value)} entries for {n} requests", name)
+        return value
+    return [value] * n
+
+
+class RequestBuilder:
+    """Validates and tokenises in the caller's thread; holds no request state."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        context_length: int,
+        pool_size: int,
+        grammar: Any = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.pool_size = pool_size
+        self.grammar = grammar
+        self._tok_lock = threading.Lock()
+
+    def build(
+        self,
+        prompt: str | list[str] | None,
+        sampling_params: dict | list[dict] | None,
+        input_ids: list[int] | list[list[int]] | None,
+        return_logprob: bool | list[bool],
+        logprob_start_len: int | list[int],
+        top_logprobs_num: int | list[int],
+        stream: bool,
+        rid: str | list[str] | None,
+    ) -> tuple[list[Req], bool]:
+        """Returns the requests (n > 1 expands in place) and whether the call was for one."""
+        ids_list, single = self._inputs(prompt, input_ids)
+        n = len(ids_list)
+        sps = _per_request("sampling_params", sampling_params, n, (dict,))
+        lps = _per_request("return_logprob", return_logprob, n, (bool,))
+        starts = _per_request("logprob_start_len", logprob_start_len, n, (int,))
+        tops = _per_request("top_logprobs_num", top_logprobs_num, n, (int,))
+        rids = _per_request("rid", rid, n, (str,)) if rid is not None else [None] * n
+        reqs: list[Req] = []
+        for i in range(n):
+            params = SamplingParams.from_dict(sps[i])
+            params.validate_vocab(self.vocab_size)
+            self._check_lengths(ids_list[i], params)
+            for k in range(params.n):
+                p = (
+                    params
+                    if params.n == 1
+                    else replace(params, n=1, seed=None if params.seed is None else params.seed + k)
+                )
+                r = rids[i] if params.n == 1 else (f"{rids[i]}-{k}" if rids[i] else None)
+                reqs.append(
+                    self._req(ids_list[i], p, bool(lps[i]), int(starts[i]), int(tops[i]), stream, r)
+                )
+        if stream and len(reqs) != 1:
+            raise InvalidRequestError("stream=True takes a single request with n=1", "stream")
+        return reqs, single and len(reqs) == 1
+
+    def _inputs(self, prompt: Any, input_ids: Any) -> tuple[list[list[int]], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise InvalidRequestError("give exactly one of prompt or input_ids", "prompt")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            texts = [prompt] if single else prompt
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise InvalidRequestError("prompt must be a string or a list of strings", "prompt")
+            if not texts or any(not t for t in texts):
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            with self._tok_lock:
+                return [self.tokenizer.encode(t) for t in texts], single
+        single = bool(input_ids) and all(isinstance(t, int) for t in input_ids)
+        lists = [input_ids] if single else input_ids
+        if not isinstance(lists, list) or not lists:
+            raise InvalidRequestError(
+                "input_ids must be a non-empty list of token ids", "input_ids"
+            )
+        for ids in lists:
+            self._check_ids(ids)
+        return [list(ids) for ids in lists], single
+
+    def _check_ids(self, ids: Sequence[Any]) -> None:
+        if not isinstance(ids, list) or not ids:
+            raise InvalidRequestError(
+                "input_ids must be a non-empty list of token ids", "input_ids"
+            )
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise InvalidRequestError(
+                    f"input_ids contains {t!r}, outside the vocabulary [0, {self.vocab_size})",
+                    "input_ids",
+                )
+
+    def _check_lengths(self, ids: list[int], params: SamplingParams) -> None:
+        if len(ids) >= self.context_length:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; the context length is {self.context_length}",
+                "prompt",
+            )
+        if len(ids) + 1 > self.pool_size:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; the KV pool holds {self.pool_size}", "prompt"
+            )
+
+    def _req(self, ids, params, return_logprob, start, top, stream, rid) -> Req:
+        req = Req(
+            rid=rid or new_rid(),
+            input_ids=list(ids),
+            params=params,
+            return_logprob=return_logprob,
+            logprob_start_len=start,
+            top_logprobs_num=top,
+            stream=stream,
+        )
+        constraint = self._constraint(params)
+        if constraint is not None:
+            if self.grammar is None:
+                raise InvalidRequestError("constrained decoding needs xgrammar", "sampling_params")
+            req.grammar_future = self.grammar.submit(constraint)
+        return req
+
+    def _constraint(self, params: SamplingParams) -> Any:
+        if not (params.regex or params.json_schema or params.ebnf or params.choices):
+            return None
+        from sgl_engine.grammar import Constraint
+
+        return Constraint.from_request(
+            regex=params.regex,
+            json_schema=params.json_schema,
+            ebnf=params.ebnf,
+            choices=list(params.choices) if params.choices else None,
+        )

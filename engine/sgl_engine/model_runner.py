@@ -1,0 +1,193 @@
+"""The model runner: plain-Python batch plans in, sampled token ids and logprobs out.
+
+This is the only place where the scheduler's lists become tensors (`ForwardBatch`) and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sgl_engine.attention import create_backend
+from sgl_engine.config import EngineConfig
+from sgl_engine.forward_batch import ForwardBatch, ForwardMode
+from sgl_engine.kv_cache import KVPool
+from sgl_engine.models.loader import build_model
+from sgl_engine.models.model_config import ModelConfig
+from sgl_engine.sampler import Sampler, top_logprobs
+from sgl_engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleSpec:
+    params: SamplingParams
+    output_ids: list[int]
+    prompt_ids: list[int]
+    generator: torch.Generator | None = None
+    banned_ids: list[int] = field(default_factory=list)
+    top_logprobs_num: int = 0
+    return_logprob: bool = False
+
+
+@dataclass
+class SeqInput:
+    """One sequence of a step: `new_ids` at positions `start...`, written to `new_slots`."""
+
+    new_ids: list[int]
+    start: int
+    new_slots: list[int]
+    kv_slots: list[int]
+    lp_rows: list[int] = field(default_factory=list)
+    lp_targets: list[int] = field(default_factory=list)
+    lp_top: int = 0
+    sample: SampleSpec | None = None
+
+
+@dataclass
+class SeqOutput:
+    next_id: int | None = None
+    logprob: float | None = None
+    top: list[tuple[float, int]] | None = None
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top: list[list[tuple[float, int]]] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)} or 'auto'")
+    return table[name]
+
+
+class ModelRunner:
+    """Owns the model, the KV pool and the attention backend. Called from one thread only."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_path: str | None,
+        hf_config: Any,
+        context_length: int,
+        random_weights: bool = False,
+    ) -> None:
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        self.model_config = ModelConfig.from_hf(hf_config)
+        self.vocab_size = self.model_config.vocab_size
+        self.model = build_model(
+            model_path, hf_config, self.device, self.dtype, context_length, random_weights
+        )
+        self.num_slots = config.max_total_tokens or self._auto_pool_size(config)
+        mc = self.model_config
+        self.pool = KVPool(
+            self.num_slots, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
+        )
+        name = config.attention_backend
+        if name == "auto":
+            name = "flashinfer" if self.device.type == "cuda" and _has_flashinfer() else "torch"
+        self.attention_backend = name
+        self.attn = create_backend(
+            name, model_config=mc, device=self.device, dtype=self.dtype, page_size=1
+        )
+        self.sampler = Sampler()
+
+    def _auto_pool_size(self, config: EngineConfig) -> int:
+        if self.device.type != "cuda":
+            return 16384
+        mc = self.model_config
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        return max(1024, int(free * config.mem_fraction_static) // per_token)
+
+    @torch.inference_mode()
+    def run(
+        self, mode: ForwardMode, seqs: list[SeqInput], bitmask: torch.Tensor | None = None
+    ) -> list[SeqOutput]:
+        """One forward pass plus sampling. Writes KV for every new token into the pool."""
+        batch = self._build(mode, seqs)
+        self.attn.plan(batch)
+        hidden = self.model(batch, self.pool, self.attn)
+        outs = [SeqOutput() for _ in seqs]
+        self._prompt_logprobs(hidden, batch, seqs, outs)
+        self._sample(hidden, batch, seqs, outs, bitmask)
+        return outs
+
+    def _build(self, mode: ForwardMode, seqs: list[SeqInput]) -> ForwardBatch:
+        ids, pos, loc = [], [], []
+        for s in seqs:
+            ids.extend(s.new_ids)
+            pos.extend(range(s.start, s.start + len(s.new_ids)))
+            loc.extend(s.new_slots)
+        return ForwardBatch.build(
+            mode,
+            ids,
+            pos,
+            loc,
+            [len(s.new_ids) for s in seqs],
+            [s.start for s in seqs],
+            [s.kv_slots for s in seqs],
+            self.device,
+        )
+
+    def _prompt_logprobs(self, hidden, batch: ForwardBatch, seqs, outs) -> None:
+        qo = batch.qo_indptr.tolist()
+        rows, targets, owners = [], [], []
+        for i, s in enumerate(seqs):
+            rows.extend(qo[i] + r for r in s.lp_rows)
+            targets.extend(s.lp_targets)
+            owners.extend([i] * len(s.lp_rows))
+        if not rows:
+            return
+        logprobs = torch.log_softmax(self.model.logits(hidden[rows]), dim=-1)
+        tgt = torch.tensor(targets, device=logprobs.device)
+        chosen = logprobs.gather(1, tgt[:, None])[:, 0].tolist()
+        k = max(s.lp_top for s in seqs)
+        tops = top_logprobs(logprobs, k) if k > 0 else [[] for _ in rows]
+        for j, i in enumerate(owners):
+            outs[i].prompt_logprobs.append(chosen[j])
+            outs[i].prompt_top.append(tops[j][: seqs[i].lp_top])
+
+    def _sample(self, hidden, batch: ForwardBatch, seqs, outs, bitmask) -> None:
+        idx = [i for i, s in enumerate(seqs) if s.sample is not None]
+        if not idx:
+            return
+        last = batch.qo_indptr[1:].long() - 1
+        logits = self.model.logits(hidden[last[idx]])
+        specs = [seqs[i].sample for i in idx]
+        allowed = None
+        if bitmask is not None:
+            from sgl_engine.grammar import bitmask_to_bool
+
+            allowed = bitmask_to_bool(bitmask[: len(idx)], self.vocab_size).to(logits.device)
+        out = self.sampler(
+            logits,
+            [s.params for s in specs],
+            [s.output_ids for s in specs],
+            [s.prompt_ids for s in specs],
+            [s.generator for s in specs],
+            allowed_mask=allowed,
+            banned_ids=[s.banned_ids for s in specs],
+        )
+        k = max(s.top_logprobs_num for s in specs)
+        tops = top_logprobs(out.logprobs, k) if k > 0 else None
+        for j, i in enumerate(idx):
+            outs[i].next_id = out.next_token_ids[j]
+            outs[i].logprob = out.chosen_logprobs[j]
+            if tops is not None:
+                outs[i].top = tops[j][: specs[j].top_logprobs_num]
+
+
+def _has_flashinfer() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flashinfer") is not None

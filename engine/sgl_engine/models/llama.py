@@ -1,0 +1,150 @@
+"""One Llama-family model (Llama, Mistral, Qwen2, Qwen3) reading K/V from the paged pool."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from sgl_engine.attention.base import AttentionBackend
+from sgl_engine.forward_batch import ForwardBatch
+from sgl_engine.kv_cache import KVPool
+from sgl_engine.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from sgl_engine.models.model_config import ModelConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
+        self.scale = self.hd**-0.5
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        batch: ForwardBatch,
+        pool: KVPool,
+        attn: AttentionBackend,
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.nh, self.hd)
+        k = k.reshape(-1, self.nkv, self.hd)
+        v = v.reshape(-1, self.nkv, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        o = attn.forward(q, k, v, self.layer, batch, pool, self.scale)
+        return self.o_proj(o)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, rope, batch, pool, attn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, batch, pool, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """`forward` returns the final hidden states [T, H]; `logits` projects selected rows."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, batch: ForwardBatch, pool: KVPool, attn: AttentionBackend) -> torch.Tensor:
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, batch.positions, self.rope, batch, pool, attn)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into our (fused qkv / gate_up) parameters."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, w in weights:
+            target, offset = _map_name(name, self.cfg)
+            if target is None:
+                continue
+            if target not in params:
+                raise ValueError(f"unexpected weight {name!r}")
+            p = params[target]
+            with torch.no_grad():
+                if offset is None:
+                    p.copy_(w.to(p.dtype))
+                else:
+                    p[offset : offset + w.shape[0]].copy_(w.to(p.dtype))
+            loaded.add(name)
+        _check_complete(loaded, self.cfg)
+
+
+def _map_name(name: str, cfg: ModelConfig) -> tuple[str | None, int | None]:
+    if "rotary_emb" in name:
+        return None, None
+    name = name.removeprefix("model.")
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return None, None
+    q, kv, inter = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+        cfg.intermediate_size,
+    )
+    fused = {
+        "self_attn.q_proj.": ("self_attn.qkv_proj.", 0),
+        "self_attn.k_proj.": ("self_attn.qkv_proj.", q),
+        "self_attn.v_proj.": ("self_attn.qkv_proj.", q + kv),
+        "mlp.gate_proj.": ("mlp.gate_up_proj.", 0),
+        "mlp.up_proj.": ("mlp.gate_up_proj.", inter),
+    }
+    for src, (dst, off) in fused.items():
+        if src in name:
+            return name.replace(src, dst), off
+    return name, None
+
+
+def _check_complete(loaded: set[str], cfg: ModelConfig) -> None:
+    needed = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_word_embeddings:
+        needed.append("lm_head.weight")
+    for i in range(cfg.num_layers):
+        for part in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
+            needed.append(f"model.layers.{i}.{part}.weight")
+    missing = [n for n in needed if n not in loaded and n.removeprefix("model.") not in loaded]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")

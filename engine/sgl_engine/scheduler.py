@@ -1,0 +1,342 @@
+"""The scheduler: continuous batching over the radix cache, in plain Python.
+
+One step is either a prefill round (new requests and prompt chunks, ordered by longest cached
+prefix, with in-round dedup of shared prefixes) or a run round (every running request computes
+its pending tokens: one after a sampled token, several after a jump-forward). When the KV pool
+runs out, unlocked cache leaves are evicted first; then running requests are retracted back
+to the queue with their progress kept. Only `ModelRunner.run` touches tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from sgl_engine.allocator import SlotAllocator
+from sgl_engine.config import EngineConfig
+from sgl_engine.forward_batch import ForwardMode
+from sgl_engine.model_runner import ModelRunner, SeqInput, SeqOutput
+from sgl_engine.processor import RequestProcessor
+from sgl_engine.radix_cache import RadixCache
+from sgl_engine.request import Req
+
+DECODE_RESERVE = 16
+
+
+@dataclass
+class Counters:
+    prefill_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_tokens: int = 0
+    decode_tokens: int = 0
+    forward_passes: int = 0
+    prefill_passes: int = 0
+    retractions: int = 0
+    finished: int = 0
+    aborted: int = 0
+    forced_tokens: int = 0
+    sampled_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Scheduler:
+    """Owns the queue, the running set, the allocator and the radix cache.
+
+    Not thread-safe: the engine calls it from its scheduler thread only. The processor turns
+    sampled tokens into text and finish decisions; the scheduler owns every KV slot and lock.
+    """
+
+    def __init__(
+        self, config: EngineConfig, runner: ModelRunner, processor: RequestProcessor
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.processor = processor
+        self.allocator = SlotAllocator(runner.num_slots)
+        self.cache = RadixCache(
+            self.allocator.free, page_size=config.page_size, disable=config.disable_radix_cache
+        )
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.chunked: Req | None = None
+        self.counters = Counters()
+        self.touched: list[Req] = []
+
+    # ---- queue -------------------------------------------------------------------------
+    def add(self, req: Req) -> None:
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    def abort(self, rid: str, message: str = "aborted by client") -> Req | None:
+        for req in list(self.waiting):
+            if req.rid == rid:
+                self.waiting.remove(req)
+                return self._finish_abort(req, message)
+        for req in self.running + ([self.chunked] if self.chunked else []):
+            if req.rid == rid:
+                return self._finish_abort(req, message)
+        return None
+
+    def _finish_abort(self, req: Req, message: str) -> Req:
+        req.finish = {"type": "abort", "message": message}
+        self.finish(req)
+        return req
+
+    # ---- one step ----------------------------------------------------------------------
+    def step(self) -> list[Req]:
+        """Run one forward pass if there is work; returns the requests that changed."""
+        self.touched = []
+        batch = self._schedule_prefill()
+        if batch:
+            self._run(ForwardMode.EXTEND, batch, prefill=True)
+        elif self.running:
+            self._run_running()
+        touched, self.touched = self.touched, []
+        return touched
+
+    def _prefix_limit(self, req: Req) -> int:
+        limit = req.seq_len - 1
+        if req.wants_input_logprobs():
+            limit = min(limit, max(req.logprob_start_len - 1, 0))
+        return limit
+
+    def _order_waiting(self) -> list[Req]:
+        reqs = list(self.waiting)
+        if self.config.schedule_policy == "lpm" and not self.cache.disable and len(reqs) > 1:
+            lens = {
+                id(r): len(self.cache.match_prefix(r.fill_ids[: self._prefix_limit(r)]).indices)
+                for r in reqs
+            }
+            reqs.sort(key=lambda r: -lens[id(r)])
+        return reqs
+
+    def _schedule_prefill(self) -> list[tuple[Req, int]]:
+        budget = self.config.chunked_prefill_size
+        budget = budget if budget > 0 else 1 << 62
+        batch: list[tuple[Req, int]] = []
+        if self.chunked is not None:
+            req, self.chunked = self.chunked, None
+            n = min(req.seq_len - len(req.slots), budget)
+            if self._reserve(n, batch):
+                batch.append((req, n))
+                budget -= n
+            else:
+                self.chunked = req
+                return []
+        in_round = RadixCache(lambda _: None)
+        for req, _ in batch:
+            in_round.insert(req.fill_ids, req.fill_ids)
+        for req in self._order_waiting():
+            if budget <= 0 or len(self.running) + len(batch) >= self.config.max_running_requests:
+                break
+            if not self.processor.grammar_ready(req):
+                if req.finished:
+                    self.waiting.remove(req)
+                    self.finish(req)
+                continue
+            if batch and self._shares_pending_prefix(req, in_round):
+                continue
+            n = self._admit(req, budget, batch)
+            if n is None:
+                break
+            self.waiting.remove(req)
+            batch.append((req, n))
+            in_round.insert(req.fill_ids, req.fill_ids)
+            budget -= n
+        return batch
+
+    def _shares_pending_prefix(self, req: Req, in_round: RadixCache) -> bool:
+        limit = self._prefix_limit(req)
+        cached = len(self.cache.match_prefix(req.fill_ids[:limit]).indices)
+        shared = len(in_round.match_prefix(req.fill_ids[:limit]).indices)
+        return shared - cached >= self.config.in_batch_prefix_min
+
+    def _admit(self, req: Req, budget: int, batch: list[tuple[Req, int]]) -> int | None:
+        m = self.cache.match_prefix(req.fill_ids[: self._prefix_limit(req)])
+        self.cache.inc_lock_ref(m.last_node)
+        n = min(req.seq_len - len(m.indices), budget)
+        if not self._reserve(n, batch, req):
+            self.cache.dec_lock_ref(m.last_node)
+            return None
+        req.slots, req.prefix_len, req.last_node = list(m.indices), len(m.indices), m.last_node
+        if not req.admitted:
+            req.admitted = True
+            req.cached_tokens = len(m.indices)
+            self.counters.cached_tokens += len(m.indices)
+            self.counters.prompt_tokens += len(req.input_ids)
+        return n
+
+    def _reserve(self, n: int, batch: list[tuple[Req, int]], req: Req | None = None) -> bool:
+        """Admission control: room for `n` new tokens plus some decode headroom for everyone."""
+        running = self.running + [r for r, _ in batch] + ([req] if req else [])
+        headroom = sum(
+            min(r.params.max_new_tokens - len(r.output_ids), DECODE_RESERVE) for r in running
+        )
+        free = self.allocator.available() + self.cache.evictable_size()
+        if not batch and not self.running:
+            return free >= n
+        return free >= n + max(headroom, 0)
+
+    def _alloc(self, n: int) -> list[int] | None:
+        if self.allocator.available() < n:
+            self.cache.evict(n - self.allocator.available())
+        return self.allocator.alloc(n)
+
+    # ---- running requests ----------------------------------------------------------------
+    def _run_running(self) -> None:
+        while True:
+            need = sum(r.seq_len - len(r.slots) for r in self.running)
+            if self.allocator.available() + self.cache.evictable_size() >= need:
+                break
+            if len(self.running) == 1:
+                self._finish_abort(
+                    self.running[0], "KV cache exhausted: the request does not fit in the KV pool"
+                )
+                return
+            self._retract_one()
+        batch = [(r, r.seq_len - len(r.slots)) for r in self.running]
+        mode = ForwardMode.DECODE if all(n == 1 for _, n in batch) else ForwardMode.EXTEND
+        self._run(mode, batch, prefill=False)
+
+    def _retract_one(self) -> None:
+        victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+        self.running.remove(victim)
+        self._release(victim)
+        self.waiting.appendleft(victim)
+        self.counters.retractions += 1
+
+    # ---- forward -------------------------------------------------------------------------
+    def _run(self, mode: ForwardMode, batch: list[tuple[Req, int]], prefill: bool) -> None:
+        seqs, sampled = [], []
+        for req, n in batch:
+            slots = self._alloc(n)
+            assert slots is not None, "admission control let through more tokens than free slots"
+            seqs.append(self._seq_input(req, n, slots))
+            if seqs[-1].sample is not None:
+                sampled.append(req)
+        bitmask = self.processor.fill_bitmask(sampled) if sampled else None
+        try:
+            outs = self.runner.run(mode, seqs, bitmask)
+        except Exception as exc:  # the batch fails, the engine keeps serving
+            for (req, _), s in zip(batch, seqs, strict=True):
+                self.allocator.free(s.new_slots)
+                self._finish_abort(req, f"internal error in forward pass: {exc!r}")
+                self.running = [r for r in self.running if r is not req]
+                self.touched.append(req)
+            return
+        self.counters.forward_passes += 1
+        self.counters.prefill_passes += prefill
+        for (req, n), s, out in zip(batch, seqs, outs, strict=True):
+            req.slots += s.new_slots
+            if prefill:
+                self.counters.prefill_tokens += n
+            else:
+                self.counters.decode_tokens += n
+            self._after_forward(req, s, out, prefill)
+
+    def _seq_input(self, req: Req, n: int, new_slots: list[int]) -> SeqInput:
+        start = len(req.slots)
+        fill = req.fill_ids
+        seq = SeqInput(fill[start : start + n], start, new_slots, req.slots + new_slots)
+        if req.wants_input_logprobs():
+            first = max(req.logprob_start_len, 1)
+            for r in range(n):
+                t = start + r + 1
+                if first <= t < len(req.input_ids):
+                    seq.lp_rows.append(r)
+                    seq.lp_targets.append(fill[t])
+            seq.lp_top = req.top_logprobs_num
+        completes = start + n == req.seq_len
+        if completes and len(req.output_ids) < req.params.max_new_tokens:
+            seq.sample = self.processor.sampling_spec(req)
+        return seq
+
+    def _after_forward(self, req: Req, seq: SeqInput, out: SeqOutput, prefill: bool) -> None:
+        for lp, top in zip(out.prompt_logprobs, out.prompt_top, strict=True):
+            req.input_logprobs.append(lp)
+            req.input_top_logprobs.append(top)
+        complete = len(req.slots) == req.seq_len
+        if req.finished:
+            return
+        if not complete:
+            self._cache_unfinished(req)
+            self.chunked = req
+            return
+        self.touched.append(req)
+        if out.next_id is None:
+            req.finish = {"type": "length", "matched": None}
+        else:
+            self.counters.sampled_tokens += 1
+            self.processor.on_token(req, out.next_id, out)
+        if req.finished:
+            self.finish(req)
+            return
+        if prefill:
+            self._cache_unfinished(req)
+            self.running.append(req)
+
+    # ---- radix cache bookkeeping (SGLang's cache_unfinished_req / cache_finished_req) ----
+    def _insert(self, req: Req) -> int:
+        ids = req.fill_ids[: len(req.slots)]
+        aligned = self.cache.aligned_len(len(ids))
+        dup = self.cache.insert(ids[:aligned], req.slots[:aligned])
+        if dup > req.prefix_len:
+            self.allocator.free(req.slots[req.prefix_len : dup])
+        return aligned
+
+    def _cache_unfinished(self, req: Req) -> None:
+        if self.cache.disable:
+            return
+        aligned = self._insert(req)
+        m = self.cache.match_prefix(req.fill_ids[:aligned])
+        self.cache.inc_lock_ref(m.last_node)
+        self.cache.dec_lock_ref(req.last_node)
+        req.slots = list(m.indices) + req.slots[aligned:]
+        req.prefix_len, req.last_node = len(m.indices), m.last_node
+
+    def _release(self, req: Req) -> None:
+        """Give the request's KV back: computed tokens into the tree, the rest to the pool."""
+        if req.last_node is None and not req.slots:
+            return
+        if self.cache.disable:
+            self.allocator.free(req.slots)
+        else:
+            aligned = self._insert(req)
+            if aligned < len(req.slots):
+                self.allocator.free(req.slots[aligned:])
+        if req.last_node is not None:
+            self.cache.dec_lock_ref(req.last_node)
+        req.slots, req.prefix_len, req.last_node = [], 0, None
+
+    def finish(self, req: Req) -> None:
+        """Release a finished (or aborted) request's KV and drop it from every queue."""
+        self._release(req)
+        if req in self.running:
+            self.running.remove(req)
+        if self.chunked is req:
+            self.chunked = None
+        if req.finish and req.finish.get("type") == "abort":
+            self.counters.aborted += 1
+        self.counters.finished += 1
+        if req not in self.touched:
+            self.touched.append(req)
+
+    # ---- maintenance ---------------------------------------------------------------------
+    def flush_cache(self) -> bool:
+        if self.has_work():
+            return False
+        self.cache.reset()
+        self.allocator.reset()
+        return True
+
+    def check_idle_invariants(self) -> None:
+        """When idle: every lock released and every slot either free or held by the tree."""
+        assert not self.has_work(), "scheduler is not idle"
+        self.cache.check_integrity()
+        assert self.cache.protected_size() == 0, (
+            f"{self.cache.protected_size()} tokens still locked"
+        )
+        held = self.allocator.available() + self.cache.total_size()
+        assert held == self.allocator.size, f"KV slots leaked: {self.allocator.size - held}"
