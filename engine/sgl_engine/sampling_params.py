@@ -80,7 +80,7 @@ def _as_int_tuple(name: str, value: Any) -> tuple[int, ...]:
 def _canonical_json_schema(value: Any) -> str | None:
     if value is None:
         return None
-    if isinstance(value, Mapping):
+    if isinstance(value, Mapping | bool):
         try:
             return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
