@@ -1,0 +1,147 @@
+"""Run the server: `serve(...)` (blocking, owns the engine), `ServerThread` (background, tests),
+and the `serve` command-line arguments shared by `python -m sgl_engine.server` and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+from typing import Any
+
+from sgl_engine.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+
+API_KEY_ENV = "SGL_ADAPTERS_API_KEY"
+
+
+class ServerThread:
+    """uvicorn serving `app` in a background thread; `port=0` takes a free port.
+
+    `stop()` is a graceful shutdown: the listener closes and in-flight responses (streams
+    included) finish before it returns, up to `graceful_timeout` seconds.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        graceful_timeout: float = 30.0,
+        log_level: str = "warning",
+    ) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=graceful_timeout,
+            lifespan="off",
+        )
+        self.server = uvicorn.Server(config)
+        self.host = host
+        self.port = port
+        self._thread = threading.Thread(target=self.server.run, name="sgl-http", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> ServerThread:
+        self._thread.start()
+        for _ in range(int(timeout * 100)):
+            if self.server.started:
+                break
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the server failed to start on {self.host}:{self.port}")
+            threading.Event().wait(0.01)
+        else:
+            raise TimeoutError("the server did not start in time")
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve(
+    model: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 30000,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    served_model_name: str | None = None,
+    graceful_timeout: float = 30.0,
+    log_level: str = "info",
+    **engine_kwargs: Any,
+) -> None:
+    """Load `model` (None: the embedded SmolLM2) and serve it until SIGINT/SIGTERM; then stop
+    accepting, let in-flight requests finish, and shut the engine down."""
+    import uvicorn
+
+    from sgl_engine import Engine
+
+    engine = Engine(model, **engine_kwargs)
+    try:
+        app = create_app(engine, api_key, max_body_bytes, served_model_name)
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=graceful_timeout,
+        )
+    finally:
+        engine.shutdown()
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", default=None, help="HF folder or id (default: embedded SmolLM2)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument(
+        "--api-key", default=None, help=f"require this Bearer key (default: ${API_KEY_ENV})"
+    )
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--max-total-tokens", type=int, default=None)
+    parser.add_argument("--max-running-requests", type=int, default=None)
+    parser.add_argument("--graceful-timeout", type=float, default=30.0)
+    parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def serve_from_args(args: argparse.Namespace) -> None:
+    engine_kwargs = {
+        key: getattr(args, key)
+        for key in ("device", "dtype", "max_total_tokens", "max_running_requests")
+        if getattr(args, key) is not None
+    }
+    serve(
+        args.model,
+        args.host,
+        args.port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_body_bytes=args.max_body_bytes,
+        served_model_name=args.served_model_name,
+        graceful_timeout=args.graceful_timeout,
+        log_level=args.log_level,
+        **engine_kwargs,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="sgl-adapters serve", description="OpenAI-compatible and SGLang-native HTTP server"
+    )
+    serve_from_args(add_serve_arguments(parser).parse_args(argv))
