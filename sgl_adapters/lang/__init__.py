@@ -1,0 +1,77 @@
+"""The native SGLang frontend: `import sgl_adapters.lang as sgl` runs SGLang programs.
+
+@sgl.function
+def qa(s, question):
+    s += sgl.user(question)
+    s += sgl.assistant(sgl.gen("answer", max_tokens=64))
+
+sgl.set_default_backend(sgl.Runtime())          # the embedded model, in-process
+state = qa.run(question="What is 2 + 2?")
+print(state["answer"])
+"""
+
+from __future__ import annotations
+
+from sgl_adapters.lang.api import (
+    assistant,
+    assistant_begin,
+    assistant_end,
+    flush_cache,
+    function,
+    gen,
+    gen_int,
+    gen_string,
+    get_default_backend,
+    select,
+    set_default_backend,
+    system,
+    system_begin,
+    system_end,
+    user,
+    user_begin,
+    user_end,
+)
+from sgl_adapters.lang.backends import LangBackend, Runtime, RuntimeEndpoint
+from sgl_adapters.lang.chat_template import ChatTemplate
+from sgl_adapters.lang.choices import (
+    ChoicesDecision,
+    ChoicesSamplingMethod,
+    greedy_token_selection,
+    token_length_normalized,
+    unconditional_likelihood_normalized,
+)
+from sgl_adapters.lang.function import SglFunction
+from sgl_adapters.lang.interpreter import ProgramError, ProgramState, ProgramStateGroup
+
+__all__ = [
+    "ChatTemplate",
+    "ChoicesDecision",
+    "ChoicesSamplingMethod",
+    "LangBackend",
+    "ProgramError",
+    "ProgramState",
+    "ProgramStateGroup",
+    "Runtime",
+    "RuntimeEndpoint",
+    "SglFunction",
+    "assistant",
+    "assistant_begin",
+    "assistant_end",
+    "flush_cache",
+    "function",
+    "gen",
+    "gen_int",
+    "gen_string",
+    "get_default_backend",
+    "greedy_token_selection",
+    "select",
+    "set_default_backend",
+    "system",
+    "system_begin",
+    "system_end",
+    "token_length_normalized",
+    "unconditional_likelihood_normalized",
+    "user",
+    "user_begin",
+    "user_end",
+]
