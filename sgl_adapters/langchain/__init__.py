@@ -1,0 +1,9 @@
+"""LangChain front door: `ChatSGLang` (chat model) and `SGLang` (LLM) on `sgl_engine`."""
+
+from __future__ import annotations
+
+from sgl_adapters.langchain.chat_model import ChatSGLang
+from sgl_adapters.langchain.engines import ENGINES, EngineClient, EngineRegistry
+from sgl_adapters.langchain.llm import SGLang
+
+__all__ = ["ENGINES", "ChatSGLang", "EngineClient", "EngineRegistry", "SGLang"]

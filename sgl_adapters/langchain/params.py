@@ -1,0 +1,90 @@
+"""Construction-time settings shared by `ChatSGLang` and `SGLang`, and per-call overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sgl_adapters.langchain.engines import ENGINES, EngineClient, EngineRegistry, model_display_name
+
+PER_CALL_KEYS = {"temperature", "max_tokens", "top_p", "stop", "model"}
+SAMPLING_KEYS = {
+    "top_k",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "min_new_tokens",
+    "seed",
+    "stop_token_ids",
+    "ignore_eos",
+    "regex",
+    "json_schema",
+    "ebnf",
+    "choices",
+}
+
+
+class SGLangParams(BaseModel):
+    """Model and sampling settings. `model` is a local HF folder (or hub id); None is the
+    embedded SmolLM2-135M-Instruct. `engine_kwargs` are `sgl_engine.EngineConfig` fields; the
+    engine of one (model, engine_kwargs) is loaded once per registry and shared."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    model: str | None = None
+    temperature: float = 0.0
+    max_tokens: int = 256
+    top_p: float = 1.0
+    stop: list[str] | None = None
+    engine_kwargs: dict[str, Any] = Field(default_factory=lambda: {"device": "cpu"})
+    registry: EngineRegistry = Field(default=ENGINES, exclude=True, repr=False)
+
+    @property
+    def model_name(self) -> str:
+        return model_display_name(self.model)
+
+    def client(self, model: str | None = None) -> EngineClient:
+        """The client of the shared engine of `model` (default: this instance's model)."""
+        chosen = self.model if model is None else model
+        return EngineClient(self.registry.get(chosen, self.engine_kwargs))
+
+    def sampling_params(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> dict:
+        """SGLang sampling params from the settings, `stop` and per-call `kwargs` (which may
+        override temperature, max_tokens, top_p, stop and pass SGLang sampling keys)."""
+        unknown = set(kwargs) - PER_CALL_KEYS - SAMPLING_KEYS
+        unknown = {k for k in unknown if not k.startswith("ls_")}
+        if unknown:
+            raise ValueError(f"unsupported call arguments: {sorted(unknown)}")
+        stops = stop if stop is not None else kwargs.get("stop", self.stop)
+        params: dict[str, Any] = {
+            "max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
+            "temperature": kwargs.get("temperature", self.temperature),
+            "top_p": kwargs.get("top_p", self.top_p),
+        }
+        if stops:
+            params["stop"] = list(stops)
+        params.update({k: v for k, v in kwargs.items() if k in SAMPLING_KEYS and v is not None})
+        return params
+
+
+def usage_metadata(meta: Mapping[str, Any]) -> dict:
+    """LangChain usage metadata from an engine result's meta_info."""
+    prompt, completion = int(meta["prompt_tokens"]), int(meta["completion_tokens"])
+    return {
+        "input_tokens": prompt,
+        "output_tokens": completion,
+        "total_tokens": prompt + completion,
+        "input_token_details": {"cache_read": int(meta.get("cached_tokens", 0))},
+    }
+
+
+def finish_reason(meta: Mapping[str, Any]) -> str:
+    """The finish reason type; an aborted request raises with the engine's message."""
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type", "stop")
+    if kind == "abort":
+        raise RuntimeError(f"generation aborted: {reason.get('message', 'no reason given')}")
+    return kind

@@ -1,0 +1,205 @@
+"""Tool calls decoded under a grammar, and parsed back (whole or streamed).
+
+The model writes a call as `<tool_call>[{"name": "<tool>", "arguments": {...}}]</tool_call>`
+(the format SmolLM2 was tuned on). The grammar is EBNF built from xgrammar's JSON-schema
+grammar for `{"name": const, "arguments": <tool parameters>}` (anyOf over the allowed tools):
+forced, the output is exactly one such call; optional (tool_choice "auto"), the output is
+either that call or plain text that does not start with "<".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages.tool import (
+    ToolCall,
+    ToolCallChunk,
+    invalid_tool_call,
+    tool_call,
+    tool_call_chunk,
+)
+from langchain_core.utils.function_calling import convert_to_openai_tool
+
+from sgl_adapters.langchain.messages import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+_TAIL = "}]" + TOOL_CALL_CLOSE
+_ARGS_KEY = '"arguments": '
+_NAME_RE = re.compile(r'^\[\{"name": "((?:[^"\\]|\\.)*)"')
+_LITERAL_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
+_ROOT_RE = re.compile(r"(?<![\w-])root(?![\w-])")
+
+
+def tool_specs(tools: Sequence[Any]) -> list[dict]:
+    """OpenAI-style function specs ({"name", "description", "parameters"}) of LangChain tools,
+    functions, pydantic models, TypedDicts or dicts."""
+    specs = []
+    for t in tools:
+        fn = convert_to_openai_tool(t)["function"]
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        specs.append(
+            {"name": fn["name"], "description": fn.get("description", ""), "parameters": params}
+        )
+    return specs
+
+
+def resolve_tool_choice(tool_choice: Any, specs: Sequence[dict]) -> tuple[bool, list[dict]]:
+    """(forced, allowed specs) for a LangChain `tool_choice`: None/"auto" lets the model choose,
+    "any"/"required"/True forces one of all tools, a name or {"function": {"name"}} forces that
+    tool, "none" allows no call."""
+    if tool_choice in (None, "auto"):
+        return False, list(specs)
+    if tool_choice == "none" or tool_choice is False:
+        return False, []
+    if tool_choice in ("any", "required", True):
+        return True, list(specs)
+    name = tool_choice
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or tool_choice).get("name")
+    chosen = [s for s in specs if s["name"] == name]
+    if not chosen:
+        raise ValueError(f"tool_choice {tool_choice!r} names no bound tool")
+    return True, chosen
+
+
+def tool_system_prompt(specs: Sequence[dict], forced: bool) -> str:
+    """The system text that describes the tools and the call format."""
+    listing = json.dumps(list(specs), ensure_ascii=False)
+    when = (
+        "You must call exactly one of these functions."
+        if forced
+        else "If a function fits the question, call it; otherwise answer directly in text."
+    )
+    return (
+        "You are an expert in composing functions. You are given a question and a set of "
+        f"possible functions. {when}\n\nHere is a list of functions in JSON format that you "
+        f"can invoke.\n<tools>{listing}</tools>\n\nTo call a function, reply with only:\n"
+        f'{TOOL_CALL_OPEN}[{{"name": "func_name", "arguments": {{"arg1": value1}}}}]'
+        f"{TOOL_CALL_CLOSE}"
+    )
+
+
+def call_schema(specs: Sequence[dict]) -> dict:
+    """JSON schema of one call to any of `specs`."""
+    options = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": s["name"]}, "arguments": s["parameters"]},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for s in specs
+    ]
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def tool_grammar(specs: Sequence[dict], forced: bool) -> str:
+    """EBNF (root rule `root`) for one tool call, or (not forced) a call or plain text."""
+    import xgrammar as xgr
+
+    schema = json.dumps(call_schema(specs), ensure_ascii=False)
+    ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
+    call_rules = _rename_root(ebnf, "tool_call_object")
+    block = f'tool_call_block ::= "{TOOL_CALL_OPEN}[" tool_call_object "]{TOOL_CALL_CLOSE}"'
+    root = "root ::= tool_call_block" if forced else "root ::= tool_call_block | text_answer"
+    text = "" if forced else "\ntext_answer ::= [^<] [^\\0]*"
+    return f"{root}\n{block}{text}\n{call_rules}\n"
+
+
+def _rename_root(ebnf: str, new: str) -> str:
+    out, pos = [], 0
+    for m in _LITERAL_RE.finditer(ebnf):
+        out.append(_ROOT_RE.sub(new, ebnf[pos : m.start()]))
+        out.append(m.group(0))
+        pos = m.end()
+    out.append(_ROOT_RE.sub(new, ebnf[pos:]))
+    return "".join(out)
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def parse_output(text: str) -> tuple[str, list[ToolCall], list]:
+    """(content, tool calls, invalid tool calls) of a completion."""
+    stripped = text.lstrip()
+    if not stripped.startswith(TOOL_CALL_OPEN):
+        return text, [], []
+    body = stripped[len(TOOL_CALL_OPEN) :]
+    end = body.rfind(TOOL_CALL_CLOSE)
+    raw = body[:end] if end >= 0 else body
+    try:
+        items = json.loads(raw)
+        if isinstance(items, dict):
+            items = [items]
+        calls = [tool_call(name=i["name"], args=i["arguments"], id=new_call_id()) for i in items]
+        return "", calls, []
+    except (ValueError, KeyError, TypeError) as exc:
+        bad = invalid_tool_call(name=None, args=raw, id=new_call_id(), error=str(exc))
+        return "", [], [bad]
+
+
+@dataclass
+class ToolStreamParser:
+    """Turns cumulative completion text into content deltas or `tool_call_chunks`.
+
+    Mutates only itself. Until the first character decides, nothing is emitted; in a call,
+    the name is emitted once known, then the arguments text, holding back the length of the
+    closing `}]</tool_call>` until `finish`.
+    """
+
+    call_id: str = field(default_factory=new_call_id)
+    mode: str = ""
+    sent: int = 0
+    name_sent: bool = False
+
+    def feed(self, text: str) -> tuple[str, list[ToolCallChunk]]:
+        if not self.mode:
+            stripped = text.lstrip()
+            if not stripped:
+                return "", []
+            if TOOL_CALL_OPEN.startswith(stripped[: len(TOOL_CALL_OPEN)]):
+                if len(stripped) < len(TOOL_CALL_OPEN):
+                    return "", []
+                self.mode = "call"
+            else:
+                self.mode = "text"
+        if self.mode == "text":
+            delta, self.sent = text[self.sent :], len(text)
+            return delta, []
+        return "", self._call_chunks(text, final=False)
+
+    def finish(self, text: str) -> tuple[str, list[ToolCallChunk]]:
+        if self.mode == "call":
+            return "", self._call_chunks(text, final=True)
+        if not self.mode:
+            self.mode = "text"
+        delta, self.sent = text[self.sent :], len(text)
+        return delta, []
+
+    def _call_chunks(self, text: str, final: bool) -> list[ToolCallChunk]:
+        body = text.lstrip()[len(TOOL_CALL_OPEN) :]
+        chunks: list[ToolCallChunk] = []
+        if not self.name_sent:
+            m = _NAME_RE.match(body)
+            if m is None:
+                return chunks
+            name = json.loads(f'"{m.group(1)}"')
+            chunks.append(tool_call_chunk(name=name, args="", id=self.call_id, index=0))
+            self.name_sent = True
+        start = body.find(_ARGS_KEY)
+        if start < 0:
+            return chunks
+        args = body[start + len(_ARGS_KEY) :]
+        if final:
+            args = args[: -len(_TAIL)] if args.endswith(_TAIL) else args
+        else:
+            args = args[: max(0, len(args) - len(_TAIL))]
+        if len(args) > self.sent:
+            delta, self.sent = args[self.sent :], len(args)
+            chunks.append(tool_call_chunk(name=None, args=delta, id=None, index=0))
+        return chunks
