@@ -308,7 +308,7 @@ class StreamExecutor:
                 yield out
             elif finished:
                 break
-        if name is not None and name not in self.variables:
+        if name is None or name not in self.done:
             self.raise_error()
 
 
