@@ -64,9 +64,10 @@ def _row_index(
     return row_idx.to(device, non_blocking=True), col_idx.to(device, non_blocking=True)
 
 
-def _per_row(values: Sequence[Sequence[float]], device: torch.device) -> torch.Tensor:
-    """A [B, k] float32 tensor of per-row scalars, copied to the device once."""
-    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+def _per_row(device: torch.device, *columns: Sequence[float]) -> torch.Tensor:
+    """A [B, k] float32 tensor of k per-row scalar columns, copied to the device once."""
+    table = torch.tensor(columns, dtype=torch.float32).T.contiguous()
+    return table.to(device, non_blocking=True)
 
 
 def apply_penalties(
@@ -88,7 +89,7 @@ def apply_penalties(
         row_idx, col_idx = _row_index(rep_rows, seen_ids, device)
         seen = torch.zeros_like(logits, dtype=torch.bool)
         seen[row_idx, col_idx] = True
-        penalty = _per_row([[p.repetition_penalty] for p in params], device)
+        penalty = _per_row(device, [p.repetition_penalty for p in params])
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits.copy_(torch.where(seen, penalised, logits))
     fp_rows = [
@@ -98,7 +99,9 @@ def apply_penalties(
         row_idx, col_idx = _row_index(fp_rows, [output_ids[i] for i in fp_rows], device)
         counts = torch.zeros_like(logits)
         counts.index_put_((row_idx, col_idx), torch.ones_like(col_idx, dtype=counts.dtype), True)
-        coef = _per_row([[p.frequency_penalty, p.presence_penalty] for p in params], device)
+        coef = _per_row(
+            device, [p.frequency_penalty for p in params], [p.presence_penalty for p in params]
+        )
         logits.sub_(coef[:, :1] * counts + coef[:, 1:] * (counts > 0))
 
 
@@ -158,11 +161,10 @@ def filter_probs(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     """
     vocab = probs.shape[-1]
     knobs = _per_row(
-        [
-            [p.top_k if p.top_k > 0 else vocab, p.top_p if p.top_p < 1.0 else 2.0, p.min_p]
-            for p in params
-        ],
         probs.device,
+        [p.top_k if p.top_k > 0 else vocab for p in params],
+        [p.top_p if p.top_p < 1.0 else 2.0 for p in params],
+        [p.min_p for p in params],
     )
     top_k, top_p, min_p = knobs[:, :1], knobs[:, 1:2], knobs[:, 2:]
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
@@ -196,7 +198,7 @@ def sample_rows(
     Uses the exponential-race form of multinomial sampling (argmax of p / Exp(1) noise), so a row
     with its own generator draws the same token whatever else is in the batch.
     """
-    temperature = _per_row([[p.temperature] for p in params], logits.device)
+    temperature = _per_row(logits.device, [p.temperature for p in params])
     probs = torch.softmax(logits / temperature, dim=-1)
     if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
         probs = filter_probs(probs, params)
