@@ -21,7 +21,14 @@ from sgl_engine.server.formats import (
     usage,
 )
 from sgl_engine.server.protocol import ChatCompletionRequest, CompletionRequest, _OpenAIBase
-from sgl_engine.server.streaming import DONE, abort_on_disconnect, merge_streams, sse, sse_response
+from sgl_engine.server.streaming import (
+    DONE,
+    Deltas,
+    abort_on_disconnect,
+    merge_streams,
+    sse,
+    sse_response,
+)
 
 router = APIRouter()
 
@@ -194,6 +201,7 @@ async def _completion_events(
     base["model"] = s.model_name
     finals: dict[int, dict] = {}
     sent_lp = [0] * len(streams)
+    deltas = Deltas()
     if body.echo:
         for i in range(len(streams)):
             choice = {"index": i, "text": tok.decode(prompts[i // body.n]), "logprobs": None}
@@ -209,7 +217,7 @@ async def _completion_events(
             logprobs = completion_logprobs(tok, meta, False, start=sent_lp[index])
             sent_lp[index] = len(meta.get("output_token_logprobs", []))
         reason = finish_reason(meta)[0] if done else None
-        choice = {"index": index, "text": chunk.get("delta", ""), "logprobs": logprobs}
+        choice = {"index": index, "text": deltas(index, chunk["text"]), "logprobs": logprobs}
         if done:
             finals[index] = chunk
         yield sse({**base, "choices": [{**choice, "finish_reason": reason}]})
@@ -319,6 +327,7 @@ async def _chat_events(
     buffered = forced or bool(body.tools and body.tool_choice != "none")
     finals: dict[int, dict] = {}
     sent_lp = [0] * len(streams)
+    deltas = Deltas()
     for i in range(len(streams)):
         first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
         yield sse({**base, "choices": [{**first, "finish_reason": None}]})
@@ -332,8 +341,9 @@ async def _chat_events(
         if body.logprobs:
             choice["logprobs"] = chat_logprobs(tok, meta, start=sent_lp[index])
             sent_lp[index] = len(meta.get("output_token_logprobs", []))
-        if not buffered and chunk.get("delta"):
-            choice["delta"] = {"content": chunk["delta"]}
+        delta = deltas(index, chunk["text"])
+        if not buffered and delta:
+            choice["delta"] = {"content": delta}
         reason = None
         if done:
             finals[index] = chunk

@@ -30,6 +30,18 @@ def finite(value: Any) -> Any:
     return value
 
 
+class Deltas:
+    """New text per stream from cumulative chunk texts (the last chunk carries no delta)."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, str] = {}
+
+    def __call__(self, index: int, text: str) -> str:
+        before = self.sent.get(index, "")
+        self.sent[index] = text
+        return text[len(before) :] if text.startswith(before) else text
+
+
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(finite(payload), ensure_ascii=False)}\n\n"
 
