@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -28,6 +29,7 @@ import numpy as np
 from filelock import FileLock
 
 CACHE_ENV = "SGL_ADAPTERS_CACHE"
+logger = logging.getLogger(__name__)
 _FINGERPRINT_CHARS = 16
 
 
@@ -190,6 +192,7 @@ def ensure_converted(gguf_path: Path, name: str, cache: Path | None = None) -> P
             shutil.rmtree(stale, ignore_errors=True)
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
+        logger.info("converting %s once into %s", gguf_path, final)
         try:
             convert_gguf(gguf_path, tmp)
             if final.exists():
