@@ -1,0 +1,279 @@
+"""The Backend protocol every backend plugin implements, its result types, and helpers.
+
+A backend runs CallGraphs (`run_graph`/`arun_graph`), single calls (`generate`, `stream`),
+scores continuations for `select` (`score`), and exposes its tokenizer and chat template.
+`BackendBase` gives default `generate`/`stream`/`astream`/`arun_graph` on top of `run_graph`,
+so a minimal backend implements `run_graph` and `tokenizer` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from sgl_adapters.graph import CallGraph, Leaf, LeafResult, Usage
+
+CAPABILITIES = frozenset(
+    {
+        "generate",  # run_graph / generate
+        "stream",  # token-by-token streaming (else one chunk with the whole result)
+        "score",  # score(prefix, continuations) from prompt logprobs
+        "constrained",  # regex / json_schema / ebnf / choices leaves
+        "chat_template",  # apply_chat_template renders the model's template
+        "logprobs",  # return_logprob, top_logprobs_num on leaves
+        "prefix_cache",  # prompt prefixes are reused across calls (cached_tokens > 0)
+        "prefix_dedup",  # one run_graph prefills each shared node once, even cold
+        "token_ids",  # leaves given as token ids are sent as such
+        "async",  # arun_graph/astream are natively asynchronous
+    }
+)
+"""Capability names with a meaning the adapters rely on; plugins may declare others."""
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """Logprob of `text` given a prefix: per token, summed and averaged over `num_tokens`."""
+
+    text: str
+    logprob_sum: float
+    logprob_mean: float
+    num_tokens: int
+    token_ids: tuple[int, ...] = ()
+    token_logprobs: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """A piece of a streamed call: `delta` is the new text, `text`/`output_ids` are cumulative.
+    The last chunk has `finish_reason` and `usage` set."""
+
+    delta: str
+    text: str
+    output_ids: tuple[int, ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    meta_info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the front doors call. Implementations must be safe to call from several threads
+    at once; `close` releases what the backend holds (engines, connections)."""
+
+    name: str
+    capabilities: frozenset[str]
+
+    @property
+    def tokenizer(self) -> Any:
+        """A HF-style tokenizer (encode/decode/apply_chat_template), or None for text-only
+        backends (graphs then share prefixes by characters)."""
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text for a chat."""
+
+    def run_graph(self, graph: CallGraph) -> list[LeafResult]:
+        """Run every leaf of `graph`; results in leaf order. Each shared node is prefilled once
+        when the backend declares "prefix_dedup". Invalid leaves raise ValueError."""
+
+    async def arun_graph(self, graph: CallGraph) -> list[LeafResult]:
+        """`run_graph` for asyncio callers."""
+
+    def generate(
+        self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
+    ) -> LeafResult:
+        """One call; `leaf` takes `CallGraph.add_leaf`'s keyword arguments (regex, ...)."""
+
+    def stream(
+        self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
+    ) -> Iterator[StreamChunk]:
+        """One call, streamed."""
+
+    def astream(
+        self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
+    ) -> AsyncIterator[StreamChunk]:
+        """One call, streamed to asyncio callers."""
+
+    def score(self, prefix: str, continuations: Sequence[str]) -> list[ContinuationScore]:
+        """Prompt logprobs of each continuation given `prefix` (no generation)."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters such as prefill_tokens, cached_tokens, hit_rate (may be empty)."""
+
+    def close(self) -> None:
+        """Release held resources; idempotent."""
+
+
+def single_leaf_graph(
+    prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf: Any
+) -> CallGraph:
+    graph = CallGraph()
+    if isinstance(prompt, str):
+        node = graph.add_node(graph.root, prompt)
+    else:
+        node = graph.add_node(graph.root, token_ids=prompt)
+    graph.add_leaf(node, sampling_params, **leaf)
+    return graph
+
+
+class BackendBase:
+    """Defaults for the optional parts of `Backend`; subclasses implement `run_graph` and set
+    `name`, `capabilities` and `tokenizer`."""
+
+    name: str = "base"
+    capabilities: frozenset[str] = frozenset({"generate"})
+    tokenizer: Any = None
+
+    def run_graph(self, graph: CallGraph) -> list[LeafResult]:
+        raise NotImplementedError
+
+    async def arun_graph(self, graph: CallGraph) -> list[LeafResult]:
+        return await asyncio.to_thread(self.run_graph, graph)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise NotImplementedError(f"backend {self.name!r} has no chat template")
+        return self.tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def generate(
+        self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
+    ) -> LeafResult:
+        return self.run_graph(single_leaf_graph(prompt, sampling_params, **leaf))[0]
+
+    def stream(
+        self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
+    ) -> Iterator[StreamChunk]:
+        result = self.generate(prompt, sampling_params, **leaf)
+        yield StreamChunk(
+            result.text,
+            result.text,
+            result.output_ids,
+            result.finish_reason,
+            result.usage,
+            result.meta_info,
+        )
+
+    async def astream(
+        self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
+    ) -> AsyncIterator[StreamChunk]:
+        async for chunk in iterate_in_thread(lambda: self.stream(prompt, sampling_params, **leaf)):
+            yield chunk
+
+    def score(self, prefix: str, continuations: Sequence[str]) -> list[ContinuationScore]:
+        raise NotImplementedError(f"backend {self.name!r} cannot score continuations")
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        return None
+
+
+async def iterate_in_thread(make_iter: Any) -> AsyncIterator[Any]:
+    """Drive a blocking iterator in a worker thread, yielding its items to asyncio."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def pump() -> None:
+        try:
+            for item in make_iter():
+                loop.call_soon_threadsafe(queue.put_nowait, ("item", item))
+        except BaseException as exc:  # noqa: BLE001 -- re-raised in the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
+        else:
+            loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        kind, value = await queue.get()
+        if kind == "error":
+            raise value
+        if kind == "done":
+            return
+        yield value
+
+
+# -- the SGLang result format (the engine's and the /generate endpoint's) ----------------------
+
+
+def finish_fields(meta: Mapping[str, Any]) -> tuple[str, int | str | None, str | None]:
+    """(finish_reason type, matched stop, abort message) from SGLang meta info."""
+    reason = meta.get("finish_reason")
+    if reason is None:
+        return "stop", None, None
+    if isinstance(reason, str):
+        return reason, None, None
+    return reason.get("type", "stop"), reason.get("matched"), reason.get("message")
+
+
+def usage_from_meta(meta: Mapping[str, Any]) -> Usage:
+    return Usage(
+        prompt_tokens=int(meta.get("prompt_tokens", 0)),
+        completion_tokens=int(meta.get("completion_tokens", 0)),
+        cached_tokens=int(meta.get("cached_tokens", 0)),
+    )
+
+
+def leaf_result_from_sglang(leaf: Leaf, out: Mapping[str, Any]) -> LeafResult:
+    """Convert one SGLang result dict ({"text", "output_ids", "meta_info"}) for `leaf`."""
+    meta = out.get("meta_info", {})
+    reason, matched, message = finish_fields(meta)
+    logprobs = None
+    if leaf.return_logprob and meta.get("output_token_logprobs") is not None:
+        logprobs = tuple(float(entry[0]) for entry in meta["output_token_logprobs"])
+    return LeafResult(
+        leaf_id=leaf.id,
+        text=out.get("text", ""),
+        output_ids=tuple(out.get("output_ids", ())),
+        finish_reason=reason,
+        usage=usage_from_meta(meta),
+        matched_stop=matched,
+        logprobs=logprobs,
+        error=message,
+        meta_info=dict(meta),
+        metadata=leaf.metadata,
+    )
+
+
+def stream_chunk_from_sglang(chunk: Mapping[str, Any]) -> StreamChunk:
+    meta = chunk.get("meta_info", {})
+    finished = meta.get("finish_reason") is not None
+    return StreamChunk(
+        delta=chunk.get("delta", ""),
+        text=chunk.get("text", ""),
+        output_ids=tuple(chunk.get("output_ids", ())),
+        finish_reason=finish_fields(meta)[0] if finished else None,
+        usage=usage_from_meta(meta) if finished else None,
+        meta_info=dict(meta),
+    )
+
+
+def continuation_score(
+    text: str, token_ids: Sequence[int], token_logprobs: Sequence[float | None]
+) -> ContinuationScore:
+    """Sum and mean over the tokens that have a logprob (a prompt's first token has none)."""
+    pairs = [(t, lp) for t, lp in zip(token_ids, token_logprobs, strict=True) if lp is not None]
+    total = sum(lp for _, lp in pairs)
+    n = len(pairs)
+    return ContinuationScore(
+        text=text,
+        logprob_sum=total,
+        logprob_mean=total / n if n else float("-inf"),
+        num_tokens=n,
+        token_ids=tuple(t for t, _ in pairs),
+        token_logprobs=tuple(lp for _, lp in pairs),
+    )
