@@ -1,0 +1,321 @@
+"""The built-in `http` backend: CallGraphs and calls against an SGLang-protocol HTTP server.
+
+Talks SGLang's native API (`/generate`, `/get_model_info`, `/flush_cache`, `/metrics`), which
+our `sgl_engine.server` and a real SGLang server both serve. A graph's leaves go out as one
+batched `/generate` request, so a server that batches (ours does) prefills each shared prefix
+once. Continuation scoring uses the server's tokenization (prompt logprobs with token ids), so
+no local tokenizer is needed; one is loaded only when asked for, or when the server's
+tokenizer folder exists on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
+
+from sgl_adapters.graph import CallGraph, Leaf, LeafResult
+from sgl_plugins.backend import (
+    BackendBase,
+    ContinuationScore,
+    StreamChunk,
+    continuation_score,
+    leaf_result_from_sglang,
+    single_leaf_graph,
+    stream_chunk_from_sglang,
+)
+from sgl_plugins.hookspecs import hookimpl
+
+DEFAULT_URL = "http://127.0.0.1:30000"
+CAPABILITIES = frozenset(
+    {
+        "generate",
+        "stream",
+        "score",
+        "constrained",
+        "logprobs",
+        "prefix_cache",
+        "prefix_dedup",
+        "token_ids",
+        "async",
+    }
+)
+
+
+class HttpError(RuntimeError):
+    """The server answered with an error status (the message is the server's)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class InvalidHttpRequest(HttpError, ValueError):
+    """A 4xx: the server refused the request itself (bad parameters, constraint, ...)."""
+
+
+def _raise_for(status: int, body: bytes) -> None:
+    if status == 200:
+        return
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body.decode(errors="replace")[:500]
+    raise (InvalidHttpRequest if 400 <= status < 500 else HttpError)(status, message)
+
+
+_END: dict = {}
+
+
+def _sse_payload(line: str) -> dict | None:
+    """The JSON of one `data:` line, None for other lines, `_END` for `data: [DONE]`."""
+    if not line.startswith("data:"):
+        return None
+    data = line[len("data:") :].strip()
+    if data == "[DONE]":
+        return _END
+    payload = json.loads(data)
+    if "error" in payload:
+        raise InvalidHttpRequest(400, payload["error"].get("message", str(payload)))
+    return payload
+
+
+class _Deltas:
+    """SGLang streams cumulative text; chunks get `delta` = the new part."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __call__(self, payload: dict) -> StreamChunk:
+        text = payload.get("text", "")
+        delta = text[len(self.text) :] if text.startswith(self.text) else text
+        self.text = text
+        return stream_chunk_from_sglang({**payload, "delta": delta})
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Samples of a Prometheus text page by metric name (labels dropped, `sgl_engine_` and
+    `_total` stripped), e.g. {'prefill_tokens': 120.0, 'kv_used': 64.0}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        name = name.split("{", 1)[0].removeprefix("sgl_engine_").removesuffix("_total")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+class HttpBackend(BackendBase):
+    """A Backend over an SGLang-protocol server at `base_url`. Thread-safe: one pooled
+    `httpx.Client` for blocking calls, a short-lived `AsyncClient` per asyncio call."""
+
+    capabilities = CAPABILITIES
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        *,
+        tokenizer: Any = None,
+        chat_template: str | None = None,
+        timeout: float = 600.0,
+        name: str = "http",
+    ) -> None:
+        """`tokenizer`: an HF tokenizer, a name/folder to load one from, or None (then the
+        server's tokenizer folder is used when it exists here)."""
+        import httpx
+
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.chat_template = chat_template
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = timeout
+        self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout)
+        self.model_info = self._get_json("/get_model_info")
+        self._tokenizer = self._load_tokenizer(tokenizer)
+        if self._tokenizer is not None:
+            self.capabilities = CAPABILITIES | {"chat_template"}
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _load_tokenizer(self, tokenizer: Any) -> Any:
+        if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
+            return tokenizer
+        source = tokenizer or self.model_info.get("tokenizer_path")
+        if tokenizer is None and not (source and os.path.isdir(str(source))):
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(source))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        if self._tokenizer is None:
+            raise NotImplementedError(f"backend {self.name!r} has no tokenizer to render chats")
+        return self._tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.chat_template,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _get_json(self, path: str) -> Any:
+        res = self._client.get(path)
+        _raise_for(res.status_code, res.content)
+        return res.json()
+
+    def generate_raw(self, body: Mapping[str, Any]) -> Any:
+        """POST `body` to /generate and return the decoded JSON (a dict or a list)."""
+        res = self._client.post("/generate", json=dict(body))
+        _raise_for(res.status_code, res.content)
+        return res.json()
+
+    async def agenerate_raw(self, body: Mapping[str, Any]) -> Any:
+        import httpx
+
+        async with httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers, timeout=self._timeout
+        ) as client:
+            res = await client.post("/generate", json=dict(body))
+        _raise_for(res.status_code, res.content)
+        return res.json()
+
+    def _batch_body(self, graph: CallGraph) -> dict[str, Any]:
+        kind, prompts = graph.leaf_inputs(self._tokenizer)
+        leaves = graph.leaves
+        return {
+            "input_ids" if kind == "ids" else "text": prompts,
+            "sampling_params": [leaf.request_params() for leaf in leaves],
+            "return_logprob": [leaf.return_logprob for leaf in leaves],
+            "logprob_start_len": [leaf.logprob_start_len for leaf in leaves],
+            "top_logprobs_num": [leaf.top_logprobs_num for leaf in leaves],
+        }
+
+    @staticmethod
+    def _results(leaves: Sequence[Leaf], outs: Any) -> list[LeafResult]:
+        outs = outs if isinstance(outs, list) else [outs]
+        if len(outs) != len(leaves):
+            raise RuntimeError(f"server returned {len(outs)} results for {len(leaves)} leaves")
+        return [leaf_result_from_sglang(leaf, out) for leaf, out in zip(leaves, outs, strict=True)]
+
+    def _stream_body(self, prompt, sampling_params, leaf: dict) -> dict[str, Any]:
+        body = self._batch_body(single_leaf_graph(prompt, sampling_params, **leaf))
+        return {**{k: v[0] for k, v in body.items()}, "stream": True}
+
+    # -- the Backend protocol -----------------------------------------------------------------
+
+    def run_graph(self, graph: CallGraph) -> list[LeafResult]:
+        if not len(graph):
+            return []
+        return self._results(graph.leaves, self.generate_raw(self._batch_body(graph)))
+
+    async def arun_graph(self, graph: CallGraph) -> list[LeafResult]:
+        if not len(graph):
+            return []
+        return self._results(graph.leaves, await self.agenerate_raw(self._batch_body(graph)))
+
+    def stream(
+        self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
+    ) -> Iterator[StreamChunk]:
+        body = self._stream_body(prompt, sampling_params, leaf)
+        deltas = _Deltas()
+        with self._client.stream("POST", "/generate", json=body) as res:
+            if res.status_code != 200:
+                _raise_for(res.status_code, res.read())
+            for line in res.iter_lines():
+                payload = _sse_payload(line)
+                if payload is _END:
+                    return
+                if payload is not None:
+                    yield deltas(payload)
+
+    async def astream(
+        self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
+    ) -> AsyncIterator[StreamChunk]:
+        import httpx
+
+        body = self._stream_body(prompt, sampling_params, leaf)
+        deltas = _Deltas()
+        async with (
+            httpx.AsyncClient(
+                base_url=self.base_url, headers=self._headers, timeout=self._timeout
+            ) as client,
+            client.stream("POST", "/generate", json=body) as res,
+        ):
+            if res.status_code != 200:
+                _raise_for(res.status_code, await res.aread())
+            async for line in res.aiter_lines():
+                payload = _sse_payload(line)
+                if payload is _END:
+                    return
+                if payload is not None:
+                    yield deltas(payload)
+
+    def score(self, prefix: str, continuations: Sequence[str]) -> list[ContinuationScore]:
+        """Prompt logprobs of each continuation from one batched request (the server prefills
+        the prefix once). A continuation's tokens are those of tokenize(prefix + c) past the
+        common prefix with tokenize(prefix), both tokenized by the server."""
+        if not continuations:
+            return []
+        texts = [prefix, *(prefix + c for c in continuations)]
+        outs = self.generate_raw(
+            {
+                "text": texts,
+                "sampling_params": [{"max_new_tokens": 0} for _ in texts],
+                "return_logprob": True,
+                "logprob_start_len": 0,
+            }
+        )
+        entries = [out["meta_info"]["input_token_logprobs"] for out in outs]
+        prefix_ids = [e[1] for e in entries[0]]
+        scores = []
+        for text, full in zip(continuations, entries[1:], strict=True):
+            ids = [e[1] for e in full]
+            start = _common_len(prefix_ids, ids)
+            scores.append(continuation_score(text, ids[start:], [e[0] for e in full[start:]]))
+        return scores
+
+    def metrics(self) -> dict[str, Any]:
+        res = self._client.get("/metrics")
+        _raise_for(res.status_code, res.content)
+        return parse_prometheus(res.text)
+
+    def flush_cache(self) -> bool:
+        return self._client.post("/flush_cache").status_code == 200
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register(
+        "http",
+        HttpBackend,
+        CAPABILITIES,
+        description="an SGLang-protocol HTTP server (sgl-adapters serve, or SGLang itself)",
+    )
