@@ -136,12 +136,21 @@ def _short(params: SamplingParams) -> str:
     return ",".join(f"{k}={v}" for k, v in params.to_dict().items() if v != defaults[k])
 
 
-def test_filter_support_matches_transformers_warpers():
+TOP_K_CASES = [  # every row has a top_k: the top-k selection path instead of a full sort
+    SamplingParams(top_k=1),
+    SamplingParams(top_k=7, top_p=0.5),
+    SamplingParams(temperature=0.6, top_k=40, min_p=0.1),
+    SamplingParams(top_k=5000, top_p=0.9),
+]
+
+
+@pytest.mark.parametrize("cases", [FILTER_CASES, TOP_K_CASES], ids=["sort", "select"])
+def test_filter_support_matches_transformers_warpers(cases):
     gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(len(FILTER_CASES), 200, generator=gen) * 2
-    temperature = torch.tensor([[p.temperature] for p in FILTER_CASES])
-    probs = filter_probs(torch.softmax(logits / temperature, dim=-1), FILTER_CASES)
-    for i, params in enumerate(FILTER_CASES):
+    logits = torch.randn(len(cases), 200, generator=gen) * 2
+    temperature = torch.tensor([[p.temperature] for p in cases])
+    probs = filter_probs(torch.softmax(logits / temperature, dim=-1), cases)
+    for i, params in enumerate(cases):
         reference = reference_filtered_logits(logits[i], params)
         assert torch.equal(probs[i] > 0, torch.isfinite(reference)), params
         torch.testing.assert_close(probs[i] / probs[i].sum(), torch.softmax(reference, dim=-1))

@@ -11,11 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 
+import numpy as np
 import torch
 
 from .sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
+_TOPK_SELECT_MAX = 1024
 
 
 @dataclass
@@ -60,7 +62,8 @@ def _row_index(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(ids) for ids in ids_per_row], dtype=torch.long)
     row_idx = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.long), lengths)
-    col_idx = torch.tensor(list(chain.from_iterable(ids_per_row)), dtype=torch.long)
+    flat = np.fromiter(chain.from_iterable(ids_per_row), dtype=np.int64, count=int(lengths.sum()))
+    col_idx = torch.from_numpy(flat)
     return row_idx.to(device, non_blocking=True), col_idx.to(device, non_blocking=True)
 
 
@@ -85,8 +88,11 @@ def apply_penalties(
     device = logits.device
     rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
     if rep_rows:
-        seen_ids = [list(prompt_ids[i]) + list(output_ids[i]) for i in rep_rows]
-        row_idx, col_idx = _row_index(rep_rows, seen_ids, device)
+        row_idx, col_idx = _row_index(
+            [i for i in rep_rows for _ in (0, 1)],
+            [ids for i in rep_rows for ids in (prompt_ids[i], output_ids[i])],
+            device,
+        )
         seen = torch.zeros_like(logits, dtype=torch.bool)
         seen[row_idx, col_idx] = True
         penalty = _per_row(device, [p.repetition_penalty for p in params])
@@ -157,18 +163,27 @@ def filter_probs(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     """Zero the probabilities that top-k, then top-p, then min-p exclude (HF warper semantics).
 
     Top-p keeps the smallest most-likely set whose top-k-renormalised mass reaches top_p; min-p
-    drops tokens below min_p times the most likely one. Returns a new unnormalised [S, V] tensor.
+    drops tokens below min_p times the most likely one. Equal probabilities rank by lower token
+    id. When every row has a top_k of at most 1024, only those candidates are sorted. Returns a
+    new unnormalised [S, V] tensor.
     """
     vocab = probs.shape[-1]
+    top_ks = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
     knobs = _per_row(
         probs.device,
-        [p.top_k if p.top_k > 0 else vocab for p in params],
+        top_ks,
         [p.top_p if p.top_p < 1.0 else 2.0 for p in params],
         [p.min_p for p in params],
     )
     top_k, top_p, min_p = knobs[:, :1], knobs[:, 1:2], knobs[:, 2:]
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    position = torch.arange(vocab, device=probs.device).unsqueeze(0)
+    widest = max(top_ks)
+    if widest <= _TOPK_SELECT_MAX:
+        candidates = torch.topk(probs, widest, dim=-1, sorted=False).indices.sort(dim=-1).values
+        sorted_probs, rank = probs.gather(1, candidates).sort(dim=-1, descending=True, stable=True)
+        order = candidates.gather(1, rank)
+    else:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    position = torch.arange(sorted_probs.shape[-1], device=probs.device).unsqueeze(0)
     sorted_probs = sorted_probs.masked_fill(position >= top_k, 0.0)
     cumulative = sorted_probs.cumsum(dim=-1)
     mass_before = cumulative - sorted_probs
