@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
@@ -15,7 +15,7 @@ from langchain_core.tools import BaseTool
 
 from sgl_adapters.langchain import prefetch, structured
 from sgl_adapters.langchain import tools as tools_mod
-from sgl_adapters.langchain.engines import EngineClient, Request
+from sgl_adapters.langchain.engines import EngineClient, Request, model_display_name
 from sgl_adapters.langchain.messages import render, to_chat_dicts
 from sgl_adapters.langchain.params import SGLangParams, finish_reason, usage_metadata
 
@@ -38,9 +38,27 @@ class ChatSGLang(SGLangParams, BaseChatModel):
     the engine at once, so a shared prefix is prefilled once.
     """
 
+    streaming: bool = False
+    """Whether `invoke` streams internally (callbacks then get every token)."""
+
     @property
     def _llm_type(self) -> str:
         return "sglang-chat"
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        model = kwargs.get("model", self.model)
+        name = self.model_name if model == self.model else model_display_name(model)
+        params = LangSmithParams(
+            ls_provider="sglang",
+            ls_model_name=name,
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        stops = stop or kwargs.get("stop") or self.stop
+        if stops:
+            params["ls_stop"] = list(stops)
+        return params
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -64,7 +82,7 @@ class ChatSGLang(SGLangParams, BaseChatModel):
                 params["ebnf"] = tools_mod.tool_grammar(allowed, forced)
         chat = to_chat_dicts(messages, tool_prompt)
         prompt = render(chat, client.apply_chat_template)
-        name = self.model_name if model == self.model else SGLangParams(model=model).model_name
+        name = self.model_name if model == self.model else model_display_name(model)
         return _Call(client, Request(prompt, params), name, bool(bound))
 
     def _message(self, call: _Call, result: dict) -> AIMessage:

@@ -9,7 +9,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from sgl_adapters.langchain.engines import Request
+from sgl_adapters.langchain.engines import Request, model_display_name
 from sgl_adapters.langchain.params import SGLangParams, finish_reason, usage_metadata
 
 
@@ -39,7 +39,7 @@ class SGLang(SGLangParams, BaseLLM):
             for key in ("input_tokens", "output_tokens", "total_tokens"):
                 total[key] += usage[key]
             total["cache_read"] += usage["input_token_details"]["cache_read"]
-        name = SGLangParams(model=model).model_name
+        name = model_display_name(model)
         return LLMResult(generations=generations, llm_output={"model_name": name, "usage": total})
 
     def _generate(

@@ -133,7 +133,7 @@ def parse_output(text: str) -> tuple[str, list[ToolCall], list]:
     end = body.rfind(TOOL_CALL_CLOSE)
     raw = body[:end] if end >= 0 else body
     try:
-        items = json.loads(raw)
+        items = json.JSONDecoder().raw_decode(raw)[0]
         if isinstance(items, dict):
             items = [items]
         calls = [tool_call(name=i["name"], args=i["arguments"], id=new_call_id()) for i in items]
@@ -159,25 +159,18 @@ class ToolStreamParser:
 
     def feed(self, text: str) -> tuple[str, list[ToolCallChunk]]:
         if not self.mode:
-            stripped = text.lstrip()
-            if not stripped:
-                return "", []
-            if TOOL_CALL_OPEN.startswith(stripped[: len(TOOL_CALL_OPEN)]):
-                if len(stripped) < len(TOOL_CALL_OPEN):
-                    return "", []
-                self.mode = "call"
-            else:
-                self.mode = "text"
+            self.mode = _decide(text)
+        if self.mode == "call":
+            return "", self._call_chunks(text, final=False)
         if self.mode == "text":
             delta, self.sent = text[self.sent :], len(text)
             return delta, []
-        return "", self._call_chunks(text, final=False)
+        return "", []
 
     def finish(self, text: str) -> tuple[str, list[ToolCallChunk]]:
+        self.mode = self.mode or _decide(text) or "text"
         if self.mode == "call":
             return "", self._call_chunks(text, final=True)
-        if not self.mode:
-            self.mode = "text"
         delta, self.sent = text[self.sent :], len(text)
         return delta, []
 
@@ -203,3 +196,12 @@ class ToolStreamParser:
             delta, self.sent = args[self.sent :], len(args)
             chunks.append(tool_call_chunk(name=None, args=delta, id=None, index=0))
         return chunks
+
+
+def _decide(text: str) -> str:
+    """ "call" or "text" once the start of `text` tells, else ""."""
+    stripped = text.lstrip()
+    head = stripped[: len(TOOL_CALL_OPEN)]
+    if not TOOL_CALL_OPEN.startswith(head):
+        return "text"
+    return "call" if len(head) == len(TOOL_CALL_OPEN) else ""

@@ -1,0 +1,316 @@
+"""ChatSGLang / SGLang on a tiny random model: engine parity, streaming, batching, grammars."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Literal
+
+import jsonschema
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel
+from typing_extensions import TypedDict
+
+from sgl_adapters.langchain import ChatSGLang, EngineRegistry, SGLang
+from sgl_adapters.langchain import tools as lc_tools
+from sgl_adapters.langchain.messages import format_tool_calls, render, to_chat_dicts
+
+ENGINE_KWARGS = {"device": "cpu", "max_total_tokens": 8192}
+SYSTEM = "You are a helpful assistant. " * 12
+
+
+@pytest.fixture(scope="module")
+def registry():
+    reg = EngineRegistry()
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def chat(tiny_llama, registry):
+    return ChatSGLang(
+        model=tiny_llama, max_tokens=12, registry=registry, engine_kwargs=ENGINE_KWARGS
+    )
+
+
+def _engine(model):
+    return model.client().engine
+
+
+def _reference(model, messages, **params):
+    """The engine's own greedy output for the prompt the adapter renders."""
+    engine = _engine(model)
+    prompt = engine.apply_chat_template(to_chat_dicts(messages))
+    sp = {"max_new_tokens": model.max_tokens, "temperature": 0.0, "top_p": 1.0, **params}
+    return engine.generate(prompt, sp)
+
+
+@tool
+def pick(color: Literal["red", "green", "blue"], loud: bool) -> str:
+    """Pick a color."""
+    return color
+
+
+@tool
+def count(n: Literal[1, 2, 3]) -> int:
+    """Count to n."""
+    return n
+
+
+class Pet(BaseModel):
+    kind: Literal["cat", "dog"]
+    friendly: bool
+
+
+class PetDict(TypedDict):
+    kind: Literal["cat", "dog"]
+    friendly: bool
+
+
+def test_invoke_matches_engine_and_reports_usage(chat):
+    messages = [HumanMessage("hello there")]
+    ref = _reference(chat, messages)
+    msg = chat.invoke(messages)
+    assert msg.content == ref["text"]
+    assert msg.response_metadata["model_name"] == chat.model_name
+    assert msg.response_metadata["finish_reason"] == ref["meta_info"]["finish_reason"]["type"]
+    usage = msg.usage_metadata
+    assert usage["input_tokens"] == ref["meta_info"]["prompt_tokens"]
+    assert usage["output_tokens"] == ref["meta_info"]["completion_tokens"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    # the reference call just cached this prompt
+    assert usage["input_token_details"]["cache_read"] == ref["meta_info"]["prompt_tokens"] - 1
+
+
+def test_per_call_params_override_construction(chat):
+    msg = chat.invoke("count please", max_tokens=3)
+    assert msg.usage_metadata["output_tokens"] == 3
+    assert msg.response_metadata["finish_reason"] == "length"
+    full = chat.invoke("count please", max_tokens=8)
+    stop = full.content[2:4]
+    cut = chat.invoke("count please", max_tokens=8, stop=[stop])
+    assert cut.content == full.content[: full.content.index(stop)]
+
+
+class _Tokens(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def on_llm_new_token(self, token: str, **kwargs) -> None:
+        self.tokens.append(token)
+
+
+def test_stream_yields_tokens_to_callbacks_and_matches_invoke(chat):
+    expected = chat.invoke("stream me").content
+    handler = _Tokens()
+    chunks = list(chat.stream("stream me", config={"callbacks": [handler]}))
+    assert "".join(c.content for c in chunks) == expected
+    assert len([c for c in chunks if c.content]) > 1
+    assert "".join(handler.tokens) == expected
+    assert chunks[-1].chunk_position == "last"
+    full = sum(chunks[1:], chunks[0])
+    assert full.usage_metadata["output_tokens"] == 12
+    assert full.response_metadata["model_name"] == chat.model_name
+
+
+def test_async_paths_match_sync(chat):
+    expected = chat.invoke("async please").content
+
+    async def run():
+        msg = await chat.ainvoke("async please")
+        text = "".join([c.content async for c in chat.astream("async please")])
+        return msg.content, text
+
+    assert asyncio.run(run()) == (expected, expected)
+
+
+def test_streaming_flag_routes_invoke_through_stream(tiny_llama, registry):
+    model = ChatSGLang(
+        model=tiny_llama,
+        max_tokens=6,
+        streaming=True,
+        registry=registry,
+        engine_kwargs=ENGINE_KWARGS,
+    )
+    handler = _Tokens()
+    msg = model.invoke("hi", config={"callbacks": [handler]})
+    assert "".join(handler.tokens) == msg.content and len(handler.tokens) > 1
+
+
+def test_instances_share_one_engine(tiny_llama, registry, chat):
+    other = ChatSGLang(model=tiny_llama, registry=registry, engine_kwargs=ENGINE_KWARGS)
+    llm = SGLang(model=tiny_llama, registry=registry, engine_kwargs=ENGINE_KWARGS)
+    assert _engine(other) is _engine(chat) is _engine(llm)
+    assert len(registry) == 1
+
+
+def _prompts(n):
+    return [[SystemMessage(SYSTEM), HumanMessage(f"question {i}")] for i in range(n)]
+
+
+def _prefill_cost(chat, run):
+    engine = _engine(chat)
+    assert engine.flush_cache()
+    before = engine.metrics()["prefill_tokens"]
+    out = run()
+    return out, engine.metrics()["prefill_tokens"] - before
+
+
+def test_batch_prefills_the_shared_prefix_once(chat):
+    prompts = _prompts(4)
+    engine = _engine(chat)
+    ids = [engine.tokenizer.encode(engine.apply_chat_template(to_chat_dicts(p))) for p in prompts]
+    shared = len(ids[0])
+    while any(x[:shared] != ids[0][:shared] for x in ids):
+        shared -= 1
+    one_by_one = [chat.invoke(p).content for p in prompts]
+    out, cost = _prefill_cost(chat, lambda: chat.batch(prompts))
+    assert [m.content for m in out] == one_by_one
+    assert cost == shared + sum(len(x) - shared for x in ids)
+    out, cost = _prefill_cost(chat, lambda: asyncio.run(chat.abatch(prompts)))
+    assert [m.content for m in out] == one_by_one
+    assert cost == shared + sum(len(x) - shared for x in ids)
+
+
+def test_llm_class_matches_engine_and_batches(tiny_llama, registry):
+    llm = SGLang(model=tiny_llama, max_tokens=8, registry=registry, engine_kwargs=ENGINE_KWARGS)
+    engine = llm.client().engine
+    prompts = [SYSTEM + f"item {i}" for i in range(3)]
+    refs = engine.generate(prompts, {"max_new_tokens": 8, "temperature": 0.0})
+    assert engine.flush_cache()
+    before = engine.metrics()["prefill_tokens"]
+    assert llm.batch(prompts) == [r["text"] for r in refs]
+    assert engine.metrics()["prefill_tokens"] - before < 2 * len(engine.tokenizer.encode(SYSTEM))
+    assert "".join(llm.stream(prompts[0])) == refs[0]["text"]
+    result = llm.generate(prompts[:1])
+    info = result.generations[0][0].generation_info
+    assert info["finish_reason"] == refs[0]["meta_info"]["finish_reason"]["type"]
+    assert result.llm_output["usage"]["input_tokens"] == refs[0]["meta_info"]["prompt_tokens"]
+    assert asyncio.run(llm.ainvoke(prompts[1])) == refs[1]["text"]
+
+
+STRICT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('no system role') }}{% endif %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('roles must alternate') }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}"
+)
+
+
+def test_messages_a_strict_template_refuses_are_merged():
+    from sgl_engine.testing import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    tok.chat_template = STRICT_TEMPLATE
+    messages = [
+        SystemMessage("sys one"),
+        SystemMessage("sys two"),
+        HumanMessage("u1"),
+        HumanMessage("u2", name="bob"),
+        AIMessage("a1"),
+        AIMessage("a2"),
+        HumanMessage("how are you"),
+    ]
+    chat = to_chat_dicts(messages)
+    with pytest.raises(Exception, match="alternate|system"):
+        tok.apply_chat_template(chat, tokenize=False)
+    prompt = render(chat, lambda m: tok.apply_chat_template(m, tokenize=False))
+    for text in ("sys one", "sys two", "u1", "bob: u2", "a1", "a2", "how are you"):
+        assert text in prompt
+    assert prompt.index("sys two") < prompt.index("u1") < prompt.index("a2")
+
+
+def test_tool_history_renders_in_the_grammar_format():
+    call = {"name": "pick", "args": {"color": "red", "loud": True}, "id": "c1"}
+    chat = to_chat_dicts(
+        [
+            HumanMessage("pick"),
+            AIMessage("", tool_calls=[call]),
+            ToolMessage("done", tool_call_id="c1", name="pick"),
+        ]
+    )
+    assert chat[1]["content"] == format_tool_calls([call])
+    assert lc_tools.parse_output(chat[1]["content"])[1][0]["args"] == call["args"]
+    assert chat[2]["role"] == "user"
+    assert json.loads(chat[2]["content"][len("<tool_response>") : -len("</tool_response>")]) == {
+        "name": "pick",
+        "content": "done",
+    }
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_forced_tool_calls_always_parse_and_validate(chat, seed):
+    bound = chat.bind_tools([pick, count], tool_choice="any")
+    msg = bound.invoke("choose", max_tokens=160, temperature=1.0, seed=seed)
+    assert not msg.invalid_tool_calls and len(msg.tool_calls) == 1
+    call = msg.tool_calls[0]
+    spec = {s["name"]: s for s in lc_tools.tool_specs([pick, count])}[call["name"]]
+    jsonschema.validate(call["args"], spec["parameters"])
+    named = chat.bind_tools([pick, count], tool_choice="count")
+    forced = named.invoke("choose", max_tokens=160, temperature=1.0, seed=seed)
+    assert forced.tool_calls[0]["name"] == "count"
+    assert forced.tool_calls[0]["args"]["n"] in (1, 2, 3)
+
+
+def test_streamed_tool_call_chunks_aggregate_to_the_invoked_call(chat):
+    bound = chat.bind_tools([pick], tool_choice="pick")
+    msg = bound.invoke("choose", max_tokens=160)
+    chunks = list(bound.stream("choose", max_tokens=160))
+    assert sum(len(c.tool_call_chunks) for c in chunks) > 1
+    full = sum(chunks[1:], chunks[0])
+    assert [(c["name"], c["args"]) for c in full.tool_calls] == [
+        (c["name"], c["args"]) for c in msg.tool_calls
+    ]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auto_tool_choice_gives_a_call_or_plain_text(chat, seed):
+    bound = chat.bind_tools([pick])
+    msg = bound.invoke("maybe", max_tokens=160, temperature=1.0, seed=seed)
+    assert not msg.invalid_tool_calls
+    if msg.tool_calls:
+        assert msg.content == "" and msg.tool_calls[0]["name"] == "pick"
+    else:
+        assert not msg.content.startswith("<")
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+@pytest.mark.parametrize("schema", [Pet, PetDict, Pet.model_json_schema()])
+def test_structured_output_always_parses(chat, method, schema):
+    model = chat.model_copy(update={"max_tokens": 160})
+    out = model.with_structured_output(schema, method=method).invoke("a pet")
+    data = out.model_dump() if isinstance(out, Pet) else out
+    assert isinstance(out, Pet) == (schema is Pet)
+    assert data["kind"] in ("cat", "dog") and isinstance(data["friendly"], bool)
+    raw = model.with_structured_output(schema, method=method, include_raw=True).invoke("a pet")
+    assert isinstance(raw["raw"], AIMessage) and raw["parsing_error"] is None
+    assert raw["parsed"] == out
+
+
+def test_json_mode_without_schema_gives_a_json_object(chat):
+    model = chat.model_copy(update={"max_tokens": 60})
+    out = model.with_structured_output(method="json_mode").invoke("json")
+    assert isinstance(out, dict)
+
+
+_CALL = '<tool_call>[{"name": "pick", "arguments": {"color": "}]</tool_call>", "loud": true}}]</tool_call>'
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(_CALL)), max_size=12))
+def test_tool_stream_parser_is_split_invariant(cuts):
+    parser = lc_tools.ToolStreamParser()
+    chunks = []
+    for cut in sorted(set(cuts)):
+        chunks += parser.feed(_CALL[:cut])[1]
+    chunks += parser.finish(_CALL)[1]
+    assert [c["name"] for c in chunks if c["name"]] == ["pick"]
+    args = "".join(c["args"] or "" for c in chunks)
+    assert json.loads(args) == {"color": "}]</tool_call>", "loud": True}
