@@ -1,0 +1,115 @@
+"""Jump-forward decoding (the paper's compressed FSM): append the text a grammar forces without
+sampling it token by token, retokenising the tail so the tokens are the tokenizer's own.
+
+The retokenisation rule. Let `forced` be the forced text and `j` the window: the last `j`
+output tokens, with `j <= max_retokenize` and `j <=` how far the matcher can roll back (tokens
+of the prompt are never touched). Re-encode `decode(last j tokens) + forced`; the new tail is
+kept only if `decode(output[:-j] + new) == decode(output) + forced` exactly (this rejects
+windows that start or end inside a UTF-8 character, and tokenizers that add a prefix space).
+Windows are tried from the largest down to 0 (plain `encode(forced)` appended); the first exact
+one wins. Tokens shared by the old and new tail are kept, so the result is
+`(k = tokens to drop, new tokens to append)` with `k` as small as the chosen window allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sgl_engine.grammar.xgrammar_backend import GrammarMatcher
+
+
+@dataclass(frozen=True)
+class JumpForward:
+    """One jump-forward step: drop the last `num_dropped` output tokens, append `new_tokens`;
+    the output text grows by exactly `text`."""
+
+    num_dropped: int
+    new_tokens: tuple[int, ...]
+    text: str
+
+
+def jump_forward_tokens(
+    tokenizer, output_ids: Sequence[int], forced: str, max_retokenize: int = 4
+) -> tuple[int, list[int]]:
+    """(k, new) with `decode(output_ids[:len-k] + new) == decode(output_ids) + forced`, by the
+    rule in the module docstring; `(0, [])` if no window decodes exactly. Pure."""
+    if not forced:
+        return 0, []
+    ids = list(output_ids)
+    target = _decode(tokenizer, ids) + forced
+    for j in range(min(max_retokenize, len(ids)), -1, -1):
+        head, tail = ids[: len(ids) - j], ids[len(ids) - j :]
+        new = _encode(tokenizer, _decode(tokenizer, tail) + forced)
+        if _decode(tokenizer, head + new) == target:
+            common = _common_prefix(tail, new)
+            return j - common, new[common:]
+    return 0, []
+
+
+def jump_forward(
+    matcher: GrammarMatcher, tokenizer, output_ids: Sequence[int], max_retokenize: int = 4
+) -> JumpForward | None:
+    """Apply one jump-forward step to `matcher`, which must have accepted `output_ids` (at least
+    its last `rollback_limit()` tokens). Mutates only `matcher`: afterwards it has accepted
+    `output_ids[:len-k] + new_tokens`. Returns None (matcher unchanged) if nothing is forced or
+    no tokens for the forced text are accepted. If the retokenised tail is rejected, falls back
+    to appending the longest accepted prefix of `encode(forced)` without dropping anything."""
+    forced = matcher.jump_forward_string()
+    if not forced:
+        return None
+    ids = list(output_ids)
+    window = min(max_retokenize, matcher.rollback_limit())
+    k, new = jump_forward_tokens(tokenizer, ids, forced, window)
+    if new and _replace_tail(matcher, ids, k, new):
+        return JumpForward(k, tuple(new), forced)
+    return _append_accepted(matcher, tokenizer, ids, forced)
+
+
+def _replace_tail(matcher: GrammarMatcher, ids: list[int], k: int, new: list[int]) -> bool:
+    matcher.rollback(k)
+    for accepted, token in enumerate(new):
+        if not matcher.accept_token(token):
+            matcher.rollback(accepted)
+            if not all(matcher.accept_token(t) for t in ids[len(ids) - k :]):
+                raise RuntimeError("matcher rejected tokens it accepted before the rollback")
+            return False
+    return True
+
+
+def _append_accepted(
+    matcher: GrammarMatcher, tokenizer, ids: list[int], forced: str
+) -> JumpForward | None:
+    _, new = jump_forward_tokens(tokenizer, ids, forced, max_retokenize=0)
+    accepted: list[int] = []
+    for token in new:
+        if not matcher.accept_token(token):
+            break
+        accepted.append(token)
+    if not accepted:
+        return None
+    before = _decode(tokenizer, ids)
+    after = _decode(tokenizer, ids + accepted)
+    if not after.startswith(before) or not forced.startswith(after[len(before) :]):
+        matcher.rollback(len(accepted))
+        return None
+    return JumpForward(0, tuple(accepted), after[len(before) :])
+
+
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(
+        list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
