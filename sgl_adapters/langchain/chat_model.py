@@ -17,7 +17,12 @@ from sgl_adapters.langchain import prefetch, structured
 from sgl_adapters.langchain import tools as tools_mod
 from sgl_adapters.langchain.engines import EngineClient, Request, model_display_name
 from sgl_adapters.langchain.messages import render, to_chat_dicts
-from sgl_adapters.langchain.params import SGLangParams, finish_reason, usage_metadata
+from sgl_adapters.langchain.params import (
+    SGLangParams,
+    cap_strings,
+    finish_reason,
+    usage_metadata,
+)
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,13 @@ class ChatSGLang(SGLangParams, BaseChatModel):
             forced, allowed = tools_mod.resolve_tool_choice(choice, bound)
             tool_prompt = tools_mod.tool_system_prompt(bound, forced)
             if allowed:
-                params["ebnf"] = tools_mod.tool_grammar(allowed, forced)
+                capped = [
+                    {**t, "parameters": cap_strings(t["parameters"], self.max_string_length)}
+                    for t in allowed
+                ]
+                params["ebnf"] = tools_mod.tool_grammar(capped, forced)
+        if isinstance(params.get("json_schema"), dict):
+            params["json_schema"] = cap_strings(params["json_schema"], self.max_string_length)
         chat = to_chat_dicts(messages, tool_prompt)
         prompt = render(chat, client.apply_chat_template)
         name = self.model_name if model == self.model else model_display_name(model)

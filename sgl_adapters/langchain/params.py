@@ -40,6 +40,10 @@ class SGLangParams(BaseModel):
     top_p: float = 1.0
     stop: list[str] | None = None
     engine_kwargs: dict[str, Any] = Field(default_factory=lambda: {"device": "cpu"})
+    max_string_length: int | None = None
+    """Opt-in cap (characters) on free JSON strings in structured output and tool arguments:
+    added as `maxLength` where the schema sets none, so small models finish within
+    `max_tokens` (the output still validates against the caller's schema)."""
     registry: EngineRegistry = Field(default=ENGINES, exclude=True, repr=False)
 
     @property
@@ -88,3 +92,19 @@ def finish_reason(meta: Mapping[str, Any]) -> str:
     if kind == "abort":
         raise RuntimeError(f"generation aborted: {reason.get('message', 'no reason given')}")
     return kind
+
+
+def cap_strings(schema: Any, limit: int | None) -> Any:
+    """A copy of a JSON schema with `maxLength: limit` on every string schema that has no
+    length, enum, const, pattern or format of its own (None: unchanged)."""
+    if limit is None:
+        return schema
+    if isinstance(schema, list):
+        return [cap_strings(s, limit) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: cap_strings(v, limit) for k, v in schema.items()}
+    own = {"maxLength", "enum", "const", "pattern", "format"}
+    if schema.get("type") == "string" and not own & set(schema):
+        out["maxLength"] = limit
+    return out

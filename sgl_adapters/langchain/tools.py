@@ -67,18 +67,20 @@ def resolve_tool_choice(tool_choice: Any, specs: Sequence[dict]) -> tuple[bool, 
 
 
 def tool_system_prompt(specs: Sequence[dict], forced: bool) -> str:
-    """The system text that describes the tools and the call format."""
+    """The system text that describes the tools and the call format (SmolLM2's wording)."""
     listing = json.dumps(list(specs), ensure_ascii=False)
     when = (
-        "You must call exactly one of these functions."
+        "you will need to make one function/tool call to achieve the purpose."
         if forced
-        else "If a function fits the question, call it; otherwise answer directly in text."
+        else "you will need to make one function/tool call to achieve the purpose. If none "
+        "of the functions can be used, answer the question directly in plain text."
     )
     return (
         "You are an expert in composing functions. You are given a question and a set of "
-        f"possible functions. {when}\n\nHere is a list of functions in JSON format that you "
-        f"can invoke.\n<tools>{listing}</tools>\n\nTo call a function, reply with only:\n"
-        f'{TOOL_CALL_OPEN}[{{"name": "func_name", "arguments": {{"arg1": value1}}}}]'
+        f"possible functions. Based on the question, {when}\n\nYou have access to the "
+        f"following tools:\n<tools>{listing}</tools>\n\nThe output MUST strictly adhere to "
+        "the following format, and NO other text MUST be included.\n"
+        f'{TOOL_CALL_OPEN}[{{"name": "func_name", "arguments": {{"argument1": "value1"}}}}]'
         f"{TOOL_CALL_CLOSE}"
     )
 
