@@ -91,15 +91,16 @@ class RequestProcessor:
         if req.return_logprob:
             req.output_logprobs.append(out.logprob)
             req.output_top_logprobs.append(out.top)
+        searched = len(req.text)
         req.text += req.detok.add([token])
         if req.grammar is not None and not req.grammar.accept_token(token):
             req.finish = {"type": "abort", "message": f"token {token} was rejected by the grammar"}
             return
-        self._check_finish(req, token)
+        self._check_finish(req, token, searched)
         if req.finished and not isinstance(req.finish.get("matched"), str):
             req.text += req.detok.flush()
 
-    def _check_finish(self, req: Req, token: int) -> None:
+    def _check_finish(self, req: Req, token: int, searched: int) -> None:
         p = req.params
         n_out = len(req.output_ids)
         if n_out >= p.min_new_tokens:
@@ -107,7 +108,7 @@ class RequestProcessor:
                 req.finish = {"type": "stop", "matched": token}
                 return
             if req.stop_matcher:
-                found = req.stop_matcher.find(req.text, max(0, len(req.text) - 64))
+                found = req.stop_matcher.find(req.text, searched)
                 if found is not None:
                     idx, stop = found
                     req.text = req.text[: idx + (len(stop) if p.no_stop_trim else 0)]
