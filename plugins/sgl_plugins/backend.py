@@ -249,12 +249,18 @@ def leaf_result_from_sglang(leaf: Leaf, out: Mapping[str, Any]) -> LeafResult:
     )
 
 
-def stream_chunk_from_sglang(chunk: Mapping[str, Any]) -> StreamChunk:
+def stream_chunk_from_sglang(chunk: Mapping[str, Any], previous_text: str = "") -> StreamChunk:
+    """Convert one SGLang stream chunk; without a "delta" key the delta is the cumulative
+    text past `previous_text`."""
     meta = chunk.get("meta_info", {})
     finished = meta.get("finish_reason") is not None
+    text = chunk.get("text", "")
+    delta = chunk.get("delta")
+    if delta is None:
+        delta = text[len(previous_text) :] if text.startswith(previous_text) else text
     return StreamChunk(
-        delta=chunk.get("delta", ""),
-        text=chunk.get("text", ""),
+        delta=delta,
+        text=text,
         output_ids=tuple(chunk.get("output_ids", ())),
         finish_reason=finish_fields(meta)[0] if finished else None,
         usage=usage_from_meta(meta) if finished else None,

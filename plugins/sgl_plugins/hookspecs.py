@@ -1,0 +1,62 @@
+"""The hook specification of sgl-adapters plugins (pluggy, project name "sgl_adapters").
+
+A plugin is a module (or object) with `@hookimpl` functions, published under the entry-point
+group `sgl_adapters`:
+
+    [project.entry-points.sgl_adapters]
+    mybackend = "my_package.plugin"
+
+Hooks follow the registry-callback style: the manager calls each hook once per plugin with a
+`register` callback and records what the plugin registered under the plugin's name. A hook may
+only call `register`; it must not mutate global state or load models (factories do that,
+lazily, when a backend is asked for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
+
+import pluggy
+
+if TYPE_CHECKING:
+    from sgl_plugins.backend import Backend
+
+hookspec = pluggy.HookspecMarker("sgl_adapters")
+hookimpl = pluggy.HookimplMarker("sgl_adapters")
+
+
+class RegisterBackend(Protocol):
+    def __call__(
+        self,
+        name: str,
+        factory: Callable[..., Backend],
+        capabilities: Iterable[str] = ...,
+        *,
+        description: str = ...,
+    ) -> None: ...
+
+
+class RegisterChatTemplate(Protocol):
+    def __call__(self, name: str, template: str, *, description: str = ...) -> None: ...
+
+
+@hookspec
+def register_backends(register: RegisterBackend) -> None:
+    """Register backends: `register(name, factory, capabilities, description=...)`.
+
+    `name` must be unique across plugins; `factory(**kwargs)` builds a `Backend` when
+    `get_backend(name, **kwargs)` is called (it may load models; the hook itself must not);
+    `capabilities` are names from `sgl_plugins.backend.CAPABILITIES` (others are allowed).
+    Mutates only the calling manager's registry, through `register`.
+    """
+
+
+@hookspec
+def register_chat_templates(register: RegisterChatTemplate) -> None:
+    """Register named Jinja chat templates: `register(name, template, description=...)`.
+
+    `get_backend(..., chat_template=name)` replaces a registered name by its template before
+    calling the factory, so any backend accepting `chat_template` can use it. Mutates only the
+    calling manager's registry, through `register`.
+    """

@@ -1,0 +1,110 @@
+"""`sgl-adapters`: a small dispatcher of subcommands.
+
+Each subcommand is one `add_<name>_command(subparsers)` function that adds its parser and sets
+`func` (taking the parsed args, returning an exit code); `COMMANDS` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+
+
+def add_plugins_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plugins",
+        help="list installed plugins and where they came from",
+        description="List loaded sgl-adapters plugins (name, version, distribution, module, "
+        "backends) and plugins that failed to load. Exit status 1 when any failed.",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run_plugins)
+
+
+def run_plugins(args: argparse.Namespace) -> int:
+    from sgl_plugins.manager import PluginLoadWarning, get_plugin_manager
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginLoadWarning)  # printed below as errors
+        manager = get_plugin_manager()
+    plugins, errors = manager.list_plugins(), manager.errors
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "plugins": [asdict(p) for p in plugins],
+                    "errors": [asdict(e) for e in errors],
+                },
+                indent=2,
+            )
+        )
+        return 1 if errors else 0
+    rows = [("NAME", "VERSION", "DISTRIBUTION", "MODULE", "BACKENDS", "CHAT TEMPLATES")]
+    for p in plugins:
+        rows.append(
+            (
+                p.name + (" (built-in)" if p.builtin else ""),
+                p.version or "-",
+                p.distribution or "-",
+                p.module,
+                ",".join(p.backends) or "-",
+                ",".join(p.chat_templates) or "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    from sgl_engine.server.launch import add_serve_arguments
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a model over HTTP (OpenAI-compatible API and SGLang's /generate)",
+        description="Serve a model with the OpenAI-compatible API and SGLang's native API. "
+        "Binds 127.0.0.1 unless --host says otherwise.",
+    )
+    add_serve_arguments(parser)
+    parser.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from sgl_engine.server.launch import serve_from_args
+
+    serve_from_args(args)
+    return 0
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_plugins_command,
+    add_serve_command,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sgl-adapters",
+        description="SGLang-style engine and structured generation behind LangChain, DSPy "
+        "and SGLang programs.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
