@@ -84,7 +84,7 @@ class GrammarCompiler:
         Errors surface as GrammarError from `future.result()`."""
         with self._lock:
             future = self._cache.get(constraint)
-            if future is not None:
+            if future is not None and not _failed(future):
                 self._cache.move_to_end(constraint)
                 self._hits += 1
                 return future
@@ -116,7 +116,7 @@ class GrammarCompiler:
             self._cache.clear()
 
     def _forget_failure(self, constraint: Constraint, future: Future) -> None:
-        if future.cancelled() or future.exception() is not None:
+        if _failed(future):
             with self._lock:
                 if self._cache.get(constraint) is future:
                     del self._cache[constraint]
@@ -250,6 +250,10 @@ class GrammarMatcher:
     def _record_step(self, utf8_state: int) -> None:
         self._steps += 1
         self._utf8_states.append(utf8_state)
+
+
+def _failed(future: Future) -> bool:
+    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
 def choices_ebnf(choices: Sequence[str]) -> str:
