@@ -44,7 +44,9 @@ def test_without_radix_cache_every_prompt_is_prefilled_in_full(tiny_llama, make_
     eng = make_engine(tiny_llama, disable_radix_cache=True)
     _, prompts = _prompts(6, 100)
     eng.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 2})
-    assert eng.metrics()["prefill_tokens"] == sum(len(p) for p in prompts)
+    m = eng.metrics()
+    assert m["prefill_tokens"] == sum(len(p) for p in prompts)
+    assert m["prefill_passes"] == 1, "nothing to wait for without a cache: one prefill round"
 
 
 def test_overload_200_requests_on_a_pool_for_20(tiny_llama, make_engine):

@@ -136,7 +136,7 @@ class Scheduler:
                     self.waiting.remove(req)
                     self.finish(req)
                 continue
-            if batch and self._shares_pending_prefix(req, in_round):
+            if batch and not self.cache.disable and self._shares_pending_prefix(req, in_round):
                 continue
             n = self._admit(req, budget, batch)
             if n is None:
