@@ -110,6 +110,7 @@ def test_stream_chunks_add_up_to_the_final_text(tiny_llama, make_engine):
     chunks = list(eng.generate("The quick", {**GREEDY, "max_new_tokens": 20}, stream=True))
     streamed = "".join(c["delta"] for c in chunks[:-1])
     assert full["text"].startswith(streamed) and streamed
+    assert streamed + chunks[-1]["delta"] == full["text"]
     for c in chunks[:-1]:
         assert c["meta_info"]["finish_reason"] is None
         assert full["text"].startswith(c["text"])

@@ -152,7 +152,10 @@ class Engine:
                 continue
             if req.finished:
                 self._channels.pop(req.rid, None)
-                ch.put(self.processor.result(req))
+                final = self.processor.result(req)
+                if req.stream:
+                    final["delta"] = req.text[req.sent_len :]
+                ch.put(final)
                 ch.put(_DONE)
             elif req.stream:
                 text = self.processor.stream_text(req)

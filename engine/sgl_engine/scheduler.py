@@ -319,7 +319,8 @@ class Scheduler:
             self.chunked = None
         if req.finish and req.finish.get("type") == "abort":
             self.counters.aborted += 1
-        self.counters.finished += 1
+        else:
+            self.counters.finished += 1
         if req not in self.touched:
             self.touched.append(req)
 
