@@ -48,7 +48,8 @@ def register_backends(register: RegisterBackend) -> None:
     `name` must be unique across plugins; `factory(**kwargs)` builds a `Backend` when
     `get_backend(name, **kwargs)` is called (it may load models; the hook itself must not);
     `capabilities` are names from `sgl_plugins.backend.CAPABILITIES` (others are allowed).
-    Mutates only the calling manager's registry, through `register`.
+    A factory may own shared state (an engine pool); if it has `close()`, the manager calls it
+    on `PluginManager.close()`. Mutates only the calling manager's registry, via `register`.
     """
 
 
