@@ -99,14 +99,21 @@ def test_backend_members_list_the_protocol():
 
 
 def test_builtins_load_through_the_same_hooks():
+    from sgl_plugins.builtin import http
+
     pm = PluginManager({}, entry_points=lambda: []).load()
-    assert pm.hooks.get_plugin("local") is local
+    assert pm.errors == []
+    assert pm.hooks.get_plugin("local") is local and pm.hooks.get_plugin("http") is http
     impls = [impl.plugin for impl in pm.hooks.hook.register_backends.get_hookimpls()]
-    assert impls == [local]
+    assert sorted(impls, key=lambda m: m.__name__) == [http, local]
     spec = pm.backends()["local"]
     assert isinstance(spec.factory, LocalBackendFactory) and "prefix_dedup" in spec.capabilities
-    [info] = pm.list_plugins()
-    assert info.builtin and info.module == "sgl_plugins.builtin.local"
+    assert set(pm.backends()) == {"local", "http"}
+    infos = pm.list_plugins()
+    assert [(i.name, i.builtin, i.module) for i in infos] == [
+        ("http", True, "sgl_plugins.builtin.http"),
+        ("local", True, "sgl_plugins.builtin.local"),
+    ]
     assert "chatml" in pm.chat_templates()
 
 
@@ -523,12 +530,13 @@ def test_cli_plugins_lists_what_is_loaded(monkeypatch, capsys):
         table = capsys.readouterr().out.splitlines()
     finally:
         get_plugin_manager.cache_clear()
-    [entry] = data["plugins"]
-    assert entry["name"] == "local" and entry["backends"] == ["local"]
-    assert entry["module"] == "sgl_plugins.builtin.local" and data["errors"] == []
+    entries = {p["name"]: p for p in data["plugins"]}
+    assert set(entries) == {"local", "http"} and data["errors"] == []
+    assert entries["local"]["backends"] == ["local"]
+    assert entries["local"]["module"] == "sgl_plugins.builtin.local"
     assert table[0].split()[:4] == ["NAME", "VERSION", "DISTRIBUTION", "MODULE"]
-    assert table[1].split()[:2] == ["local", "(built-in)"]
-    assert "sgl_plugins.builtin.local" in table[1]
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert rows["local"].split()[1] == "(built-in)" and "sgl_plugins.builtin.local" in rows["local"]
 
 
 # -- local backend on a tiny random model ------------------------------------------------------

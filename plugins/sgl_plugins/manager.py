@@ -36,7 +36,10 @@ ENTRY_POINT_GROUP = "sgl_adapters"
 ENV_ALLOWLIST = "SGL_ADAPTERS_PLUGINS"
 ENV_LOAD_PLUGINS = "SGL_ADAPTERS_LOAD_PLUGINS"
 DEFAULT_BACKEND = "local"
-BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (("local", "sgl_plugins.builtin.local"),)
+BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("local", "sgl_plugins.builtin.local"),
+    ("http", "sgl_plugins.builtin.http"),
+)
 HOOKS = ("register_backends", "register_chat_templates")
 BACKEND_MEMBERS = (
     "name",
