@@ -83,7 +83,14 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_demo_command(subparsers: argparse._SubParsersAction) -> None:
+    from sgl_adapters.demo import add_demo_command as add
+
+    add(subparsers)
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_demo_command,
     add_plugins_command,
     add_serve_command,
 )
