@@ -111,6 +111,7 @@ class SGLangEngine:
         return cls(**state)
 
     def __reduce__(self) -> tuple:
+        """Pickles as its state: an unpickled engine uses the process-wide registry."""
         return (type(self).load_state, (self.dump_state(),))
 
     def __deepcopy__(self, memo: dict) -> SGLangEngine:

@@ -159,5 +159,9 @@ class SGLangLM(dspy.BaseLM):
         state = {k: v for k, v in state.items() if k not in ("model_type", "_dspy_lm_class")}
         return cls(state.pop("model_path", None), **state)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles without its registry: an unpickled LM uses the process-wide one."""
+        return {**self.__dict__, "registry": None}
+
     def __deepcopy__(self, memo: dict) -> SGLangLM:
         return self.copy()
