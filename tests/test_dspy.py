@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
-from sgl_adapters.dspy import LM, has_engine_contract
+from sgl_adapters.dspy import LM, ChatAdapter, field_format_regex, has_engine_contract
 from sgl_adapters.dspy.legacy_lm import SGLangLM
 from sgl_adapters.langchain import engines as lc_engines
 from sgl_adapters.langchain.engines import EngineRegistry
@@ -203,6 +203,47 @@ def test_chat_adapter_falls_back_to_schema_decoding(kind, tiny_llama, registry):
     assert isinstance(pred.pet, Pet)
     assert "response_format" not in lm.history[-2]["kwargs"]
     assert lm.history[-1]["kwargs"]["response_format"] is not None
+
+
+class Classify(dspy.Signature):
+    """Classify the animal."""
+
+    text: str = dspy.InputField()
+    kind: Literal["cat", "dog", "bird"] = dspy.OutputField()
+    legs: int = dspy.OutputField()
+    weight: float = dspy.OutputField()
+    pet: bool = dspy.OutputField()
+
+
+def test_field_format_regex_matches_what_chat_adapter_writes():
+    import re
+
+    regex = field_format_regex(Classify)
+    for values in (
+        {"kind": "dog", "legs": 4, "weight": 12.5, "pet": True},
+        {"kind": "bird", "legs": -2, "weight": 0.0, "pet": False},
+    ):
+        text = dspy.ChatAdapter().format_assistant_message_content(Classify, values)
+        assert re.fullmatch(regex, text.rstrip("\n")), text
+    assert not re.fullmatch(regex, "[[## kind ## ]]\ncat\n\n[[ ## completed ## ]]")
+    assert field_format_regex(QA) is not None and field_format_regex(Describe) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_constrained_chat_adapter_always_parses(kind, tiny_llama, registry):
+    lm = make_lm(kind, tiny_llama, registry, max_tokens=160)
+    predict = dspy.Predict(Classify)
+    with dspy.context(lm=lm, adapter=ChatAdapter(use_json_adapter_fallback=False)):
+        for seed in range(3):
+            pred = predict(text=f"animal {seed}", config={"temperature": 1.0, "seed": seed})
+            assert pred.kind in ("cat", "dog", "bird") and isinstance(pred.pet, bool)
+            assert isinstance(pred.legs, int) and isinstance(pred.weight, float)
+            assert "response_format" not in lm.history[-1]["kwargs"]
+    # Outside the adapter nothing is constrained.
+    assert (
+        lm("animal", max_tokens=12)[0]
+        == reference(lm, [{"role": "user", "content": "animal"}])[1]["text"]
+    )
 
 
 class QA(dspy.Signature):

@@ -1,6 +1,6 @@
 """Pure translation between DSPy-side requests and `sgl_engine` calls, shared by both paths.
 
-Nothing here imports DSPy: the 3.4 engine contract (`engine.py`) and the 3.3 `BaseLM` path
+Nothing here reads DSPy's types: the 3.4 engine contract (`engine.py`) and the 3.3 `BaseLM` path
 (`legacy_lm.py`) both reduce a call to chat messages plus OpenAI-style options, then to one
 SGLang sampling-params dict and a logprobs request.
 """
@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sgl_adapters.dspy.chat_adapter import constraint_params
 from sgl_adapters.langchain.params import cap_strings
 
 SUPPORTED_PARAMS = frozenset(
@@ -50,6 +51,7 @@ SGLANG_KEYS = frozenset(
 )
 """SGLang sampling keys passed through verbatim (3.4: `Config.extensions`; 3.3: call kwargs)."""
 
+_CONSTRAINT_KEYS = frozenset({"regex", "json_schema", "ebnf", "choices"})
 _DIRECT = ("temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty")
 
 
@@ -124,6 +126,8 @@ def options_to_params(
     schema = response_format_schema(options.get("response_format"))
     if schema is not None and "json_schema" not in params:
         params["json_schema"] = cap_strings(schema, defaults.max_string_length)
+    if not _CONSTRAINT_KEYS & set(params):
+        params.update(constraint_params())
     logprobs = None
     if options.get("logprobs"):
         logprobs = int(options.get("top_logprobs") or 0)

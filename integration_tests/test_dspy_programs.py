@@ -1,0 +1,194 @@
+"""DSPy programs on the embedded SmolLM2-135M-Instruct through `sgl_adapters.dspy.LM`.
+
+DSPy's response cache is off (cache=False) so every call reaches the engine. Outputs of a 135M
+model are judged by shape and by parsing, not by wisdom; usage and cache counters are checked
+against the engine's own metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Literal
+
+import dspy
+import jsonschema
+import pytest
+from pydantic import BaseModel, Field
+
+from sgl_adapters.dspy import LM, ChatAdapter
+from sgl_adapters.langchain import engines as lc_engines
+from sgl_adapters.langchain.engines import EngineRegistry
+
+ENGINE_KWARGS = {"device": "cpu", "max_total_tokens": 32768}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_deprecations():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+@pytest.fixture(scope="module")
+def registry():
+    reg = EngineRegistry()
+    yield reg
+    reg.close()
+
+
+@pytest.fixture(scope="module")
+def lm(smollm2_path, registry):
+    return LM(
+        smollm2_path,
+        registry=registry,
+        engine_kwargs=ENGINE_KWARGS,
+        cache=False,
+        temperature=0.0,
+        max_tokens=48,
+        max_string_length=60,
+    )
+
+
+def engine_of(lm):
+    return lm.engine.engine if hasattr(lm.engine, "plan") else lm.engine
+
+
+class QA(dspy.Signature):
+    """Answer the question with a short phrase."""
+
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+
+TRAIN = [
+    dspy.Example(question="What color is the sky on a clear day?", answer="blue"),
+    dspy.Example(question="How many legs does a dog have?", answer="four"),
+    dspy.Example(question="What is the opposite of hot?", answer="cold"),
+    dspy.Example(question="What do bees make?", answer="honey"),
+]
+TRAIN = [e.with_inputs("question") for e in TRAIN]
+QUESTIONS = [
+    "What is the capital of France?",
+    "What animal says moo?",
+    "What color is grass?",
+    "How many days are in a week?",
+    "What is frozen water called?",
+    "What color is a banana?",
+    "What do cows drink?",
+    "What is the opposite of up?",
+    "How many wheels does a bicycle have?",
+    "What season comes after winter?",
+    "What do you call a baby cat?",
+    "What planet do we live on?",
+    "What is the sound of a dog?",
+    "What color is snow?",
+    "Which is bigger, a mouse or an elephant?",
+    "What do fish live in?",
+]
+
+
+def test_predict_answers_and_reports_usage(lm):
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        pred = dspy.Predict(QA)(question="What is the capital of France?")
+    assert "paris" in pred.answer.lower()
+    usage = lm.history[-1]["usage"]
+    assert usage["prompt_tokens"] > 50 and 0 < usage["completion_tokens"] <= 48
+
+
+def test_chain_of_thought_gives_reasoning_and_answer(lm):
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        pred = dspy.ChainOfThought(QA)(question="What is 2 + 3?")
+    assert isinstance(pred.reasoning, str) and pred.reasoning.strip()
+    assert isinstance(pred.answer, str) and pred.answer.strip()
+    with dspy.context(lm=lm, adapter=ChatAdapter(use_json_adapter_fallback=False)):
+        pred = dspy.ChainOfThought(QA)(question="What is 2 + 3?")
+    assert pred.reasoning.strip() and pred.answer.strip()
+
+
+class City(BaseModel):
+    name: str
+    country: str
+    population_millions: float = Field(ge=0, le=50)
+    size: Literal["small", "medium", "large"]
+    is_capital: bool
+
+
+class DescribeCity(dspy.Signature):
+    """Describe the city named in the question."""
+
+    question: str = dspy.InputField()
+    city: City = dspy.OutputField()
+
+
+def test_json_adapter_pydantic_output_parses_every_time(lm):
+    predict = dspy.Predict(DescribeCity)
+    examples = [
+        dspy.Example(question=f"Tell me about {c}.").with_inputs("question")
+        for c in ("Paris", "Tokyo", "Lima", "Oslo", "Cairo", "Perth")
+    ]
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        preds = predict.batch(examples, num_threads=6, max_errors=0)
+    assert len(preds) == 6
+    for pred, entry in zip(preds, lm.history[-6:], strict=True):
+        assert isinstance(pred.city, City)
+        assert entry["kwargs"]["response_format"] is not None
+        (raw,) = entry["outputs"]
+        jsonschema.validate(json.loads(raw)["city"], City.model_json_schema())
+
+
+def test_chat_adapter_formats_parse_with_demos(lm):
+    """ChatAdapter with labeled demos, no JSON fallback: our ChatAdapter decodes under the
+    field-marker regex, so every answer parses (plain ChatAdapter: SmolLM2 writes
+    `[[## answer ## ]]` and most parses fail)."""
+    program = dspy.LabeledFewShot(k=4).compile(dspy.Predict(QA), trainset=TRAIN)
+    examples = [dspy.Example(question=q).with_inputs("question") for q in QUESTIONS[:6]]
+    with dspy.context(lm=lm, adapter=ChatAdapter(use_json_adapter_fallback=False)):
+        preds = program.batch(examples, num_threads=6, max_errors=0)
+    assert all(isinstance(p.answer, str) and p.answer.strip() for p in preds)
+    assert "paris" in preds[0].answer.lower()
+    for entry in lm.history[-6:]:
+        assert "response_format" not in entry["kwargs"]
+        assert entry["outputs"][0].startswith("[[ ## answer ## ]]\n")
+
+
+def test_few_shot_batch_of_16_reads_demos_from_the_radix_cache(lm):
+    engine = engine_of(lm)
+    program = dspy.LabeledFewShot(k=4).compile(dspy.Predict(QA), trainset=TRAIN)
+    examples = [dspy.Example(question=q).with_inputs("question") for q in QUESTIONS]
+    engine.flush_cache()
+    before = engine.metrics()
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        preds = program.batch(examples, num_threads=16, max_errors=0)
+    after = engine.metrics()
+    assert len(preds) == 16 and all(isinstance(p.answer, str) for p in preds)
+    entries = lm.history[-16:]
+    cached = [e["usage"]["prompt_tokens_details"]["cached_tokens"] for e in entries]
+    prompts = [e["usage"]["prompt_tokens"] for e in entries]
+    assert sum(cached) > 0
+    assert sum(c > p // 2 for c, p in zip(cached, prompts, strict=True)) >= 15
+    assert after["cached_tokens"] - before["cached_tokens"] == sum(cached)
+    assert after["prefill_tokens"] - before["prefill_tokens"] < sum(prompts) // 2
+
+
+def test_n_choices(lm):
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        pred = dspy.Predict(QA, n=3, temperature=0.8)(question="Name a fruit.")
+    assert len(pred.completions.answer) == 3
+    assert all(isinstance(a, str) and a for a in pred.completions.answer)
+
+
+def test_save_and_load(lm, registry, tmp_path, monkeypatch):
+    monkeypatch.setattr(lc_engines, "ENGINES", registry)
+    program = dspy.LabeledFewShot(k=4).compile(dspy.ChainOfThought(QA), trainset=TRAIN)
+    program.set_lm(lm)
+    with dspy.context(adapter=dspy.JSONAdapter()):
+        before = program(question="What color is the sky?")
+        program.save(tmp_path / "cot.json")
+        loaded = dspy.ChainOfThought(QA)
+        loaded.load(tmp_path / "cot.json", allow_unsafe_lm_state=True)
+        after = loaded(question="What color is the sky?")
+    assert len(loaded.predict.demos) == 4
+    assert engine_of(loaded.predict.lm) is engine_of(lm)
+    assert (after.reasoning, after.answer) == (before.reasoning, before.answer)
