@@ -218,3 +218,32 @@ def test_flush_cache_and_metrics(tiny_llama, make_engine):
     assert eng.metrics()["cache_tokens"] == 0
     again = eng.generate("The quick brown fox", {**GREEDY, "max_new_tokens": 3})
     assert again["meta_info"]["cached_tokens"] == 0
+
+
+def test_one_prefill_round_never_overcommits_the_pool(tiny_llama, make_engine):
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 500) for _ in range(100)] for _ in range(8)]
+    eng = make_engine(tiny_llama, max_total_tokens=600, chunked_prefill_size=4096)
+    outs = eng.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 4})
+    assert all(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
+    assert eng.metrics()["prefill_passes"] >= 2
+
+
+def test_an_unexpected_scheduler_error_fails_requests_not_the_engine(tiny_llama, make_engine):
+    eng = make_engine(tiny_llama)
+    real = eng.scheduler._schedule_prefill
+    calls = {"n": 0}
+
+    def broken():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real()
+
+    eng.scheduler._schedule_prefill = broken
+    out = eng.generate("hi", {**GREEDY, "max_new_tokens": 3})
+    assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert "boom" in out["meta_info"]["finish_reason"]["message"]
+    assert (
+        eng.generate("hi", {**GREEDY, "max_new_tokens": 3})["meta_info"]["completion_tokens"] == 3
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,6 +19,7 @@ from sgl_engine.request import Req
 from sgl_engine.scheduler import Scheduler
 
 _DONE = object()
+log = logging.getLogger(__name__)
 
 
 class _Channel:
@@ -120,10 +122,17 @@ class Engine:
                 command()
             if self.scheduler.has_work():
                 passes = self.scheduler.counters.forward_passes
-                self._deliver(self.scheduler.step())
+                self._deliver(self._step())
                 if self.scheduler.counters.forward_passes == passes and not self._inbox:
                     with self._cv:
                         self._cv.wait(timeout=0.002)
+
+    def _step(self) -> list[Req]:
+        try:
+            return self.scheduler.step()
+        except Exception as exc:  # a bug must not kill the thread: fail the requests, go on
+            log.exception("scheduler step failed; aborting the requests in flight")
+            return self.scheduler.fail_all(f"internal error: {exc!r}")
 
     def _post(self, command: Callable[[], None]) -> None:
         with self._cv:

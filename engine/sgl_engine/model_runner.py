@@ -100,6 +100,17 @@ class ModelRunner:
             name, model_config=mc, device=self.device, dtype=self.dtype, page_size=1
         )
         self.sampler = Sampler()
+        self.graphs = None
+        if config.cuda_graph_max_bs > 0 and name == "flashinfer":
+            from sgl_engine.cuda_graph import CudaGraphRunner, default_batch_sizes
+
+            self.graphs = CudaGraphRunner(
+                self.model,
+                self.pool,
+                self.attn,
+                default_batch_sizes(min(config.cuda_graph_max_bs, config.max_running_requests)),
+                self.device,
+            )
 
     def _auto_pool_size(self, config: EngineConfig) -> int:
         if self.device.type != "cuda":
@@ -115,8 +126,11 @@ class ModelRunner:
     ) -> list[SeqOutput]:
         """One forward pass plus sampling. Writes KV for every new token into the pool."""
         batch = self._build(mode, seqs)
-        self.attn.plan(batch)
-        hidden = self.model(batch, self.pool, self.attn)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            hidden = self.graphs.run(batch)
+        else:
+            self.attn.plan(batch)
+            hidden = self.model(batch, self.pool, self.attn)
         outs = [SeqOutput() for _ in seqs]
         self._prompt_logprobs(hidden, batch, seqs, outs)
         self._sample(hidden, batch, seqs, outs, bitmask)
@@ -140,14 +154,16 @@ class ModelRunner:
         )
 
     def _prompt_logprobs(self, hidden, batch: ForwardBatch, seqs, outs) -> None:
-        qo = batch.qo_indptr.tolist()
+        if not any(s.lp_rows for s in seqs):
+            return
+        qo = [0]
+        for s in seqs:
+            qo.append(qo[-1] + len(s.new_ids))
         rows, targets, owners = [], [], []
         for i, s in enumerate(seqs):
             rows.extend(qo[i] + r for r in s.lp_rows)
             targets.extend(s.lp_targets)
             owners.extend([i] * len(s.lp_rows))
-        if not rows:
-            return
         logprobs = torch.log_softmax(self.model.logits(hidden[rows]), dim=-1)
         tgt = torch.tensor(targets, device=logprobs.device)
         chosen = logprobs.gather(1, tgt[:, None])[:, 0].tolist()

@@ -175,9 +175,10 @@ class Scheduler:
             min(r.params.max_new_tokens - len(r.output_ids), DECODE_RESERVE) for r in running
         )
         free = self.allocator.available() + self.cache.evictable_size()
+        planned = n + sum(m for _, m in batch)
         if not batch and not self.running:
-            return free >= n
-        return free >= n + max(headroom, 0)
+            return free >= planned
+        return free >= planned + max(headroom, 0)
 
     def _alloc(self, n: int) -> list[int] | None:
         if self.allocator.available() < n:
@@ -201,18 +202,51 @@ class Scheduler:
         self._run(mode, batch, prefill=False)
 
     def _retract_one(self) -> None:
-        victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
-        self.running.remove(victim)
-        self._release(victim)
-        self.waiting.appendleft(victim)
+        self.retract(min(self.running, key=lambda r: (len(r.output_ids), -len(r.input_ids))))
+
+    def retract(self, req: Req) -> None:
+        """Send a request back to the front of the queue; its computed KV stays in the cache."""
+        if req in self.running:
+            self.running.remove(req)
+        if self.chunked is req:
+            self.chunked = None
+        self._release(req)
+        if req not in self.waiting:
+            self.waiting.appendleft(req)
         self.counters.retractions += 1
+
+    def fail_all(self, message: str) -> list[Req]:
+        """Abort every request (after an unexpected error in a step); the engine goes on."""
+        reqs = list(self.waiting) + self.running + ([self.chunked] if self.chunked else [])
+        self.waiting.clear()
+        for req in reqs:
+            if not req.finished:
+                self._finish_abort(req, message)
+        return reqs
+
+    def _alloc_batch(self, batch: list[tuple[Req, int]]) -> list[list[int]] | None:
+        """Slots for every request of the batch, or None after sending them all back to the
+        queue (progress kept) if the pool cannot hold them. Admission control should prevent
+        that; if it ever fails, nothing is lost."""
+        allocated: list[list[int]] = []
+        for _, n in batch:
+            slots = self._alloc(n)
+            if slots is None:
+                for got in allocated:
+                    self.allocator.free(got)
+                for req, _ in reversed(batch):
+                    self.retract(req)
+                return None
+            allocated.append(slots)
+        return allocated
 
     # ---- forward -------------------------------------------------------------------------
     def _run(self, mode: ForwardMode, batch: list[tuple[Req, int]], prefill: bool) -> None:
+        allocated = self._alloc_batch(batch)
+        if allocated is None:
+            return
         seqs, sampled = [], []
-        for req, n in batch:
-            slots = self._alloc(n)
-            assert slots is not None, "admission control let through more tokens than free slots"
+        for (req, n), slots in zip(batch, allocated, strict=True):
             seqs.append(self._seq_input(req, n, slots))
             if seqs[-1].sample is not None:
                 sampled.append(req)

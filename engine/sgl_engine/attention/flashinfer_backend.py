@@ -1,0 +1,120 @@
+"""flashinfer paged attention: prefill over cached prefixes and decode, planned once per batch.
+
+The pool's per-layer buffers [slots + 1, Hkv, D] are viewed as pages of size 1
+([slots + 1, 1, Hkv, D], NHD layout), so a sequence's KV is the list of its slot ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sgl_engine.forward_batch import ForwardBatch, ForwardMode
+from sgl_engine.kv_cache import KVPool
+
+WORKSPACE_BYTES = 256 << 20
+
+
+class FlashInferAttentionBackend:
+    """`plan` builds the prefill or decode plan for a batch (one per batch, shared by all layers);
+    `forward` stores the step's k/v in the pool and runs the planned kernel for one layer."""
+
+    def __init__(
+        self, model_config: Any, device: torch.device, dtype: torch.dtype, **_: Any
+    ) -> None:
+        import flashinfer
+
+        if device.type != "cuda":
+            raise ValueError("the flashinfer attention backend needs a CUDA device")
+        self.fi = flashinfer
+        self.nh, self.nkv, self.hd = (
+            model_config.num_heads,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+        )
+        self.dtype, self.device = dtype, device
+        self.workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self._tensor_cores()
+        )
+
+    def _tensor_cores(self) -> bool:
+        return self.nh // self.nkv >= 4
+
+    def plan(self, batch: ForwardBatch) -> None:
+        kv_indptr = torch.tensor(_indptr(batch.seq_lens), dtype=torch.int32)
+        last = torch.ones(batch.batch_size, dtype=torch.int32)
+        if batch.mode is ForwardMode.DECODE:
+            self.plan_decode(self.decode, kv_indptr, batch.kv_indices, last)
+            batch.attn_metadata = self.decode
+        else:
+            qo_indptr = torch.tensor(_indptr(batch.extend_lens), dtype=torch.int32)
+            self.prefill.plan(
+                qo_indptr,
+                kv_indptr,
+                batch.kv_indices,
+                last,
+                self.nh,
+                self.nkv,
+                self.hd,
+                1,
+                causal=True,
+                q_data_type=self.dtype,
+                kv_data_type=self.dtype,
+            )
+            batch.attn_metadata = self.prefill
+
+    def plan_decode(
+        self, wrapper: Any, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, last: torch.Tensor
+    ) -> None:
+        wrapper.plan(
+            kv_indptr,
+            kv_indices,
+            last,
+            self.nh,
+            self.nkv,
+            self.hd,
+            1,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
+
+    def graph_decode_wrapper(self, batch_size: int, max_kv: int) -> Any:
+        """A decode wrapper with fixed buffers, for capture in a CUDA graph of `batch_size`."""
+        return self.fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=self._tensor_cores(),
+            paged_kv_indptr_buffer=torch.zeros(
+                batch_size + 1, dtype=torch.int32, device=self.device
+            ),
+            paged_kv_indices_buffer=torch.zeros(max_kv, dtype=torch.int32, device=self.device),
+            paged_kv_last_page_len_buffer=torch.ones(
+                batch_size, dtype=torch.int32, device=self.device
+            ),
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int,
+        batch: ForwardBatch,
+        pool: KVPool,
+        scale: float,
+    ) -> torch.Tensor:
+        pool.store(layer, batch.out_cache_loc, k, v)
+        cache = (pool.k[layer].unsqueeze(1), pool.v[layer].unsqueeze(1))
+        o = batch.attn_metadata.run(q.contiguous(), cache)
+        return o.reshape(q.shape[0], -1)
+
+
+def _indptr(lens: list[int]) -> list[int]:
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + n)
+    return out
