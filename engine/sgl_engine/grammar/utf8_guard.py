@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 BOUNDARY = 0
@@ -41,12 +42,15 @@ class Utf8Guard:
     shared by all matchers of a compiler."""
 
     def __init__(self, token_bytes: Sequence[bytes], vocab_size: int) -> None:
-        self._token_bytes = list(token_bytes)
+        self._token_bytes = tb = list(token_bytes)
         words = (vocab_size + 31) // 32
-        self._keep: list[torch.Tensor | None] = []
-        for state in range(_NUM_STATES):
-            banned = [i for i, b in enumerate(self._token_bytes) if scan(state, b) is None]
-            self._keep.append(_keep_mask(banned, words) if banned else None)
+        bad = [i for i, b in enumerate(tb) if not b.isascii() and scan(BOUNDARY, b) is None]
+        self._keep: list[torch.Tensor | None] = [_bits(words, len(tb), bad, True) if bad else None]
+        empty = [i for i, b in enumerate(tb) if not b]
+        continuing = [i for i, b in enumerate(tb) if b and 0x80 <= b[0] <= 0xBF]
+        for state in range(1, _NUM_STATES):
+            ok = empty + [i for i in continuing if scan(state, tb[i]) is not None]
+            self._keep.append(_bits(words, len(tb), ok, False))
 
     def restrict(self, bitmask_row: torch.Tensor, state: int) -> None:
         """Clear the bits of tokens that would make the output invalid UTF-8 (mutates the row)."""
@@ -80,10 +84,11 @@ def scan(state: int, data: bytes) -> int | None:
     return state
 
 
-def _keep_mask(banned: Sequence[int], words: int) -> torch.Tensor:
-    """An int32 bitmask row with every bit set except those of `banned`."""
-    bits = torch.ones(words * 32, dtype=torch.bool)
-    bits[[i for i in banned if i < words * 32]] = False
-    weights = torch.tensor([1 << k for k in range(31)] + [-(1 << 31)], dtype=torch.int64)
-    packed = (bits.view(words, 32).to(torch.int64) * weights).sum(-1)
-    return packed.to(torch.int32)
+def _bits(words: int, num_tokens: int, listed: Sequence[int], default: bool) -> torch.Tensor:
+    """An int32 bitmask row: tokens in `listed` get `not default`, other tokenizer tokens
+    `default`; ids beyond the tokenizer (model-vocab padding) stay set."""
+    bits = np.full(words * 32, default, dtype=bool)
+    bits[num_tokens:] = True
+    bits[np.asarray(listed, dtype=np.int64)] = not default
+    packed = np.packbits(bits, bitorder="little").view("<i4")
+    return torch.from_numpy(packed.astype(np.int32))
