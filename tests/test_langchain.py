@@ -25,6 +25,16 @@ SYSTEM = "You are a helpful assistant. " * 12
 
 
 @pytest.fixture(scope="module")
+def tiny_lc(tmp_path_factory):
+    """A tiny random Llama with a 4096-token context (SmolLM2's tool prompt is long in the
+    byte-level tiny tokenizer)."""
+    from sgl_engine.testing import make_tiny_model_dir
+
+    path = tmp_path_factory.mktemp("tiny-lc")
+    return str(make_tiny_model_dir(path, max_position_embeddings=4096))
+
+
+@pytest.fixture(scope="module")
 def registry():
     reg = EngineRegistry()
     yield reg
@@ -32,10 +42,8 @@ def registry():
 
 
 @pytest.fixture
-def chat(tiny_llama, registry):
-    return ChatSGLang(
-        model=tiny_llama, max_tokens=12, registry=registry, engine_kwargs=ENGINE_KWARGS
-    )
+def chat(tiny_lc, registry):
+    return ChatSGLang(model=tiny_lc, max_tokens=12, registry=registry, engine_kwargs=ENGINE_KWARGS)
 
 
 def _engine(model):
@@ -129,9 +137,9 @@ def test_async_paths_match_sync(chat):
     assert asyncio.run(run()) == (expected, expected)
 
 
-def test_streaming_flag_routes_invoke_through_stream(tiny_llama, registry):
+def test_streaming_flag_routes_invoke_through_stream(tiny_lc, registry):
     model = ChatSGLang(
-        model=tiny_llama,
+        model=tiny_lc,
         max_tokens=6,
         streaming=True,
         registry=registry,
@@ -142,9 +150,9 @@ def test_streaming_flag_routes_invoke_through_stream(tiny_llama, registry):
     assert "".join(handler.tokens) == msg.content and len(handler.tokens) > 1
 
 
-def test_instances_share_one_engine(tiny_llama, registry, chat):
-    other = ChatSGLang(model=tiny_llama, registry=registry, engine_kwargs=ENGINE_KWARGS)
-    llm = SGLang(model=tiny_llama, registry=registry, engine_kwargs=ENGINE_KWARGS)
+def test_instances_share_one_engine(tiny_lc, registry, chat):
+    other = ChatSGLang(model=tiny_lc, registry=registry, engine_kwargs=ENGINE_KWARGS)
+    llm = SGLang(model=tiny_lc, registry=registry, engine_kwargs=ENGINE_KWARGS)
     assert _engine(other) is _engine(chat) is _engine(llm)
     assert len(registry) == 1
 
@@ -177,8 +185,8 @@ def test_batch_prefills_the_shared_prefix_once(chat):
     assert cost == shared + sum(len(x) - shared for x in ids)
 
 
-def test_llm_class_matches_engine_and_batches(tiny_llama, registry):
-    llm = SGLang(model=tiny_llama, max_tokens=8, registry=registry, engine_kwargs=ENGINE_KWARGS)
+def test_llm_class_matches_engine_and_batches(tiny_lc, registry):
+    llm = SGLang(model=tiny_lc, max_tokens=8, registry=registry, engine_kwargs=ENGINE_KWARGS)
     engine = llm.client().engine
     prompts = [SYSTEM + f"item {i}" for i in range(3)]
     refs = engine.generate(prompts, {"max_new_tokens": 8, "temperature": 0.0})
@@ -279,6 +287,47 @@ def test_auto_tool_choice_gives_a_call_or_plain_text(chat, seed):
         assert msg.content == "" and msg.tool_calls[0]["name"] == "pick"
     else:
         assert not msg.content.startswith("<")
+
+
+def _auto_margin(chat, messages, specs):
+    """Reference for tool_choice "auto": best plain-text first-token logprob minus the logprob
+    of the tool-call tag, from the engine's own generate (greedy step) and prompt scoring."""
+    engine = _engine(chat)
+    tok = engine.tokenizer
+    prompt = engine.apply_chat_template(to_chat_dicts(messages, lc_tools.tool_system_prompt(specs)))
+    step = engine.generate(prompt, {"max_new_tokens": 1}, return_logprob=True, top_logprobs_num=10)[
+        "meta_info"
+    ]["output_top_logprobs"][0]
+    special = set(tok.all_special_ids)
+    text = max(
+        lp for lp, t, _ in step if t not in special and not tok.decode([t]).lstrip().startswith("<")
+    )
+    base = tok.encode(prompt)
+    tag = tok.encode(prompt + "<tool_call>")[len(base) :]
+    scored = engine.generate(
+        input_ids=base + tag,
+        sampling_params={"max_new_tokens": 0},
+        return_logprob=True,
+        logprob_start_len=len(base),
+    )["meta_info"]["input_token_logprobs"]
+    assert [e[1] for e in scored] == tag
+    return text - sum(e[0] for e in scored)
+
+
+@pytest.mark.parametrize("side", [-1, 1])
+def test_auto_tool_choice_compares_call_and_text_starts(chat, side):
+    messages = [HumanMessage("maybe pick a color")]
+    margin = _auto_margin(chat, messages, lc_tools.tool_specs([pick]))
+    model = chat.model_copy(update={"tool_call_bias": margin + side * 0.05, "max_tokens": 160})
+    msg = model.bind_tools([pick], tool_choice="auto").invoke(messages)
+    assert bool(msg.tool_calls) == (side > 0)
+    if side < 0:
+        assert msg.content and not msg.content.startswith("<")
+
+
+def test_tool_choice_none_answers_in_text(chat):
+    msg = chat.bind_tools([pick], tool_choice="none").invoke("pick", max_tokens=20)
+    assert not msg.tool_calls and msg.content and not msg.content.startswith("<")
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])

@@ -108,5 +108,25 @@ class EngineClient:
         async for chunk in chunks:
             yield chunk
 
+    def probe(self, input_ids: list[int], start: int, top: int = 10) -> dict:
+        """meta_info of scoring `input_ids` from position `start` (prompt logprobs and the top
+        `top` alternatives there); generates nothing."""
+        return self.engine.generate(**_probe_request(input_ids, start, top))["meta_info"]
+
+    async def aprobe(self, input_ids: list[int], start: int, top: int = 10) -> dict:
+        return (await self.engine.async_generate(**_probe_request(input_ids, start, top)))[
+            "meta_info"
+        ]
+
     def metrics(self) -> dict:
         return self.engine.metrics()
+
+
+def _probe_request(input_ids: list[int], start: int, top: int) -> dict:
+    return {
+        "input_ids": list(input_ids),
+        "sampling_params": {"max_new_tokens": 0},
+        "return_logprob": True,
+        "logprob_start_len": start,
+        "top_logprobs_num": top,
+    }

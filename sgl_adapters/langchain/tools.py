@@ -3,8 +3,9 @@
 The model writes a call as `<tool_call>[{"name": "<tool>", "arguments": {...}}]</tool_call>`
 (the format SmolLM2 was tuned on). The grammar is EBNF built from xgrammar's JSON-schema
 grammar for `{"name": const, "arguments": <tool parameters>}` (anyOf over the allowed tools):
-forced, the output is exactly one such call; optional (tool_choice "auto"), the output is
-either that call or plain text that does not start with "<".
+a call is exactly one such block. tool_choice "auto" is settled before decoding: the model's
+log-probability of starting with `<tool_call>` (plus a bias) against its best plain-text first
+token (`prefers_call`); a text answer is decoded under `TEXT_GRAMMAR` (never starts with "<").
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,23 +67,54 @@ def resolve_tool_choice(tool_choice: Any, specs: Sequence[dict]) -> tuple[bool, 
     return True, chosen
 
 
-def tool_system_prompt(specs: Sequence[dict], forced: bool) -> str:
-    """The system text that describes the tools and the call format (SmolLM2's wording)."""
+def tool_system_prompt(specs: Sequence[dict]) -> str:
+    """The system text SmolLM2-Instruct was tuned on for function calling: the task, the tools
+    in `<tools>`, and the `<tool_call>[...]</tool_call>` output format."""
     listing = json.dumps(list(specs), ensure_ascii=False)
-    when = (
-        "you will need to make one function/tool call to achieve the purpose."
-        if forced
-        else "you will need to make one function/tool call to achieve the purpose. If none "
-        "of the functions can be used, answer the question directly in plain text."
-    )
+    example = '{"name": "func_name1", "arguments": {"argument1": "value1", "argument2": "value2"}}'
     return (
         "You are an expert in composing functions. You are given a question and a set of "
-        f"possible functions. Based on the question, {when}\n\nYou have access to the "
-        f"following tools:\n<tools>{listing}</tools>\n\nThe output MUST strictly adhere to "
-        "the following format, and NO other text MUST be included.\n"
-        f'{TOOL_CALL_OPEN}[{{"name": "func_name", "arguments": {{"argument1": "value1"}}}}]'
-        f"{TOOL_CALL_CLOSE}"
+        "possible functions. \nBased on the question, you will need to make one or more "
+        "function/tool calls to achieve the purpose. \nIf none of the functions can be used, "
+        "point it out and refuse to answer. \nIf the given question lacks the parameters "
+        "required by the function, also point it out.\n\nYou have access to the following "
+        f"tools:\n<tools>{listing}</tools>\n\nThe output MUST strictly adhere to the "
+        "following format, and NO other text MUST be included.\nThe example format is as "
+        "follows. Please make sure the parameter type is correct. If no function call is "
+        "needed, please make the tool calls an empty list '[]'.\n"
+        f"{TOOL_CALL_OPEN}[\n{example},\n... (more tool calls as required)\n]{TOOL_CALL_CLOSE}"
     )
+
+
+TEXT_GRAMMAR = "root ::= [^<] [^\\0]*"
+"""A plain-text answer: non-empty and not starting with "<" (so never a tool-call tag)."""
+
+
+def probe_ids(tokenizer: Any, prompt: str) -> tuple[list[int], int]:
+    """Token ids of `prompt` followed by the tool-call tag, and where the tag's tokens start."""
+    base = tokenizer.encode(prompt)
+    full = tokenizer.encode(prompt + TOOL_CALL_OPEN)
+    start = 0
+    while start < min(len(base), len(full)) and base[start] == full[start]:
+        start += 1
+    return full, start
+
+
+def prefers_call(meta: Mapping[str, Any], tokenizer: Any, bias: float) -> bool:
+    """tool_choice "auto": whether the model's log-probability of starting its answer with the
+    tool-call tag, plus `bias` (nats), is at least that of its best plain-text first token.
+
+    `meta` is the engine's meta_info for `probe_ids` scored from the tag's start (input token
+    logprobs and top logprobs). A text start is a top token that is not special and does not
+    begin with "<"; when none is in the top list, the call wins."""
+    call = sum(e[0] for e in meta["input_token_logprobs"])
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    text = [
+        lp
+        for lp, tid, _ in meta["input_top_logprobs"][0] or ()
+        if tid not in special and not tokenizer.decode([tid]).lstrip().startswith("<")
+    ]
+    return not text or call + bias >= max(text)
 
 
 def call_schema(specs: Sequence[dict]) -> dict:
@@ -108,7 +140,7 @@ def tool_grammar(specs: Sequence[dict], forced: bool) -> str:
     call_rules = _rename_root(ebnf, "tool_call_object")
     block = f'tool_call_block ::= "{TOOL_CALL_OPEN}[" tool_call_object "]{TOOL_CALL_CLOSE}"'
     root = "root ::= tool_call_block" if forced else "root ::= tool_call_block | text_answer"
-    text = "" if forced else "\ntext_answer ::= [^<] [^\\0]*"
+    text = "" if forced else "\ntext_answer" + TEXT_GRAMMAR.removeprefix("root")
     return f"{root}\n{block}{text}\n{call_rules}\n"
 
 
