@@ -36,9 +36,14 @@ def tiny_lc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registry():
-    reg = EngineRegistry()
+    """A registry over a private plugin manager (its own engine pool), shut down at the end."""
+    from sgl_plugins.manager import PluginManager
+
+    manager = PluginManager().load()
+    reg = EngineRegistry(manager)
     yield reg
     reg.close()
+    manager.backends()["local"].factory.close()
 
 
 @pytest.fixture
@@ -155,6 +160,26 @@ def test_instances_share_one_engine(tiny_lc, registry, chat):
     llm = SGLang(model=tiny_lc, registry=registry, engine_kwargs=ENGINE_KWARGS)
     assert _engine(other) is _engine(chat) is _engine(llm)
     assert len(registry) == 1
+    backend = registry.manager.get_backend("local", model_path=tiny_lc, **ENGINE_KWARGS)
+    assert backend.engine is _engine(chat)
+    backend.close()
+    assert chat.invoke("still serving").usage_metadata["output_tokens"] > 0
+
+
+def test_default_registry_shares_the_plugin_layers_engine(tiny_lc):
+    from sgl_plugins.manager import get_backend
+
+    default = EngineRegistry()
+    backend = get_backend("local", model_path=tiny_lc, **ENGINE_KWARGS)
+    try:
+        assert default.get(tiny_lc, ENGINE_KWARGS) is backend.engine
+        pool = default.manager.backends()["local"].factory.pool
+        before = len(pool)
+        assert default.get(tiny_lc, ENGINE_KWARGS) is backend.engine
+        assert len(pool) == before
+    finally:
+        default.close()
+        backend.close()
 
 
 def _prompts(n):

@@ -1,9 +1,11 @@
 """Shared engines and the seam the LangChain classes call through.
 
-`EngineRegistry` loads each (model, engine config) once and hands the same `Engine` to every
-chat model or LLM that asks for it, so constructing `ChatSGLang` is cheap after the first.
-`EngineClient` is the only place that talks to the engine: switching the adapters to the
-CallGraph/plugin backend means replacing this one class.
+Engines come from the plugin layer's `local` backend (`sgl_plugins`), whose `EnginePool` keys
+engines by (model path, engine config): every front door that goes through the same plugin
+manager (by default the per-process one) shares one engine per model, so weights load once
+per process and constructing `ChatSGLang` is cheap after the first. `EngineRegistry` keeps one
+`LocalBackend` per (model, engine kwargs) it was asked for, so repeated calls take no new
+pool references. `EngineClient` is the only place that talks to the engine.
 """
 
 from __future__ import annotations
@@ -33,37 +35,52 @@ def _freeze(value: Any) -> Any:
 
 
 class EngineRegistry:
-    """Engines keyed by (model, engine kwargs). `get` creates one under the registry's lock the
-    first time a key is asked for; `close` shuts every engine down and forgets it."""
+    """The `local` backends (hence engines) this registry was asked for, keyed by (model,
+    engine kwargs), built by `manager` (default: `sgl_plugins.manager.get_plugin_manager()`,
+    shared by every front door in the process). `get`/`backend` create under the registry's
+    lock; `close` releases this registry's pool references (the pool shuts an engine down when
+    its last reference goes) and forgets them."""
 
-    def __init__(self) -> None:
+    def __init__(self, manager: Any = None) -> None:
+        self._manager = manager
         self._lock = threading.Lock()
-        self._engines: dict[Any, Any] = {}
+        self._backends: dict[Any, Any] = {}
 
-    def get(self, model: str | None, engine_kwargs: Mapping[str, Any] | None = None) -> Any:
+    @property
+    def manager(self) -> Any:
+        if self._manager is None:
+            from sgl_plugins.manager import get_plugin_manager
+
+            return get_plugin_manager()
+        return self._manager
+
+    def backend(self, model: str | None, engine_kwargs: Mapping[str, Any] | None = None) -> Any:
+        """The `local` backend of (model, engine_kwargs); weights load on first use."""
         kwargs = dict(engine_kwargs or {})
         key = (model, _freeze(kwargs))
         with self._lock:
-            engine = self._engines.get(key)
-            if engine is None:
-                from sgl_engine import Engine
+            backend = self._backends.get(key)
+            if backend is None:
+                backend = self.manager.get_backend("local", model_path=model, **kwargs)
+                self._backends[key] = backend
+            return backend
 
-                engine = Engine(model, **kwargs)
-                self._engines[key] = engine
-            return engine
+    def get(self, model: str | None, engine_kwargs: Mapping[str, Any] | None = None) -> Any:
+        """The shared `sgl_engine.Engine` of (model, engine_kwargs)."""
+        return self.backend(model, engine_kwargs).engine
 
     def __len__(self) -> int:
-        return len(self._engines)
+        return len(self._backends)
 
     def close(self) -> None:
         with self._lock:
-            engines, self._engines = list(self._engines.values()), {}
-        for engine in engines:
-            engine.shutdown()
+            backends, self._backends = list(self._backends.values()), {}
+        for backend in backends:
+            backend.close()
 
 
 ENGINES = EngineRegistry()
-"""The process-wide registry the LangChain classes use unless given another."""
+"""The process-wide registry the LangChain (and DSPy) classes use unless given another."""
 
 
 @dataclass(frozen=True)
