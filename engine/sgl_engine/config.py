@@ -23,6 +23,7 @@ class EngineConfig:
     device: str = "auto"
     dtype: str = "auto"
     attention_backend: str = "auto"
+    fused_ops: str = "auto"
     max_total_tokens: int | None = None
     mem_fraction_static: float = 0.8
     page_size: int = 1

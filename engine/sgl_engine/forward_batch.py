@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -55,11 +57,11 @@ class ForwardBatch:
         kv_slots: list[list[int]],
         device: torch.device,
     ) -> ForwardBatch:
-        qo, kv, flat = [0], [0], []
+        qo, kv = [0], [0]
         for n, slots in zip(extend_lens, kv_slots, strict=True):
             qo.append(qo[-1] + n)
             kv.append(kv[-1] + len(slots))
-            flat.extend(slots)
+        flat = np.fromiter(itertools.chain.from_iterable(kv_slots), dtype=np.int32, count=kv[-1])
 
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64).to(device, non_blocking=True)
@@ -71,7 +73,7 @@ class ForwardBatch:
             out_cache_loc=t(out_cache_loc),
             qo_indptr=torch.tensor(qo, dtype=torch.int32).to(device, non_blocking=True),
             kv_indptr=torch.tensor(kv, dtype=torch.int32).to(device, non_blocking=True),
-            kv_indices=torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True),
+            kv_indices=torch.from_numpy(flat).to(device, non_blocking=True),
             extend_lens=list(extend_lens),
             prefix_lens=list(prefix_lens),
             seq_lens=[len(s) for s in kv_slots],

@@ -85,7 +85,13 @@ class ModelRunner:
         self.model_config = ModelConfig.from_hf(hf_config)
         self.vocab_size = self.model_config.vocab_size
         self.model = build_model(
-            model_path, hf_config, self.device, self.dtype, context_length, random_weights
+            model_path,
+            hf_config,
+            self.device,
+            self.dtype,
+            context_length,
+            random_weights,
+            config.fused_ops,
         )
         self.num_slots = config.max_total_tokens or self._auto_pool_size(config)
         mc = self.model_config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from sgl_engine.forward_batch import ForwardBatch
 from sgl_engine.kv_cache import KVPool
 from sgl_engine.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from sgl_engine.models.model_config import ModelConfig
+from sgl_engine.models.ops import TorchOps
 
 
 class Attention(nn.Module):
@@ -38,15 +40,22 @@ class Attention(nn.Module):
         batch: ForwardBatch,
         pool: KVPool,
         attn: AttentionBackend,
+        ops: Any,
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.nh, self.hd)
-        k = k.reshape(-1, self.nkv, self.hd)
-        v = v.reshape(-1, self.nkv, self.hd)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
-        o = attn.forward(q, k, v, self.layer, batch, pool, self.scale)
+            q = self.q_norm(q.reshape(-1, self.nh, self.hd), ops).reshape(-1, self.q_size)
+            k = self.k_norm(k.reshape(-1, self.nkv, self.hd), ops).reshape(-1, self.kv_size)
+        q, k = rope(positions, q, k, ops)
+        o = attn.forward(
+            q.reshape(-1, self.nh, self.hd),
+            k.reshape(-1, self.nkv, self.hd),
+            v.reshape(-1, self.nkv, self.hd),
+            self.layer,
+            batch,
+            pool,
+            self.scale,
+        )
         return self.o_proj(o)
 
 
@@ -58,9 +67,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rope, batch, pool, attn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, batch, pool, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rope, batch, pool, attn, ops):
+        """SGLang's residual style: returns (hidden, residual) with the add fused into the norm."""
+        if residual is None:
+            x, residual = self.input_layernorm(x, ops), x
+        else:
+            x, residual = self.input_layernorm(x, ops, residual)
+        x = self.self_attn(x, positions, rope, batch, pool, attn, ops)
+        x, residual = self.post_attention_layernorm(x, ops, residual)
+        return self.mlp(x, ops), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -76,12 +91,16 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.ops: Any = TorchOps()
 
     def forward(self, batch: ForwardBatch, pool: KVPool, attn: AttentionBackend) -> torch.Tensor:
-        x = self.embed_tokens(batch.input_ids)
+        x, residual = self.embed_tokens(batch.input_ids), None
         for layer in self.layers:
-            x = layer(x, batch.positions, self.rope, batch, pool, attn)
-        return self.norm(x)
+            x, residual = layer(
+                x, residual, batch.positions, self.rope, batch, pool, attn, self.ops
+            )
+        x, _ = self.norm(x, self.ops, residual)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

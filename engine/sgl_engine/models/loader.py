@@ -11,6 +11,7 @@ import torch
 from sgl_engine.models.layers import RotaryEmbedding
 from sgl_engine.models.llama import LlamaForCausalLM
 from sgl_engine.models.model_config import ModelConfig
+from sgl_engine.models.ops import choose_ops
 
 
 def iter_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -47,6 +48,7 @@ def build_model(
     dtype: torch.dtype,
     max_positions: int,
     random_weights: bool = False,
+    ops: str = "auto",
 ) -> LlamaForCausalLM:
     """Allocate directly on `device` in `dtype` (no fp32 copy of big models), then fill weights."""
     cfg = ModelConfig.from_hf(hf_config)
@@ -56,6 +58,7 @@ def build_model(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope = RotaryEmbedding(hf_config, cfg.head_dim, max_positions).to(device)
+    model.ops = choose_ops(ops, device, dtype)
     if random_weights:
         _init_random(model)
     else:
