@@ -330,6 +330,7 @@ class Engine:
             "prefill_passes": c.prefill_passes,
             "sampled_tokens": c.sampled_tokens,
             "forced_tokens": c.forced_tokens,
+            "forward_passes_saved": c.forward_passes_saved,
             "retractions": c.retractions,
             "finished_requests": c.finished,
             "aborted_requests": c.aborted,

@@ -139,7 +139,12 @@ class RequestBuilder:
         return req
 
     def _constraint(self, params: SamplingParams) -> Any:
-        if not (params.regex or params.json_schema or params.ebnf or params.choices):
+        """The request's constraint, or None. A field counts as given when it is not None, so
+        `regex=""` constrains the output to the empty string instead of being ignored.
+        (`response_format` is an API-level field: the server and adapters translate it into
+        `json_schema` before it reaches the engine.)"""
+        fields = (params.regex, params.json_schema, params.ebnf, params.choices)
+        if all(f is None for f in fields):
             return None
         from sgl_engine.grammar import Constraint
 
@@ -147,5 +152,5 @@ class RequestBuilder:
             regex=params.regex,
             json_schema=params.json_schema,
             ebnf=params.ebnf,
-            choices=list(params.choices) if params.choices else None,
+            choices=None if params.choices is None else list(params.choices),
         )

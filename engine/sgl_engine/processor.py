@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from sgl_engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from sgl_engine.jump import JumpStep, apply_jump
 from sgl_engine.model_runner import SampleSpec, SeqOutput
 from sgl_engine.request import Req
 from sgl_engine.sampler import make_generator
@@ -34,12 +35,15 @@ class RequestProcessor:
         self.vocab_size = vocab_size
 
     def prepare(self, req: Req) -> None:
+        req.detok = self._detokenizer(req)
+        req.stop_matcher = StopMatcher(req.params.stop)
+        req.generator = make_generator(req.params.seed, self.device)
+
+    def _detokenizer(self, req: Req) -> IncrementalDetokenizer:
         p = req.params
-        req.detok = IncrementalDetokenizer(
+        return IncrementalDetokenizer(
             self.tokenizer, req.input_ids, p.skip_special_tokens, p.spaces_between_special_tokens
         )
-        req.stop_matcher = StopMatcher(p.stop)
-        req.generator = make_generator(p.seed, self.device)
 
     # ---- grammar ---------------------------------------------------------------------------
     def grammar_ready(self, req: Req) -> bool:
@@ -94,17 +98,43 @@ class RequestProcessor:
         searched = len(req.text)
         req.text += req.detok.add([token])
         if req.grammar is not None and not req.grammar.accept_token(token):
-            req.finish = {"type": "abort", "message": f"token {token} was rejected by the grammar"}
+            req.finish = {"type": "abort", "message": _rejection(req.grammar, token)}
             return
         self._check_finish(req, token, searched)
+        self._flush_if_finished(req)
+
+    def jump_forward(self, req: Req) -> JumpStep | None:
+        """Append the text the request's grammar forces now (see `sgl_engine.jump`), keep its
+        text in step, and finish it if a stop string or a length limit is reached. Mutates only
+        `req`; the caller frees `JumpStep.freed_slots`."""
+        if req.grammar is None or req.finished:
+            return None
+        searched = len(req.text)
+        step = apply_jump(req, self.tokenizer, self.context_length)
+        if step is None:
+            return None
+        if step.dropped:
+            req.detok = self._detokenizer(req)
+            req.text = req.detok.add(req.output_ids)
+        else:
+            req.text += req.detok.add(req.output_ids[len(req.output_ids) - step.forced :])
+        self._check_finish(req, None, searched)
+        self._flush_if_finished(req)
+        return step
+
+    def _flush_if_finished(self, req: Req) -> None:
         if req.finished and not isinstance(req.finish.get("matched"), str):
             req.text += req.detok.flush()
 
-    def _check_finish(self, req: Req, token: int, searched: int) -> None:
+    def _check_finish(self, req: Req, token: int | None, searched: int) -> None:
+        """Finish rules after a sampled token, or after forced tokens (`token` None)."""
         p = req.params
         n_out = len(req.output_ids)
+        stops = token is not None and (
+            (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
+        )
         if n_out >= p.min_new_tokens:
-            if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            if stops:
                 req.finish = {"type": "stop", "matched": token}
                 return
             if req.stop_matcher:
@@ -115,7 +145,7 @@ class RequestProcessor:
                     req.finish = {"type": "stop", "matched": stop}
                     return
         if req.grammar is not None and req.grammar.is_terminated():
-            req.finish = {"type": "stop", "matched": None}
+            req.finish = {"type": "stop", "matched": token if stops else None}
             return
         if n_out >= p.max_new_tokens or req.seq_len >= self.context_length:
             req.finish = {"type": "length", "matched": None}
@@ -161,6 +191,12 @@ class RequestProcessor:
             ],
             "output_top_logprobs": [_tops(t) for t in req.output_top_logprobs],
         }
+
+
+def _rejection(grammar: Any, token: int) -> str:
+    if getattr(grammar, "dead_end", False):
+        return "grammar reached a dead end"
+    return f"token {token} was rejected by the grammar"
 
 
 def _tops(top: list[tuple[float, int]] | None) -> list[tuple[float, int, None]] | None:

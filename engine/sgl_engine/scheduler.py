@@ -36,6 +36,7 @@ class Counters:
     aborted: int = 0
     forced_tokens: int = 0
     sampled_tokens: int = 0
+    forward_passes_saved: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -136,6 +137,12 @@ class Scheduler:
                     self.waiting.remove(req)
                     self.finish(req)
                 continue
+            if not req.admitted and not req.output_ids:
+                self._jump_forward(req)
+                if req.finished:
+                    self.waiting.remove(req)
+                    self.finish(req)
+                    continue
             if batch and not self.cache.disable and self._shares_pending_prefix(req, in_round):
                 continue
             n = self._admit(req, budget, batch)
@@ -304,12 +311,26 @@ class Scheduler:
         else:
             self.counters.sampled_tokens += 1
             self.processor.on_token(req, out.next_id, out)
+            self._jump_forward(req)
         if req.finished:
             self.finish(req)
             return
         if prefill:
             self._cache_unfinished(req)
             self.running.append(req)
+
+    # ---- jump-forward (forced tokens are prefilled by the next run step in one extend) ------
+    def _jump_forward(self, req: Req) -> None:
+        """Append the text the request's grammar forces and free the KV of dropped tokens; the
+        request may finish (a stop string or a length limit): the caller then finishes it."""
+        if not self.config.enable_jump_forward or req.grammar is None or req.finished:
+            return
+        step = self.processor.jump_forward(req)
+        if step is None:
+            return
+        self.allocator.free(list(step.freed_slots))
+        self.counters.forced_tokens += step.forced
+        self.counters.forward_passes_saved += step.passes_saved
 
     # ---- radix cache bookkeeping (SGLang's cache_unfinished_req / cache_finished_req) ----
     def _insert(self, req: Req) -> int:
