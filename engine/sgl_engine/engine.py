@@ -119,7 +119,10 @@ class Engine:
                     return
                 commands, self._inbox = self._inbox, []
             for command in commands:
-                command()
+                try:
+                    command()
+                except Exception:  # a failing command must not stop the scheduler thread
+                    log.exception("engine command failed")
             if self.scheduler.has_work():
                 passes = self.scheduler.counters.forward_passes
                 self._deliver(self._step())
@@ -187,7 +190,12 @@ class Engine:
 
         def add() -> None:
             for req in reqs:
-                self.processor.prepare(req)
+                try:
+                    self.processor.prepare(req)
+                except Exception as exc:  # noqa: BLE001 -- fail this request only
+                    req.finish = {"type": "abort", "message": f"internal error: {exc!r}"}
+                    self._deliver([req])
+                    continue
                 self.scheduler.add(req)
 
         self._post(add)
