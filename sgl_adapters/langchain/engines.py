@@ -69,6 +69,16 @@ class EngineRegistry:
         """The shared `sgl_engine.Engine` of (model, engine_kwargs)."""
         return self.backend(model, engine_kwargs).engine
 
+    def engines(self) -> dict[Any, Any]:
+        """The engines this registry holds, by (model, frozen engine kwargs)."""
+        with self._lock:
+            return {key: b.engine for key, b in self._backends.items()}
+
+    @property
+    def _engines(self) -> dict[Any, Any]:
+        """Deprecated alias of `engines()` (tests/test_dspy.py reads it)."""
+        return self.engines()
+
     def __len__(self) -> int:
         return len(self._backends)
 
