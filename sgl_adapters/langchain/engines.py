@@ -65,6 +65,10 @@ class EngineRegistry:
                 self._backends[key] = backend
             return backend
 
+    def client(self, model: str | None, engine_kwargs: Mapping[str, Any] | None = None) -> Any:
+        """An `EngineClient` over the backend of (model, engine_kwargs)."""
+        return EngineClient(self.backend(model, engine_kwargs))
+
     def get(self, model: str | None, engine_kwargs: Mapping[str, Any] | None = None) -> Any:
         """The shared `sgl_engine.Engine` of (model, engine_kwargs)."""
         return self.backend(model, engine_kwargs).engine
@@ -102,10 +106,12 @@ class Request:
 
 
 class EngineClient:
-    """Runs `Request`s on an engine. Thread-safe (the engine is); holds no state of its own."""
+    """Runs `Request`s on a plugin backend (`local`: the in-process engine). Thread-safe (the
+    backend is); holds no state of its own."""
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.engine = backend.engine
 
     @property
     def tokenizer(self) -> Any:
@@ -114,18 +120,23 @@ class EngineClient:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.engine.apply_chat_template(messages, add_generation_prompt)
 
+    def graph(self, requests: Sequence[Request]) -> Any:
+        """The shared-prefix CallGraph of `requests` (one leaf each, in order)."""
+        from sgl_adapters.graph import CallGraph
+
+        params = [dict(r.params) for r in requests]
+        return CallGraph.from_prompts([r.prompt for r in requests], self.tokenizer, params)
+
     def generate(self, requests: Sequence[Request]) -> list[dict]:
-        """All requests in one engine submission (shared prefixes are prefilled once)."""
+        """All requests as one shared-prefix CallGraph (each shared prefix prefilled once)."""
         if not requests:
             return []
-        prompts = [r.prompt for r in requests]
-        return self.engine.generate(prompts, [dict(r.params) for r in requests])
+        return [_as_dict(r) for r in self.backend.run_graph(self.graph(requests))]
 
     async def agenerate(self, requests: Sequence[Request]) -> list[dict]:
         if not requests:
             return []
-        prompts = [r.prompt for r in requests]
-        return await self.engine.async_generate(prompts, [dict(r.params) for r in requests])
+        return [_as_dict(r) for r in await self.backend.arun_graph(self.graph(requests))]
 
     def stream(self, request: Request) -> Iterator[dict]:
         return self.engine.generate(request.prompt, dict(request.params), stream=True)
@@ -156,4 +167,13 @@ def _probe_request(input_ids: list[int], start: int, top: int) -> dict:
         "return_logprob": True,
         "logprob_start_len": start,
         "top_logprobs_num": top,
+    }
+
+
+def _as_dict(result: Any) -> dict:
+    """A graph `LeafResult` back in the engine's result shape."""
+    return {
+        "text": result.text,
+        "output_ids": list(result.output_ids),
+        "meta_info": dict(result.meta_info),
     }

@@ -53,7 +53,7 @@ class SGLangParams(BaseModel):
     def client(self, model: str | None = None) -> EngineClient:
         """The client of the shared engine of `model` (default: this instance's model)."""
         chosen = self.model if model is None else model
-        return EngineClient(self.registry.get(chosen, self.engine_kwargs))
+        return self.registry.client(chosen, self.engine_kwargs)
 
     def sampling_params(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> dict:
         """SGLang sampling params from the settings, `stop` and per-call `kwargs` (which may

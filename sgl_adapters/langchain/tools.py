@@ -228,7 +228,12 @@ class ToolStreamParser:
             args = args[: max(0, len(args) - len(_TAIL))]
         if len(args) > self.sent:
             delta, self.sent = args[self.sent :], len(args)
-            chunks.append(tool_call_chunk(name=None, args=delta, id=None, index=0))
+            if chunks:  # one chunk per step: the name's chunk carries the first arguments
+                chunks[0] = tool_call_chunk(
+                    name=chunks[0]["name"], args=delta, id=self.call_id, index=0
+                )
+            else:
+                chunks.append(tool_call_chunk(name=None, args=delta, id=None, index=0))
         return chunks
 
 
