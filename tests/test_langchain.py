@@ -388,3 +388,26 @@ def test_tool_stream_parser_is_split_invariant(cuts):
     assert [c["name"] for c in chunks if c["name"]] == ["pick"]
     args = "".join(c["args"] or "" for c in chunks)
     assert json.loads(args) == {"color": "}]</tool_call>", "loud": True}
+
+
+def test_runnable_parallel_branches_prefill_the_shared_prefix_once(chat):
+    from langchain_core.prompts import ChatPromptTemplate
+    from langchain_core.runnables import RunnableParallel
+
+    branches = {
+        f"b{i}": ChatPromptTemplate.from_messages(
+            [("system", SYSTEM), ("human", f"topic {i}: {{x}}")]
+        )
+        | chat
+        for i in range(3)
+    }
+    engine = _engine(chat)
+    chats = [[SystemMessage(SYSTEM), HumanMessage(f"topic {i}: sea")] for i in range(3)]
+    ids = [engine.tokenizer.encode(engine.apply_chat_template(to_chat_dicts(c))) for c in chats]
+    shared = len(ids[0])
+    while any(x[:shared] != ids[0][:shared] for x in ids):
+        shared -= 1
+    one_by_one = [chat.invoke(c).content for c in chats]
+    out, cost = _prefill_cost(chat, lambda: RunnableParallel(branches).invoke({"x": "sea"}))
+    assert [out[f"b{i}"].content for i in range(3)] == one_by_one
+    assert cost == shared + sum(len(x) - shared for x in ids)
