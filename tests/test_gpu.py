@@ -105,34 +105,39 @@ def test_torch_backend_on_cuda_equals_transformers(gpu_llama):
 
 
 def test_flashinfer_engine_and_cuda_graphs_agree_with_torch_backend(gpu_llama):
-    """CUDA graphs replay exactly what eager flashinfer computes; flashinfer and the torch
-    backend agree on teacher-forced prompt logprobs within bf16 tolerance (greedy tokens of two
-    bf16 kernels may legitimately part ways after a near-tie)."""
+    """CUDA graphs replay exactly what eager flashinfer computes; the fused bf16 path
+    (flashinfer attention and ops) is as close to an fp32 reference as the torch bf16 path is,
+    on teacher-forced prompt logprobs (greedy tokens of two bf16 paths may legitimately part
+    ways after a near-tie, so tokens are not compared across precisions)."""
     from sgl_engine import Engine
 
-    common = dict(device="cuda", dtype="bfloat16", max_total_tokens=4096)
+    reference = {"attention_backend": "torch", "fused_ops": "torch"}
     tokens, scores = {}, {}
     for label, extra in (
-        ("torch", {"attention_backend": "torch", "fused_ops": "torch"}),
-        ("flashinfer", {"attention_backend": "flashinfer"}),
-        ("graphs", {"attention_backend": "flashinfer", "cuda_graph_max_bs": 8}),
+        ("fp32", {**reference, "dtype": "float32"}),
+        ("torch", {**reference, "dtype": "bfloat16"}),
+        ("flashinfer", {"attention_backend": "flashinfer", "dtype": "bfloat16"}),
+        (
+            "graphs",
+            {"attention_backend": "flashinfer", "dtype": "bfloat16", "cuda_graph_max_bs": 8},
+        ),
     ):
-        with Engine(gpu_llama, **common, **extra) as eng:
+        with Engine(gpu_llama, device="cuda", max_total_tokens=4096, **extra) as eng:
             tokens[label] = [o["output_ids"] for o in eng.generate(PROMPTS * 2, GREEDY)]
             scored = eng.generate(
                 PROMPTS, {"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0
             )
             scores[label] = [
-                [lp for lp, _, _ in o["meta_info"]["input_token_logprobs"][1:]] for o in scored
+                lp for o in scored for lp, _, _ in o["meta_info"]["input_token_logprobs"][1:]
             ]
             eng.check_invariants()
     assert tokens["graphs"] == tokens["flashinfer"]
-    diffs = [
-        abs(x - y)
-        for a, b in zip(scores["torch"], scores["flashinfer"], strict=True)
-        for x, y in zip(a, b, strict=True)
-    ]
-    assert sum(diffs) / len(diffs) < 0.02 and max(diffs) < 0.25, (max(diffs), diffs)
+
+    def error(label: str) -> float:
+        pairs = zip(scores[label], scores["fp32"], strict=True)
+        return sum(abs(a - b) for a, b in pairs) / len(scores["fp32"])
+
+    assert error("flashinfer") <= 1.5 * error("torch") + 0.01, (error("flashinfer"), error("torch"))
 
 
 def test_fused_ops_match_the_reference():
