@@ -615,3 +615,13 @@ def test_local_stream_and_pool_through_the_manager(tiny_llama):
         b.close()
         pm.close()
     assert not a.engine._thread.is_alive()
+
+
+def test_close_skips_backend_classes_registered_as_factories():
+    from sgl_plugins.manager import PluginManager
+
+    manager = PluginManager(env={"SGL_ADAPTERS_LOAD_PLUGINS": "0"})
+    manager.load()
+    assert "http" in manager.backends()
+    manager.close()
+    manager.close()

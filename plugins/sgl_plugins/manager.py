@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import inspect
 import os
 import re
 import threading
@@ -261,6 +262,8 @@ class PluginManager:
         with self._lock:
             specs = list(self._backends.values())
         for spec in specs:
+            if inspect.isclass(spec.factory):
+                continue  # a backend class: its `close` belongs to the instances it makes
             close = getattr(spec.factory, "close", None)
             if callable(close):
                 close()
