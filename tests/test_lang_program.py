@@ -338,3 +338,15 @@ def test_trace_batch_finds_the_prefix_shared_across_programs(rt):
     top = graph.shared_prefixes()[0]
     assert top.text.startswith("Shared instructions for every question.")
     assert top.num_leaves == 4
+
+
+def test_runtimes_on_one_model_share_one_engine(tiny_llama):
+    import sgl_adapters.lang as sgl
+
+    a = sgl.Runtime(tiny_llama, device="cpu", max_total_tokens=2048)
+    b = sgl.Runtime(tiny_llama, device="cpu", max_total_tokens=2048)
+    try:
+        assert a.engine is b.engine
+    finally:
+        a.shutdown()
+        b.shutdown()

@@ -163,7 +163,11 @@ def _drop_prompt_tokens(entries: list[list[Any]], choice: str) -> list[list[Any]
 class Runtime(LangBackend):
     """The in-process engine: `Runtime()` loads the embedded SmolLM2, `Runtime(model_path=...)`
     a local folder, `Runtime(engine=eng)` wraps an existing `sgl_engine.Engine` (not owned).
-    Other keyword arguments are engine config fields (device, max_total_tokens, ...)."""
+    Other keyword arguments are engine config fields (device, max_total_tokens, ...).
+
+    Engines come from the plugin layer's `local` backend, so a LangChain model, a DSPy LM and
+    an SGLang program on the same model and config in one process share one engine (one copy
+    of the weights, one radix cache)."""
 
     def __init__(
         self,
@@ -173,13 +177,12 @@ class Runtime(LangBackend):
         chat_template: templates.ChatTemplate | None = None,
         **engine_kwargs: Any,
     ) -> None:
+        self._local = None
         if engine is None:
-            from sgl_engine import Engine
+            from sgl_plugins.manager import get_backend
 
-            engine = Engine(model_path, **engine_kwargs)
-            self._owns_engine = True
-        else:
-            self._owns_engine = False
+            self._local = get_backend("local", model_path=model_path, **engine_kwargs)
+            engine = self._local.engine
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.chat_template = chat_template or templates.from_tokenizer(self.tokenizer)
@@ -210,8 +213,10 @@ class Runtime(LangBackend):
         return self.engine.metrics()
 
     def shutdown(self) -> None:
-        if self._owns_engine:
-            self.engine.shutdown()
+        """Release this runtime's share of the engine (shut down with its last user)."""
+        if self._local is not None:
+            self._local.close()
+            self._local = None
 
 
 class RuntimeEndpoint(LangBackend):
