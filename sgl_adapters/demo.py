@@ -45,7 +45,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     engine = Engine(args.model, device=args.device)
-    print(f"loaded {engine.model_path} on {engine.runner.device} in {time.perf_counter() - t:.1f} s")
+    print(
+        f"loaded {engine.model_path} on {engine.runner.device} in {time.perf_counter() - t:.1f} s"
+    )
     try:
         _try("engine: few-shot batch sharing one prefix", lambda: _engine_demo(engine))
         _try("SGLang program (sgl_adapters.lang)", lambda: _lang_demo(engine))
@@ -53,7 +55,9 @@ def run_demo(args: argparse.Namespace) -> int:
         _try("DSPy (sgl_adapters.dspy)", lambda: _dspy_demo(args.model))
         _section("radix cache statistics (engine shared by the engine and SGLang demos)")
         for key, value in engine.metrics().items():
-            print(f"{key:>20s}: {value:.3f}" if isinstance(value, float) else f"{key:>20s}: {value}")
+            print(
+                f"{key:>20s}: {value:.3f}" if isinstance(value, float) else f"{key:>20s}: {value}"
+            )
     finally:
         engine.shutdown()
     return 0
@@ -64,12 +68,17 @@ def _engine_demo(engine: Any) -> None:
     outs = engine.generate(prompts, {"max_new_tokens": 4, "temperature": 0, "stop": "\n"})
     for c, o in zip(QUESTIONS, outs, strict=True):
         m = o["meta_info"]
-        print(f"{c:>8s} -> {o['text'].strip():12s} prompt {m['prompt_tokens']:3d} tok, "
-              f"{m['cached_tokens']:3d} reused from the radix cache")
-    print('constrained: ', engine.generate(
-        "Give me a date in ISO format: ",
-        {"max_new_tokens": 16, "regex": r"\d{4}-\d{2}-\d{2}", "temperature": 0},
-    )["text"])
+        print(
+            f"{c:>8s} -> {o['text'].strip():12s} prompt {m['prompt_tokens']:3d} tok, "
+            f"{m['cached_tokens']:3d} reused from the radix cache"
+        )
+    print(
+        "constrained: ",
+        engine.generate(
+            "Give me a date in ISO format: ",
+            {"max_new_tokens": 16, "regex": r"\d{4}-\d{2}-\d{2}", "temperature": 0},
+        )["text"],
+    )
 
 
 def _lang_demo(engine: Any) -> None:

@@ -84,7 +84,10 @@ def test_gen_n_gives_a_list_and_program_defaults_apply(rt):
 def test_regex_json_and_dtypes_parse(rt):
     schema = {
         "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+        "properties": {
+            "name": {"type": "string", "maxLength": 6},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        },
         "required": ["name", "age"],
         "additionalProperties": False,
     }
