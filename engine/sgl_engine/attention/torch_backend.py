@@ -18,7 +18,8 @@ class TorchAttentionBackend:
     def plan(self, batch: ForwardBatch) -> None:
         qo = batch.qo_indptr.tolist()
         kv = batch.kv_indptr.tolist()
-        batch.attn_metadata = (qo, kv)
+        padded = _padded_slots(batch) if batch.mode is ForwardMode.DECODE else None
+        batch.attn_metadata = (qo, kv, padded)
 
     def forward(
         self,
@@ -31,8 +32,10 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         pool.store(layer, batch.out_cache_loc, k, v)
-        qo, kv = batch.attn_metadata
+        qo, kv, padded = batch.attn_metadata
         kbuf, vbuf = pool.k[layer], pool.v[layer]
+        if padded is not None:
+            return _decode(q, kbuf, vbuf, *padded, scale)
         out = torch.empty_like(q)
         for i in range(batch.batch_size):
             qs = q[qo[i] : qo[i + 1]]
@@ -59,3 +62,34 @@ def _attend(
         enable_gqa=q.shape[1] != k.shape[1],
     )
     return o.transpose(0, 1)
+
+
+def _padded_slots(batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's slots as one row of a [B, Lmax] table (padding reads slot 0), and the
+    mask of real entries: decode attends every sequence in a single batched matmul."""
+    lens = torch.tensor(batch.seq_lens, device=batch.kv_indices.device)
+    cols = torch.arange(max(batch.seq_lens), device=lens.device)
+    valid = cols[None, :] < lens[:, None]
+    pos = (batch.kv_indptr[:-1].long()[:, None] + cols[None, :]).clamp(
+        max=batch.kv_indices.numel() - 1
+    )
+    slots = torch.where(valid, batch.kv_indices.long()[pos], 0)
+    return slots, valid
+
+
+def _decode(
+    q: torch.Tensor,
+    kbuf: torch.Tensor,
+    vbuf: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    b, hq, d = q.shape
+    hkv = kbuf.shape[1]
+    k = kbuf[slots].to(q.dtype).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    v = vbuf[slots].to(q.dtype).permute(0, 2, 1, 3)  # [B, Hkv, L, D]
+    scores = torch.matmul(q.view(b, hkv, hq // hkv, d), k).float() * scale
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, hq * d)
