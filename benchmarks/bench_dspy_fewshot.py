@@ -67,7 +67,7 @@ def examples(n: int) -> list[dspy.Example]:
 
 def run(args: argparse.Namespace, program: dspy.Module, disable_radix_cache: bool) -> dict:
     from sgl_adapters.dspy import LM, ChatAdapter
-    from sgl_adapters.langchain.engines import EngineRegistry
+    from sgl_adapters.engines import EngineRegistry
 
     registry = EngineRegistry()
     engine_kwargs = {

@@ -16,9 +16,9 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
+from sgl_adapters import engines as lc_engines
 from sgl_adapters.dspy import LM, ChatAdapter
-from sgl_adapters.langchain import engines as lc_engines
-from sgl_adapters.langchain.engines import EngineRegistry
+from sgl_adapters.engines import EngineRegistry
 
 ENGINE_KWARGS = {"device": "cpu", "max_total_tokens": 32768}
 

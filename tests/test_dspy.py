@@ -18,10 +18,10 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field
 
+from sgl_adapters import engines as lc_engines
 from sgl_adapters.dspy import LM, ChatAdapter, field_format_regex, has_engine_contract
 from sgl_adapters.dspy.legacy_lm import SGLangLM
-from sgl_adapters.langchain import engines as lc_engines
-from sgl_adapters.langchain.engines import EngineRegistry
+from sgl_adapters.engines import EngineRegistry
 
 ENGINE_KWARGS = {"device": "cpu", "max_total_tokens": 16384, "context_length": 4096}
 KINDS = ["engine", "legacy"] if has_engine_contract() else ["legacy"]

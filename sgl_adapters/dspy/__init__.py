@@ -20,7 +20,7 @@ from typing import Any
 import dspy
 
 from sgl_adapters.dspy.chat_adapter import ChatAdapter, constrained, field_format_regex
-from sgl_adapters.langchain.engines import EngineRegistry, model_display_name
+from sgl_adapters.engines import EngineRegistry, model_display_name
 
 
 def has_engine_contract() -> bool:

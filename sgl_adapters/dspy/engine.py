@@ -30,9 +30,9 @@ from dspy.lm15 import (
     Usage,
 )
 
+from sgl_adapters import engines as _engines
 from sgl_adapters.dspy import translate
 from sgl_adapters.dspy.translate import EngineCall, GenerationDefaults
-from sgl_adapters.langchain import engines as _engines
 
 PROVIDER = "sglang"
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import dspy
 
+from sgl_adapters import engines as _engines
 from sgl_adapters.dspy import translate
 from sgl_adapters.dspy.translate import EngineCall, GenerationDefaults
-from sgl_adapters.langchain import engines as _engines
 
 
 class SGLangLM(dspy.BaseLM):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sgl_adapters.dspy.chat_adapter import constraint_params
-from sgl_adapters.langchain.params import cap_strings
+from sgl_adapters.json_schema import cap_strings
 
 SUPPORTED_PARAMS = frozenset(
     {

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from sgl_adapters.engines import ENGINES, EngineClient, EngineRegistry
 from sgl_adapters.langchain.chat_model import ChatSGLang
-from sgl_adapters.langchain.engines import ENGINES, EngineClient, EngineRegistry
 from sgl_adapters.langchain.llm import SGLang
 
 __all__ = ["ENGINES", "ChatSGLang", "EngineClient", "EngineRegistry", "SGLang"]

@@ -13,13 +13,13 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tools import BaseTool
 
+from sgl_adapters.engines import EngineClient, Request, model_display_name
+from sgl_adapters.json_schema import cap_strings
 from sgl_adapters.langchain import prefetch, structured
 from sgl_adapters.langchain import tools as tools_mod
-from sgl_adapters.langchain.engines import EngineClient, Request, model_display_name
 from sgl_adapters.langchain.messages import render, to_chat_dicts
 from sgl_adapters.langchain.params import (
     SGLangParams,
-    cap_strings,
     finish_reason,
     usage_metadata,
 )

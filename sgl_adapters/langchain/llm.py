@@ -9,7 +9,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackMana
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from sgl_adapters.langchain.engines import Request, model_display_name
+from sgl_adapters.engines import Request, model_display_name
 from sgl_adapters.langchain.params import SGLangParams, finish_reason, usage_metadata
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from sgl_adapters.langchain.engines import ENGINES, EngineClient, EngineRegistry, model_display_name
+from sgl_adapters.engines import ENGINES, EngineClient, EngineRegistry, model_display_name
 
 PER_CALL_KEYS = {"temperature", "max_tokens", "top_p", "stop", "model"}
 SAMPLING_KEYS = {
@@ -92,19 +92,3 @@ def finish_reason(meta: Mapping[str, Any]) -> str:
     if kind == "abort":
         raise RuntimeError(f"generation aborted: {reason.get('message', 'no reason given')}")
     return kind
-
-
-def cap_strings(schema: Any, limit: int | None) -> Any:
-    """A copy of a JSON schema with `maxLength: limit` on every string schema that has no
-    length, enum, const, pattern or format of its own (None: unchanged)."""
-    if limit is None:
-        return schema
-    if isinstance(schema, list):
-        return [cap_strings(s, limit) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: cap_strings(v, limit) for k, v in schema.items()}
-    own = {"maxLength", "enum", "const", "pattern", "format"}
-    if schema.get("type") == "string" and not own & set(schema):
-        out["maxLength"] = limit
-    return out

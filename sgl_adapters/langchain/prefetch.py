@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextvars import ContextVar
 
-from sgl_adapters.langchain.engines import EngineClient, Request
+from sgl_adapters.engines import EngineClient, Request
 
 _CURRENT: ContextVar[BatchSubmission | None] = ContextVar("sgl_batch_submission", default=None)
 

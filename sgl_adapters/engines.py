@@ -1,4 +1,4 @@
-"""Shared engines and the seam the LangChain classes call through.
+"""Shared engines and the seam the front doors (LangChain, DSPy) call through.
 
 Engines come from the plugin layer's `local` backend (`sgl_plugins`), whose `EnginePool` keys
 engines by (model path, engine config): every front door that goes through the same plugin
