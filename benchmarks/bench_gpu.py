@@ -52,11 +52,16 @@ def mmlu_prompts(rng):
     return [prefix + rand_ids(rng, 64) for _ in range(64)]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
-    torch.cuda.synchronize()
+    _sync()
     t = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - t, out
 
 
@@ -106,6 +111,54 @@ def react(eng, rng, n=32):
     trace = rand_ids(rng, 2048)
     prompts = [trace + rand_ids(rng, 32) for _ in range(n)]
     return run_batch(eng, prompts, 32)[0], n
+
+
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "country": {"type": "string", "maxLength": 12},
+        "population": {"type": "integer", "minimum": 0, "maximum": 100000000},
+        "capital": {"type": "boolean"},
+        "continent": {"enum": ["Africa", "Asia", "Europe", "Americas", "Oceania"]},
+    },
+    "required": ["name", "country", "population", "capital", "continent"],
+    "additionalProperties": False,
+}
+
+
+def json_decode(path: Path, common: dict, n: int = 64) -> dict:
+    """Records decoded under a JSON schema, jump-forward on vs off (paper's json_decode)."""
+    from sgl_engine import Engine
+
+    rng = random.Random(2)
+    prompts = [rand_ids(rng, 256) for _ in range(n)]
+    sp = {"max_new_tokens": 160, "temperature": 0, "json_schema": CITY_SCHEMA}
+    out = {}
+    for label, jump in (("jump-forward", True), ("no jump-forward", False)):
+        with Engine(str(path), **common, enable_jump_forward=jump) as eng:
+            eng.generate(input_ids=prompts[:2], sampling_params=sp)
+            before = eng.metrics()
+            dt, outs = timed(lambda: eng.generate(input_ids=prompts, sampling_params=sp))
+            after = eng.metrics()
+            out[label] = {
+                "req_s": n / dt,
+                "forward_passes": after["forward_passes"] - before["forward_passes"],
+                "output_tokens": sum(len(o["output_ids"]) for o in outs),
+                "forced_tokens": after["forced_tokens"] - before["forced_tokens"],
+                "valid": sum(_valid_city(o["text"]) for o in outs),
+            }
+            eng.check_invariants()
+    return out
+
+
+def _valid_city(text: str) -> bool:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    props = CITY_SCHEMA["properties"]
+    return set(obj) == set(props) and obj["continent"] in props["continent"]["enum"]
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -180,16 +233,26 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--root", default="/tmp/sgl-bench")
+    ap.add_argument("--only-json", action="store_true", help="run only the JSON decode workload")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json-requests", type=int, default=64)
     args = ap.parse_args()
     from sgl_engine import Engine
 
     path = model_dir(Path(args.root), args.small)
     results: dict = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": time.strftime("%Y-%m-%d"),
         "small": args.small,
     }
     prompts = mmlu_prompts(random.Random(0))
+    if args.only_json:
+        common = dict(device=args.device, random_weights=True, max_total_tokens=65536)
+        if args.device == "cuda":
+            common.update(dtype="bfloat16", attention_backend="flashinfer", cuda_graph_max_bs=64)
+        results["json decode"] = json_decode(path, common, args.json_requests)
+        print(json.dumps(results, indent=1, default=str))
+        return
     if not args.skip_hf:
         results.update(hf_baselines(path, prompts, 16))
         torch.cuda.empty_cache()
