@@ -41,25 +41,28 @@ def _try(name: str, fn: Callable[[], Any]) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from sgl_engine import Engine
+    from sgl_adapters.engines import ENGINES
 
+    engine_kwargs = {"device": args.device}
     t = time.perf_counter()
-    engine = Engine(args.model, device=args.device)
+    engine = ENGINES.get(args.model, engine_kwargs)
     print(
         f"loaded {engine.model_path} on {engine.runner.device} in {time.perf_counter() - t:.1f} s"
     )
     try:
         _try("engine: few-shot batch sharing one prefix", lambda: _engine_demo(engine))
         _try("SGLang program (sgl_adapters.lang)", lambda: _lang_demo(engine))
-        _try("LangChain (sgl_adapters.langchain)", lambda: _langchain_demo(args.model))
-        _try("DSPy (sgl_adapters.dspy)", lambda: _dspy_demo(args.model))
-        _section("radix cache statistics (engine shared by the engine and SGLang demos)")
+        _try(
+            "LangChain (sgl_adapters.langchain)", lambda: _langchain_demo(args.model, engine_kwargs)
+        )
+        _try("DSPy (sgl_adapters.dspy)", lambda: _dspy_demo(args.model, engine_kwargs))
+        _section("radix cache statistics (one engine shared by every front door)")
         for key, value in engine.metrics().items():
             print(
                 f"{key:>20s}: {value:.3f}" if isinstance(value, float) else f"{key:>20s}: {value}"
             )
     finally:
-        engine.shutdown()
+        ENGINES.close()
     return 0
 
 
@@ -97,7 +100,7 @@ def _lang_demo(engine: Any) -> None:
         print(f"{c:>8s} -> {s['answer'].strip()!r}, coastal: {s['coast']}")
 
 
-def _langchain_demo(model: str | None) -> None:
+def _langchain_demo(model: str | None, engine_kwargs: dict) -> None:
     from pydantic import BaseModel
 
     from sgl_adapters.langchain import ChatSGLang
@@ -106,18 +109,26 @@ def _langchain_demo(model: str | None) -> None:
         name: str
         country: str
 
-    chat = ChatSGLang(model=model, max_tokens=24)
+    chat = ChatSGLang(model=model, max_tokens=24, engine_kwargs=engine_kwargs)
     msg = chat.invoke("Name the capital of France in one word.")
     print("invoke:", msg.content.strip()[:60], "| usage:", msg.usage_metadata)
     city = chat.with_structured_output(City).invoke("Tell me about Paris as JSON.")
     print("structured:", city)
 
 
-def _dspy_demo(model: str | None) -> None:
+def _dspy_demo(model: str | None, engine_kwargs: dict) -> None:
     import dspy
 
-    from sgl_adapters.dspy import LM
+    from sgl_adapters.dspy import LM, ChatAdapter
 
-    dspy.configure(lm=LM(model=model, max_tokens=32))
-    qa = dspy.Predict("question -> answer")
-    print("dspy:", qa(question="What is the capital of France?").answer)
+    lm = LM(model=model, engine_kwargs=engine_kwargs, max_tokens=64, cache=False)
+    dspy.configure(lm=lm, adapter=ChatAdapter())
+
+    class Capital(dspy.Signature):
+        """Answer with the name of the city only."""
+
+        question: str = dspy.InputField()
+        answer: str = dspy.OutputField(desc="one city name")
+
+    answer = dspy.Predict(Capital)(question="What is the capital of France?").answer
+    print("dspy:", answer.strip().splitlines()[0][:60] if answer.strip() else repr(answer))
