@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the project root: GPU tests, then the GPU benchmark.
 # Compiled flashinfer kernels come back in $OUT/fi-jit.tgz; unpack into .fi-jit/ to reuse them.
+# To measure exactly what is committed while the work tree is busy, export HEAD first
+# (`git archive HEAD | tar x -C .gpu-src`, link .whl and .fi-jit into it), carry .gpu-src and
+# run this script from inside it.
 set -o pipefail
 source .whl/install.sh || exit 1
 export PYTHONPATH="$PWD/engine:$PWD/plugins:$PYTHONPATH"
