@@ -10,7 +10,7 @@ to the queue with their progress kept. Only `ModelRunner.run` touches tensors.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from sgl_engine.allocator import SlotAllocator
 from sgl_engine.config import EngineConfig
@@ -37,7 +37,6 @@ class Counters:
     forced_tokens: int = 0
     sampled_tokens: int = 0
     forward_passes_saved: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Scheduler:
@@ -103,15 +102,19 @@ class Scheduler:
             limit = min(limit, max(req.logprob_start_len - 1, 0))
         return limit
 
-    def _order_waiting(self) -> list[Req]:
+    def _cached_len(self, req: Req) -> int:
+        return len(self.cache.match_prefix(req.fill_ids[: self._prefix_limit(req)]).indices)
+
+    def _order_waiting(self) -> tuple[list[Req], dict[int, int]]:
+        """The queue in admission order, and each request's cached prefix length (by id), which
+        the in-round dedup reuses rather than matching again."""
         reqs = list(self.waiting)
-        if self.config.schedule_policy == "lpm" and not self.cache.disable and len(reqs) > 1:
-            lens = {
-                id(r): len(self.cache.match_prefix(r.fill_ids[: self._prefix_limit(r)]).indices)
-                for r in reqs
-            }
-            reqs.sort(key=lambda r: -lens[id(r)])
-        return reqs
+        if self.cache.disable:
+            return reqs, {}
+        cached = {id(r): self._cached_len(r) for r in reqs} if len(reqs) > 1 else {}
+        if self.config.schedule_policy == "lpm" and cached:
+            reqs.sort(key=lambda r: -cached[id(r)])
+        return reqs, cached
 
     def _schedule_prefill(self) -> list[tuple[Req, int]]:
         budget = self.config.chunked_prefill_size
@@ -129,7 +132,8 @@ class Scheduler:
         in_round = RadixCache(lambda _: None)
         for req, _ in batch:
             in_round.insert(req.fill_ids, req.fill_ids)
-        for req in self._order_waiting():
+        ordered, cached = self._order_waiting()
+        for req in ordered:
             if budget <= 0 or len(self.running) + len(batch) >= self.config.max_running_requests:
                 break
             if not self.processor.grammar_ready(req):
@@ -139,11 +143,16 @@ class Scheduler:
                 continue
             if not req.admitted and not req.output_ids:
                 self._jump_forward(req)
+                cached.pop(id(req), None)
                 if req.finished:
                     self.waiting.remove(req)
                     self.finish(req)
                     continue
-            if batch and not self.cache.disable and self._shares_pending_prefix(req, in_round):
+            if (
+                batch
+                and not self.cache.disable
+                and self._shares_pending_prefix(req, in_round, cached)
+            ):
                 continue
             n = self._admit(req, budget, batch)
             if n is None:
@@ -154,11 +163,13 @@ class Scheduler:
             budget -= n
         return batch
 
-    def _shares_pending_prefix(self, req: Req, in_round: RadixCache) -> bool:
-        limit = self._prefix_limit(req)
-        cached = len(self.cache.match_prefix(req.fill_ids[:limit]).indices)
-        shared = len(in_round.match_prefix(req.fill_ids[:limit]).indices)
-        return shared - cached >= self.config.in_batch_prefix_min
+    def _shares_pending_prefix(
+        self, req: Req, in_round: RadixCache, cached: dict[int, int]
+    ) -> bool:
+        known = cached.get(id(req))
+        cached_len = self._cached_len(req) if known is None else known
+        shared = len(in_round.match_prefix(req.fill_ids[: self._prefix_limit(req)]).indices)
+        return shared - cached_len >= self.config.in_batch_prefix_min
 
     def _admit(self, req: Req, budget: int, batch: list[tuple[Req, int]]) -> int | None:
         m = self.cache.match_prefix(req.fill_ids[: self._prefix_limit(req)])
