@@ -186,7 +186,6 @@ class Engine:
             ch = _Channel(loop)
             self._channels[req.rid] = ch
             channels.append(ch)
-            req.channel = ch
 
         def add() -> None:
             for req in reqs:
@@ -231,22 +230,19 @@ class Engine:
         results = [self._wait(ch) for ch in channels]
         return results[0] if single else results
 
+    @staticmethod
+    def _items(ch: _Channel) -> Iterator[dict]:
+        while (item := ch.q.get()) is not _DONE:
+            yield item
+
     def _wait(self, ch: _Channel) -> dict:
-        result = None
-        while True:
-            item = ch.q.get()
-            if item is _DONE:
-                return result
-            result = item
+        *_, final = self._items(ch)
+        return final
 
     def _stream_sync(self, reqs: list[Req]) -> Iterator[dict]:
         (ch,) = self._submit(reqs, None)
         try:
-            while True:
-                item = ch.q.get()
-                if item is _DONE:
-                    return
-                yield item
+            yield from self._items(ch)
         finally:
             if reqs[0].rid in self._channels:
                 self.abort(reqs[0].rid)
@@ -280,21 +276,18 @@ class Engine:
         results = [await self._await(ch) for ch in channels]
         return results[0] if single else results
 
+    @staticmethod
+    async def _aitems(ch: _Channel) -> AsyncIterator[dict]:
+        while (item := await ch.q.get()) is not _DONE:
+            yield item
+
     async def _await(self, ch: _Channel) -> dict:
-        result = None
-        while True:
-            item = await ch.q.get()
-            if item is _DONE:
-                return result
-            result = item
+        return [item async for item in self._aitems(ch)][-1]
 
     async def _stream_async(self, reqs: list[Req], loop) -> AsyncIterator[dict]:
         (ch,) = self._submit(reqs, loop)
         try:
-            while True:
-                item = await ch.q.get()
-                if item is _DONE:
-                    return
+            async for item in self._aitems(ch):
                 yield item
         finally:
             if reqs[0].rid in self._channels:

@@ -50,7 +50,6 @@ class Req:
     output_logprobs: list = field(default_factory=list)
     output_top_logprobs: list = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
-    channel: Any = None
     forced_tokens: int = 0
 
     @property
