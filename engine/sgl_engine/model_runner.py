@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from sgl_engine.attention import create_backend
+from sgl_engine.attention import create_backend, flashinfer_available
 from sgl_engine.config import EngineConfig
 from sgl_engine.forward_batch import ForwardBatch, ForwardMode
 from sgl_engine.kv_cache import KVPool
@@ -100,7 +100,9 @@ class ModelRunner:
         )
         name = config.attention_backend
         if name == "auto":
-            name = "flashinfer" if self.device.type == "cuda" and _has_flashinfer() else "torch"
+            name = (
+                "flashinfer" if self.device.type == "cuda" and flashinfer_available() else "torch"
+            )
         self.attention_backend = name
         self.attn = create_backend(
             name, model_config=mc, device=self.device, dtype=self.dtype, page_size=1
@@ -207,9 +209,3 @@ class ModelRunner:
             outs[i].logprob = out.chosen_logprobs[j]
             if tops is not None:
                 outs[i].top = tops[j][: specs[j].top_logprobs_num]
-
-
-def _has_flashinfer() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("flashinfer") is not None

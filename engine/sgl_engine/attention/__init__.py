@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from sgl_engine.attention.base import AttentionBackend
 
@@ -10,6 +11,11 @@ _BACKENDS = {
     "torch": "sgl_engine.attention.torch_backend:TorchAttentionBackend",
     "flashinfer": "sgl_engine.attention.flashinfer_backend:FlashInferAttentionBackend",
 }
+
+
+def flashinfer_available() -> bool:
+    """Whether flashinfer can be imported (checked without importing it)."""
+    return importlib.util.find_spec("flashinfer") is not None
 
 
 def backend_names() -> list[str]:
@@ -24,4 +30,4 @@ def create_backend(name: str, **kwargs) -> AttentionBackend:
     return getattr(importlib.import_module(module), cls)(**kwargs)
 
 
-__all__ = ["AttentionBackend", "backend_names", "create_backend"]
+__all__ = ["AttentionBackend", "backend_names", "create_backend", "flashinfer_available"]

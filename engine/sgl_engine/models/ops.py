@@ -88,12 +88,12 @@ class FlashInferOps:
 def choose_ops(name: str, device: torch.device, dtype: torch.dtype) -> TorchOps | FlashInferOps:
     """`auto` picks the fused kernels on CUDA in fp16/bf16 when flashinfer is installed."""
     if name == "auto":
-        import importlib.util
+        from sgl_engine.attention import flashinfer_available
 
         fused = (
             device.type == "cuda"
             and dtype in (torch.float16, torch.bfloat16)
-            and importlib.util.find_spec("flashinfer") is not None
+            and flashinfer_available()
         )
         name = "flashinfer" if fused else "torch"
     if name == "flashinfer":
