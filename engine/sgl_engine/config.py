@@ -15,7 +15,8 @@ class EngineConfig:
     16384 on CPU). `chunked_prefill_size` caps the tokens of one prefill batch (a longer prompt
     is prefilled in chunks); -1 turns chunking off. `in_batch_prefix_min` is the shared length
     (tokens) above which a waiting request is held back one round so that another request of
-    the same round prefills the shared prefix once.
+    the same round prefills the shared prefix once. `overlap_schedule` launches each plain
+    decode step before reading back the previous one's tokens (None: on CUDA only).
     """
 
     model_path: str | None = None
@@ -37,6 +38,7 @@ class EngineConfig:
     seed: int = 0
     trust_remote_code: bool = False
     cuda_graph_max_bs: int = 0
+    overlap_schedule: bool | None = None
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from sgl_engine.attention.flashinfer_backend import pinned
 from sgl_engine.forward_batch import ForwardBatch, ForwardMode
 from sgl_engine.kv_cache import KVPool
 
@@ -60,12 +61,7 @@ class CudaGraphRunner:
         indptr = [0]
         for n in kv_lens:
             indptr.append(indptr[-1] + n)
-        self.attn.plan_decode(
-            self.wrappers[bs],
-            torch.tensor(indptr, dtype=torch.int32),
-            kv_indices,
-            torch.ones(bs, dtype=torch.int32),
-        )
+        self.attn.plan_decode(self.wrappers[bs], pinned(indptr), kv_indices, pinned([1] * bs))
 
     def _capture(self, bs: int) -> None:
         self.wrappers[bs] = self.attn.graph_decode_wrapper(bs, self.max_kv)

@@ -124,9 +124,8 @@ class Engine:
                 except Exception:  # a failing command must not stop the scheduler thread
                     log.exception("engine command failed")
             if self.scheduler.has_work():
-                passes = self.scheduler.counters.forward_passes
                 self._deliver(self._step())
-                if self.scheduler.counters.forward_passes == passes and not self._inbox:
+                if not self.scheduler.progressed and not self._inbox:
                     with self._cv:
                         self._cv.wait(timeout=0.002)
 
@@ -332,6 +331,7 @@ class Engine:
             "sampled_tokens": c.sampled_tokens,
             "forced_tokens": c.forced_tokens,
             "forward_passes_saved": c.forward_passes_saved,
+            "overlapped_passes": c.overlapped_passes,
             "retractions": c.retractions,
             "finished_requests": c.finished,
             "aborted_requests": c.aborted,

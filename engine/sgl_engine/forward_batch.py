@@ -49,7 +49,7 @@ class ForwardBatch:
     def build(
         cls,
         mode: ForwardMode,
-        input_ids: list[int],
+        input_ids: list[int] | torch.Tensor,
         positions: list[int],
         out_cache_loc: list[int],
         extend_lens: list[int],
@@ -57,24 +57,39 @@ class ForwardBatch:
         kv_slots: list[list[int]],
         device: torch.device,
     ) -> ForwardBatch:
+        """`input_ids` may already be a tensor on `device` (the overlapped decode step takes the
+        previous step's sampled ids without reading them back)."""
         qo, kv = [0], [0]
         for n, slots in zip(extend_lens, kv_slots, strict=True):
             qo.append(qo[-1] + n)
             kv.append(kv[-1] + len(slots))
         flat = np.fromiter(itertools.chain.from_iterable(kv_slots), dtype=np.int32, count=kv[-1])
-
-        def t(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64).to(device, non_blocking=True)
-
+        int32 = to_device(np.concatenate([np.asarray(qo + kv, dtype=np.int32), flat]), device)
+        n = len(extend_lens) + 1
+        on_device = isinstance(input_ids, torch.Tensor)
+        int64 = to_device(
+            np.asarray(positions + out_cache_loc + ([] if on_device else input_ids), np.int64),
+            device,
+        )
+        tokens = len(positions)
         return cls(
             mode=mode,
-            input_ids=t(input_ids),
-            positions=t(positions),
-            out_cache_loc=t(out_cache_loc),
-            qo_indptr=torch.tensor(qo, dtype=torch.int32).to(device, non_blocking=True),
-            kv_indptr=torch.tensor(kv, dtype=torch.int32).to(device, non_blocking=True),
-            kv_indices=torch.from_numpy(flat).to(device, non_blocking=True),
+            input_ids=input_ids if on_device else int64[2 * tokens :],
+            positions=int64[:tokens],
+            out_cache_loc=int64[tokens : 2 * tokens],
+            qo_indptr=int32[:n],
+            kv_indptr=int32[n : 2 * n],
+            kv_indices=int32[2 * n :],
             extend_lens=list(extend_lens),
             prefix_lens=list(prefix_lens),
             seq_lens=[len(s) for s in kv_slots],
         )
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One host array on `device`, staged through pinned memory on CUDA so that the copy does
+    not wait for the work already queued there."""
+    host = torch.from_numpy(array)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -16,7 +16,7 @@ from sgl_engine.forward_batch import ForwardBatch, ForwardMode
 from sgl_engine.kv_cache import KVPool
 from sgl_engine.models.loader import build_model
 from sgl_engine.models.model_config import ModelConfig
-from sgl_engine.sampler import Sampler, top_logprobs
+from sgl_engine.sampler import DeviceSample, Sampler, to_device, top_logprobs
 from sgl_engine.sampling_params import SamplingParams
 
 
@@ -43,6 +43,18 @@ class SeqInput:
     lp_targets: list[int] = field(default_factory=list)
     lp_top: int = 0
     sample: SampleSpec | None = None
+
+
+@dataclass
+class Launched:
+    """A forward pass queued on the device; its sampled ids are copied back asynchronously."""
+
+    seqs: list[SeqInput]
+    outs: list[SeqOutput]
+    rows: list[int] = field(default_factory=list)
+    sampled: DeviceSample | None = None
+    host: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
 
 
 @dataclass
@@ -82,6 +94,7 @@ class ModelRunner:
     ) -> None:
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
+        self.context_length = context_length
         self.model_config = ModelConfig.from_hf(hf_config)
         self.vocab_size = self.model_config.vocab_size
         self.model = build_model(
@@ -128,31 +141,78 @@ class ModelRunner:
         per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
         return max(1024, int(free * config.mem_fraction_static) // per_token)
 
-    @torch.inference_mode()
     def run(
         self, mode: ForwardMode, seqs: list[SeqInput], bitmask: torch.Tensor | None = None
     ) -> list[SeqOutput]:
         """One forward pass plus sampling. Writes KV for every new token into the pool."""
-        batch = self._build(mode, seqs)
+        return self.collect(self.launch(mode, seqs, bitmask))
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        mode: ForwardMode,
+        seqs: list[SeqInput],
+        bitmask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> Launched:
+        """Queue one forward pass and its sampling on the device; `collect` reads the result.
+
+        `input_ids` (on the device, one per sequence) replaces the seqs' `new_ids`: a decode step
+        can start from the previous step's sampled ids before they have reached the host. Until
+        `collect`, only the KV slots of this step are written.
+        """
+        batch = self._build(mode, seqs, input_ids)
         if self.graphs is not None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)
         else:
             self.attn.plan(batch)
             hidden = self.model(batch, self.pool, self.attn)
-        outs = [SeqOutput() for _ in seqs]
-        self._prompt_logprobs(hidden, batch, seqs, outs)
-        self._sample(hidden, batch, seqs, outs, bitmask)
-        return outs
+        launched = Launched(seqs, [SeqOutput() for _ in seqs])
+        self._prompt_logprobs(hidden, batch, seqs, launched.outs)
+        self._sample(hidden, batch, seqs, bitmask, launched)
+        return launched
 
-    def _build(self, mode: ForwardMode, seqs: list[SeqInput]) -> ForwardBatch:
+    @torch.inference_mode()
+    def collect(self, launched: Launched) -> list[SeqOutput]:
+        """Wait for a launched step's sampled tokens and fill in its outputs."""
+        if launched.sampled is None:
+            return launched.outs
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        out = DeviceSample.unpack(launched.host.tolist(), launched.sampled.logprobs)
+        specs = [launched.seqs[i].sample for i in launched.rows]
+        k = max(s.top_logprobs_num for s in specs)
+        tops = top_logprobs(out.logprobs, k) if k > 0 else None
+        for j, i in enumerate(launched.rows):
+            outs = launched.outs[i]
+            outs.next_id = out.next_token_ids[j]
+            outs.logprob = out.chosen_logprobs[j]
+            if tops is not None:
+                outs.top = tops[j][: specs[j].top_logprobs_num]
+        return launched.outs
+
+    @torch.inference_mode()
+    def next_ids(self, launched: Launched, rows: list[int]) -> torch.Tensor:
+        """The sampled ids (still on the device) of the given rows of a launched step."""
+        if launched.sampled is None:
+            raise ValueError("that step sampled nothing")
+        ids = launched.sampled.next_ids
+        if rows == list(range(len(launched.rows))):
+            return ids
+        return ids[to_device(rows, torch.long, ids.device)]
+
+    def _build(
+        self, mode: ForwardMode, seqs: list[SeqInput], input_ids: torch.Tensor | None
+    ) -> ForwardBatch:
         ids, pos, loc = [], [], []
         for s in seqs:
-            ids.extend(s.new_ids)
+            if input_ids is None:
+                ids.extend(s.new_ids)
             pos.extend(range(s.start, s.start + len(s.new_ids)))
             loc.extend(s.new_slots)
         return ForwardBatch.build(
             mode,
-            ids,
+            ids if input_ids is None else input_ids,
             pos,
             loc,
             [len(s.new_ids) for s in seqs],
@@ -181,19 +241,23 @@ class ModelRunner:
             outs[i].prompt_logprobs.append(chosen[j])
             outs[i].prompt_top.append(tops[j][: seqs[i].lp_top])
 
-    def _sample(self, hidden, batch: ForwardBatch, seqs, outs, bitmask) -> None:
+    def _sample(self, hidden, batch: ForwardBatch, seqs, bitmask, launched: Launched) -> None:
         idx = [i for i, s in enumerate(seqs) if s.sample is not None]
         if not idx:
             return
-        last = batch.qo_indptr[1:].long() - 1
-        logits = self.model.logits(hidden[last[idx]])
+        if batch.num_tokens == len(idx):
+            rows = hidden
+        else:
+            last = batch.qo_indptr[1:].long() - 1
+            rows = hidden[last[to_device(idx, torch.long, hidden.device)]]
+        logits = self.model.logits(rows)
         specs = [seqs[i].sample for i in idx]
         allowed = None
         if bitmask is not None:
             from sgl_engine.grammar import bitmask_to_bool
 
             allowed = bitmask_to_bool(bitmask[: len(idx)], self.vocab_size).to(logits.device)
-        out = self.sampler(
+        sampled = self.sampler.on_device(
             logits,
             [s.params for s in specs],
             [s.output_ids for s in specs],
@@ -202,10 +266,12 @@ class ModelRunner:
             allowed_mask=allowed,
             banned_ids=[s.banned_ids for s in specs],
         )
-        k = max(s.top_logprobs_num for s in specs)
-        tops = top_logprobs(out.logprobs, k) if k > 0 else None
-        for j, i in enumerate(idx):
-            outs[i].next_id = out.next_token_ids[j]
-            outs[i].logprob = out.chosen_logprobs[j]
-            if tops is not None:
-                outs[i].top = tops[j][: specs[j].top_logprobs_num]
+        launched.rows, launched.sampled = idx, sampled
+        packed = sampled.packed()
+        if packed.device.type == "cuda":
+            launched.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            launched.host.copy_(packed, non_blocking=True)
+            launched.ready = torch.cuda.Event()
+            launched.ready.record()
+        else:
+            launched.host = packed

@@ -57,20 +57,31 @@ def top_logprobs(logprobs: torch.Tensor, k: int) -> list[list[tuple[float, int]]
     ]
 
 
+def to_device(
+    values: Sequence | np.ndarray, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A host list or array as a tensor on `device`; staged through pinned memory on CUDA, so
+    the copy never waits for the work already queued on the device."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _row_index(
     rows: Sequence[int], ids_per_row: Sequence[Sequence[int]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(ids) for ids in ids_per_row], dtype=torch.long)
     row_idx = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.long), lengths)
     flat = np.fromiter(chain.from_iterable(ids_per_row), dtype=np.int64, count=int(lengths.sum()))
-    col_idx = torch.from_numpy(flat)
-    return row_idx.to(device, non_blocking=True), col_idx.to(device, non_blocking=True)
+    return to_device(row_idx, torch.long, device), to_device(flat, torch.long, device)
 
 
 def _per_row(device: torch.device, *columns: Sequence[float]) -> torch.Tensor:
     """A [B, k] float32 tensor of k per-row scalar columns, copied to the device once."""
-    table = torch.tensor(columns, dtype=torch.float32).T.contiguous()
-    return table.to(device, non_blocking=True)
+    return to_device(
+        torch.tensor(columns, dtype=torch.float32).T.contiguous(), torch.float32, device
+    )
 
 
 def apply_penalties(
@@ -221,6 +232,29 @@ def sample_rows(
     return (probs / noise).argmax(dim=-1)
 
 
+@dataclass
+class DeviceSample:
+    """A sampler call's results still on the logits' device (nothing has been synchronised)."""
+
+    next_ids: torch.Tensor
+    logprobs: torch.Tensor
+    chosen: torch.Tensor
+    mask_empty: torch.Tensor
+
+    def packed(self) -> torch.Tensor:
+        """[3, B] float64: next ids, chosen logprobs, mask-empty flags (one copy to the host)."""
+        return torch.stack([self.next_ids.double(), self.chosen.double(), self.mask_empty.double()])
+
+    @staticmethod
+    def unpack(host: list[list[float]], logprobs: torch.Tensor) -> SampleOutput:
+        return SampleOutput(
+            next_token_ids=[int(t) for t in host[0]],
+            logprobs=logprobs,
+            chosen_logprobs=host[1],
+            mask_empty=[bool(f) for f in host[2]],
+        )
+
+
 class Sampler:
     """Stateless batched sampler; holds no tensors between calls and mutates none of its inputs."""
 
@@ -234,6 +268,22 @@ class Sampler:
         allowed_mask: torch.Tensor | None = None,
         banned_ids: Sequence[Sequence[int]] | None = None,
     ) -> SampleOutput:
+        out = self.on_device(
+            logits, params, output_ids, prompt_ids, generators, allowed_mask, banned_ids
+        )
+        return DeviceSample.unpack(out.packed().tolist(), out.logprobs)
+
+    def on_device(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        output_ids: Sequence[Sequence[int]],
+        prompt_ids: Sequence[Sequence[int]],
+        generators: Sequence[torch.Generator | None],
+        allowed_mask: torch.Tensor | None = None,
+        banned_ids: Sequence[Sequence[int]] | None = None,
+    ) -> DeviceSample:
+        """The same as calling the sampler, without reading anything back to the host."""
         batch = logits.shape[0]
         lengths = {len(params), len(output_ids), len(prompt_ids), len(generators)}
         if logits.dim() != 2 or lengths != {batch}:
@@ -249,15 +299,9 @@ class Sampler:
         next_ids = processed.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         if sampled:
-            index = torch.tensor(sampled, dtype=torch.long).to(logits.device, non_blocking=True)
+            index = to_device(sampled, torch.long, logits.device)
             next_ids[index] = sample_rows(
                 processed[index], [params[i] for i in sampled], [generators[i] for i in sampled]
             )
         chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
-        host = torch.stack([next_ids.double(), chosen.double(), mask_empty.double()]).tolist()
-        return SampleOutput(
-            next_token_ids=[int(t) for t in host[0]],
-            logprobs=logprobs,
-            chosen_logprobs=host[1],
-            mask_empty=[bool(f) for f in host[2]],
-        )
+        return DeviceSample(next_ids, logprobs, chosen, mask_empty)

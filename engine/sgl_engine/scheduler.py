@@ -4,7 +4,14 @@ One step is either a prefill round (new requests and prompt chunks, ordered by l
 prefix, with in-round dedup of shared prefixes) or a run round (every running request computes
 its pending tokens: one after a sampled token, several after a jump-forward). When the KV pool
 runs out, unlocked cache leaves are evicted first; then running requests are retracted back
-to the queue with their progress kept. Only `ModelRunner.run` touches tensors.
+to the queue with their progress kept. Only the model runner touches tensors.
+
+Overlap: while every running request is a plain decode (no grammar, penalties or pending
+min_new_tokens) and nothing waits for admission, a decode step is launched before the previous
+one's tokens are read back; it takes those tokens on the device, so the host work of one step
+(reading tokens, detokenising, finish checks, building the next batch) runs while the device
+computes the next. A request that finishes in step N had one more token computed by step N+1;
+that token and its slot are dropped when N+1 lands.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass
 from sgl_engine.allocator import SlotAllocator
 from sgl_engine.config import EngineConfig
 from sgl_engine.forward_batch import ForwardMode
-from sgl_engine.model_runner import ModelRunner, SeqInput, SeqOutput
+from sgl_engine.model_runner import Launched, ModelRunner, SeqInput, SeqOutput
 from sgl_engine.processor import RequestProcessor
 from sgl_engine.radix_cache import RadixCache
 from sgl_engine.request import Req
@@ -37,6 +44,17 @@ class Counters:
     forced_tokens: int = 0
     sampled_tokens: int = 0
     forward_passes_saved: int = 0
+    overlapped_passes: int = 0
+
+
+@dataclass
+class InFlight:
+    """A launched forward pass whose results have not been applied to its requests yet."""
+
+    batch: list[tuple[Req, int]]
+    seqs: list[SeqInput]
+    launched: Launched
+    prefill: bool
 
 
 class Scheduler:
@@ -61,13 +79,17 @@ class Scheduler:
         self.chunked: Req | None = None
         self.counters = Counters()
         self.touched: list[Req] = []
+        self.inflight: InFlight | None = None
+        self.progressed = False
+        overlap = config.overlap_schedule
+        self.overlap = runner.device.type == "cuda" if overlap is None else overlap
 
     # ---- queue -------------------------------------------------------------------------
     def add(self, req: Req) -> None:
         self.waiting.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self.inflight)
 
     def abort(self, rid: str, message: str = "aborted by client") -> Req | None:
         for req in list(self.waiting):
@@ -86,13 +108,20 @@ class Scheduler:
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[Req]:
-        """Run one forward pass if there is work; returns the requests that changed."""
-        self.touched = []
-        batch = self._schedule_prefill()
-        if batch:
-            self._run(ForwardMode.EXTEND, batch, prefill=True)
-        elif self.running:
-            self._run_running()
+        """Run (or launch) one forward pass if there is work; returns the requests that changed.
+        `progressed` tells whether a pass was launched or landed."""
+        self.touched, self.progressed = [], False
+        if self.inflight is not None:
+            if self._can_look_ahead():
+                self._look_ahead()
+            else:
+                self._land(self.inflight)
+        else:
+            batch = self._schedule_prefill()
+            if batch:
+                self._run(ForwardMode.EXTEND, batch, prefill=True)
+            elif self.running:
+                self._run_running()
         touched, self.touched = self.touched, []
         return touched
 
@@ -237,6 +266,10 @@ class Scheduler:
         """Abort every request (after an unexpected error in a step); the engine goes on."""
         reqs = list(self.waiting) + self.running + ([self.chunked] if self.chunked else [])
         self.waiting.clear()
+        if self.inflight is not None:
+            for s in self.inflight.seqs:
+                self.allocator.free(s.new_slots)
+            self.inflight = None
         for req in reqs:
             if not req.finished:
                 self._finish_abort(req, message)
@@ -263,30 +296,117 @@ class Scheduler:
         allocated = self._alloc_batch(batch)
         if allocated is None:
             return
-        seqs, sampled = [], []
-        for (req, n), slots in zip(batch, allocated, strict=True):
-            seqs.append(self._seq_input(req, n, slots))
-            if seqs[-1].sample is not None:
-                sampled.append(req)
+        seqs = [
+            self._seq_input(req, n, slots) for (req, n), slots in zip(batch, allocated, strict=True)
+        ]
+        sampled = [req for (req, _), s in zip(batch, seqs, strict=True) if s.sample is not None]
         bitmask = self.processor.fill_bitmask(sampled) if sampled else None
+        flight = self._launch(mode, batch, seqs, prefill, bitmask)
+        if flight is None:
+            return
+        if prefill or mode is not ForwardMode.DECODE or not self._overlappable(batch):
+            self._land(flight)
+        else:
+            self.inflight = flight
+
+    def _launch(
+        self,
+        mode: ForwardMode,
+        batch: list[tuple[Req, int]],
+        seqs: list[SeqInput],
+        prefill: bool,
+        bitmask=None,
+        input_ids=None,
+    ) -> InFlight | None:
+        self.progressed = True
         try:
-            outs = self.runner.run(mode, seqs, bitmask)
+            launched = self.runner.launch(mode, seqs, bitmask, input_ids)
         except Exception as exc:  # the batch fails, the engine keeps serving
-            for (req, _), s in zip(batch, seqs, strict=True):
-                self.allocator.free(s.new_slots)
+            self._fail_batch(batch, seqs, exc)
+            return None
+        return InFlight(batch, seqs, launched, prefill)
+
+    def _fail_batch(
+        self, batch: list[tuple[Req, int]], seqs: list[SeqInput], exc: Exception
+    ) -> None:
+        for (req, _), s in zip(batch, seqs, strict=True):
+            self.allocator.free(s.new_slots)
+            if not req.finished:
                 self._finish_abort(req, f"internal error in forward pass: {exc!r}")
-                self.running = [r for r in self.running if r is not req]
+            self.running = [r for r in self.running if r is not req]
+            if req not in self.touched:
                 self.touched.append(req)
+
+    def _land(self, flight: InFlight) -> None:
+        """Apply a launched pass's results; requests finished meanwhile drop theirs."""
+        if self.inflight is flight:
+            self.inflight = None
+        self.progressed = True
+        try:
+            outs = self.runner.collect(flight.launched)
+        except Exception as exc:  # noqa: BLE001 -- as for a failing launch
+            self._fail_batch(flight.batch, flight.seqs, exc)
             return
         self.counters.forward_passes += 1
-        self.counters.prefill_passes += prefill
-        for (req, n), s, out in zip(batch, seqs, outs, strict=True):
+        self.counters.prefill_passes += flight.prefill
+        for (req, n), s, out in zip(flight.batch, flight.seqs, outs, strict=True):
+            if req.finished:
+                self.allocator.free(s.new_slots)
+                continue
             req.slots += s.new_slots
-            if prefill:
+            if flight.prefill:
                 self.counters.prefill_tokens += n
             else:
                 self.counters.decode_tokens += n
-            self._after_forward(req, s, out, prefill)
+            self._after_forward(req, s, out, flight.prefill)
+
+    # ---- overlap: launch step N+1 from step N's sampled ids, then land step N ----------------
+    def _overlappable(self, batch: list[tuple[Req, int]]) -> bool:
+        if not self.overlap or self.waiting or self.chunked:
+            return False
+        limit = self.runner.context_length - 1
+        return all(
+            n == 1
+            and req.grammar is None
+            and not req.params.has_penalties
+            and len(req.output_ids) >= req.params.min_new_tokens
+            and req.seq_len < limit
+            for req, n in batch
+        )
+
+    def _can_look_ahead(self) -> bool:
+        flight = self.inflight
+        if flight is None or flight.prefill:
+            return False
+        live = [(r, n) for r, n in flight.batch if not r.finished]
+        if not live or len(live) != len(self.running):
+            return False
+        return self._overlappable(live) and all(r in self.running for r, _ in live)
+
+    def _look_ahead(self) -> None:
+        prev = self.inflight
+        rows = [i for i, (r, _) in enumerate(prev.batch) if not r.finished]
+        reqs = [prev.batch[i][0] for i in rows]
+        allocated: list[list[int]] = []
+        for _ in reqs:
+            slots = self._alloc(1)
+            if slots is None:
+                for got in allocated:
+                    self.allocator.free(got)
+                self._land(prev)
+                return
+            allocated.append(slots)
+        seqs = []
+        for i, req, slots in zip(rows, reqs, allocated, strict=True):
+            kv = req.slots + prev.seqs[i].new_slots + slots
+            seq = SeqInput([-1], len(req.slots) + 1, slots, kv)
+            seq.sample = self.processor.sampling_spec(req)
+            seqs.append(seq)
+        batch = [(req, 1) for req in reqs]
+        ids = self.runner.next_ids(prev.launched, rows)
+        self.inflight = self._launch(ForwardMode.DECODE, batch, seqs, False, None, ids)
+        self.counters.overlapped_passes += self.inflight is not None
+        self._land(prev)
 
     def _seq_input(self, req: Req, n: int, new_slots: list[int]) -> SeqInput:
         start = len(req.slots)

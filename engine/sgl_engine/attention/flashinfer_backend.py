@@ -2,6 +2,10 @@
 
 The pool's per-layer buffers [slots + 1, Hkv, D] are viewed as pages of size 1
 ([slots + 1, 1, Hkv, D], NHD layout), so a sequence's KV is the list of its slot ids.
+
+A wrapper's plan is written to a pinned host buffer and copied to the device asynchronously;
+with overlapped steps the next plan could overwrite that buffer before the copy has run, so each
+plan waits for the previous plan's copy (an event, normally long passed) before it starts.
 """
 
 from __future__ import annotations
@@ -39,18 +43,20 @@ class FlashInferAttentionBackend:
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self._tensor_cores()
         )
+        self._planned = torch.cuda.Event()
 
     def _tensor_cores(self) -> bool:
         return self.nh // self.nkv >= 4
 
     def plan(self, batch: ForwardBatch) -> None:
-        kv_indptr = torch.tensor(_indptr(batch.seq_lens), dtype=torch.int32)
-        last = torch.ones(batch.batch_size, dtype=torch.int32)
+        kv_indptr = pinned(_indptr(batch.seq_lens))
+        last = pinned([1] * batch.batch_size)
         if batch.mode is ForwardMode.DECODE:
             self.plan_decode(self.decode, kv_indptr, batch.kv_indices, last)
             batch.attn_metadata = self.decode
         else:
-            qo_indptr = torch.tensor(_indptr(batch.extend_lens), dtype=torch.int32)
+            qo_indptr = pinned(_indptr(batch.extend_lens))
+            self._wait_for_last_plan()
             self.prefill.plan(
                 qo_indptr,
                 kv_indptr,
@@ -64,11 +70,14 @@ class FlashInferAttentionBackend:
                 q_data_type=self.dtype,
                 kv_data_type=self.dtype,
             )
+            self._planned.record()
             batch.attn_metadata = self.prefill
 
     def plan_decode(
         self, wrapper: Any, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, last: torch.Tensor
     ) -> None:
+        """Plan a decode wrapper; `kv_indptr` and `last` are host tensors (pinned: see `pinned`)."""
+        self._wait_for_last_plan()
         wrapper.plan(
             kv_indptr,
             kv_indices,
@@ -80,6 +89,10 @@ class FlashInferAttentionBackend:
             q_data_type=self.dtype,
             kv_data_type=self.dtype,
         )
+        self._planned.record()
+
+    def _wait_for_last_plan(self) -> None:
+        self._planned.synchronize()
 
     def graph_decode_wrapper(self, batch_size: int, max_kv: int) -> Any:
         """A decode wrapper with fixed buffers, for capture in a CUDA graph of `batch_size`."""
@@ -111,6 +124,12 @@ class FlashInferAttentionBackend:
         cache = (pool.k[layer].unsqueeze(1), pool.v[layer].unsqueeze(1))
         o = batch.attn_metadata.run(q.contiguous(), cache)
         return o.reshape(q.shape[0], -1)
+
+
+def pinned(values: list[int]) -> torch.Tensor:
+    """An int32 host tensor in pinned memory: its copy to the device never waits for the
+    device's queued work."""
+    return torch.tensor(values, dtype=torch.int32).pin_memory()
 
 
 def _indptr(lens: list[int]) -> list[int]:

@@ -1,0 +1,176 @@
+"""Where a step's time goes on the GPU (7B-shaped model, random bf16 weights).
+
+    python benchmarks/profile_gpu.py [--small] [--cascade-kernels]
+
+Prints: batch-1 decode through the engine vs the bare CUDA-graph replay (the GPU floor of a
+step) and the scheduler thread's cProfile; the MMLU-style workload's per-step timeline
+(mode, batch size, wall ms) and cProfile; with `--cascade-kernels`, one layer of batch-64
+decode attention over a shared 1,024-token prefix, plain paged decode vs shared-prefix
+(cascade) attention, time and agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_gpu import mmlu_prompts, model_dir, run_batch, timed  # noqa: E402
+
+
+def on_scheduler_thread(eng, fn):
+    return eng._call(fn)
+
+
+def profiled(eng, fn, top: int = 25) -> str:
+    prof = cProfile.Profile()
+    on_scheduler_thread(eng, prof.enable)
+    fn()
+    on_scheduler_thread(eng, prof.disable)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def step_timeline(eng, fn) -> list[tuple[str, int, float]]:
+    sched = eng.scheduler
+    steps: list[tuple[str, int, float]] = []
+    inner = sched.step
+
+    def step():
+        t = time.perf_counter()
+        n_prefill = sched.counters.prefill_passes
+        out = inner()
+        kind = "prefill" if sched.counters.prefill_passes > n_prefill else "run"
+        steps.append((kind, len(sched.running), (time.perf_counter() - t) * 1e3))
+        return out
+
+    sched.step = step
+    try:
+        fn()
+    finally:
+        sched.step = inner
+    return steps
+
+
+def graph_floor(eng, bs: int = 1, reps: int = 100) -> dict:
+    graphs = eng.runner.graphs
+    g = graphs.graphs[bs]
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        g.replay()
+    torch.cuda.synchronize()
+    replay = (time.perf_counter() - t) / reps
+    hidden = graphs.outputs[bs]
+    t = time.perf_counter()
+    for _ in range(reps):
+        logits = eng.runner.model.logits(hidden)
+        logits.float().argmax(-1).tolist()
+    torch.cuda.synchronize()
+    head = (time.perf_counter() - t) / reps
+    return {"replay_ms": replay * 1e3, "lm_head_argmax_ms": head * 1e3}
+
+
+def cascade_kernels() -> dict:
+    import flashinfer
+
+    dev, dt = "cuda", torch.bfloat16
+    nh, hd, bs, shared, own, slots = 32, 128, 64, 1024, 65, 1 << 17
+    k = torch.randn(slots, 1, nh, hd, device=dev, dtype=dt)
+    v = torch.randn(slots, 1, nh, hd, device=dev, dtype=dt)
+    q = torch.randn(bs, nh, hd, device=dev, dtype=dt)
+    prefix = torch.randperm(slots // 2, device=dev)[:shared].int()
+    own_idx = (slots // 2 + torch.randperm(slots // 2, device=dev)[: bs * own]).int()
+    full = torch.cat([torch.cat([prefix, own_idx[i * own : (i + 1) * own]]) for i in range(bs)])
+    ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
+    ws2 = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
+    i32 = dict(dtype=torch.int32)
+    ones = torch.ones(bs, **i32)
+    dec = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+    dec.plan(torch.arange(bs + 1, **i32) * (shared + own), full, ones, nh, nh, hd, 1,
+             q_data_type=dt, kv_data_type=dt)
+    ref = dec.run(q, (k, v))
+    pre = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws2, "NHD")
+    pre.plan(torch.tensor([0, bs], **i32), torch.tensor([0, shared], **i32), prefix,
+             torch.ones(1, **i32), nh, nh, hd, 1, causal=False, q_data_type=dt, kv_data_type=dt)
+    dec2 = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+    dec2.plan(torch.arange(bs + 1, **i32) * own, own_idx, ones, nh, nh, hd, 1,
+              q_data_type=dt, kv_data_type=dt)
+
+    def cascade():
+        o, s = dec2.run(q, (k, v), return_lse=True)
+        o2, s2 = pre.run(q, (k, v), return_lse=True)
+        flashinfer.merge_state_in_place(o, s, o2, s2)
+        return o
+
+    out = cascade()
+    err = (out.float() - ref.float()).abs().max().item()
+
+    def t(fn, reps=200):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps * 1e3
+
+    return {"plain_ms": t(lambda: dec.run(q, (k, v))), "cascade_ms": t(cascade), "max_err": err}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--cascade-kernels", action="store_true")
+    args = ap.parse_args()
+    from sgl_engine import Engine
+
+    if args.cascade_kernels:
+        print("cascade kernels (one layer, bs 64, shared 1024 + own 65):", cascade_kernels())
+    path = model_dir(Path("/tmp/sgl-bench"), args.small)
+    common = dict(
+        device="cuda",
+        dtype="bfloat16",
+        random_weights=True,
+        attention_backend="flashinfer",
+        cuda_graph_max_bs=64,
+        chunked_prefill_size=8192,
+        mem_fraction_static=0.6,
+    )
+    sp = {"max_new_tokens": 128, "temperature": 0, "ignore_eos": True}
+    with Engine(str(path), **common) as eng:
+        eng.generate(input_ids=[1, 2, 3, 4], sampling_params={**sp, "max_new_tokens": 8})
+        dt, _ = timed(lambda: eng.generate(input_ids=[5, 6, 7, 8], sampling_params=sp))
+        print(f"bs1 engine: {dt / 127 * 1e3:.3f} ms/token ({127 / dt:.1f} tok/s)")
+        print("bs1 floor:", graph_floor(eng))
+        steps = step_timeline(
+            eng, lambda: eng.generate(input_ids=[9, 10, 11], sampling_params=sp)
+        )
+        ms = sorted(s[2] for s in steps)
+        print(f"bs1 step wall ms: median {ms[len(ms) // 2]:.3f} p10 {ms[len(ms) // 10]:.3f}")
+        print(profiled(eng, lambda: eng.generate(input_ids=[1, 5, 9], sampling_params=sp)))
+        prompts = mmlu_prompts(random.Random(0))
+        run_batch(eng, prompts[:4], 4)
+        dt, _ = run_batch(eng, prompts, 16)
+        print(f"mmlu: {64 / dt:.1f} req/s")
+        eng.flush_cache()
+        steps = step_timeline(eng, lambda: run_batch(eng, prompts, 16))
+        print("mmlu steps (kind, running, ms):", [(k, n, round(m, 2)) for k, n, m in steps])
+        print("mmlu step kinds:", Counter(k for k, _, _ in steps))
+        print(profiled(eng, lambda: run_batch(eng, prompts, 16)))
+
+
+if __name__ == "__main__":
+    main()
