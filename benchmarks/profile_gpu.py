@@ -99,15 +99,44 @@ def cascade_kernels() -> dict:
     i32 = dict(dtype=torch.int32)
     ones = torch.ones(bs, **i32)
     dec = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
-    dec.plan(torch.arange(bs + 1, **i32) * (shared + own), full, ones, nh, nh, hd, 1,
-             q_data_type=dt, kv_data_type=dt)
+    dec.plan(
+        torch.arange(bs + 1, **i32) * (shared + own),
+        full,
+        ones,
+        nh,
+        nh,
+        hd,
+        1,
+        q_data_type=dt,
+        kv_data_type=dt,
+    )
     ref = dec.run(q, (k, v))
     pre = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws2, "NHD")
-    pre.plan(torch.tensor([0, bs], **i32), torch.tensor([0, shared], **i32), prefix,
-             torch.ones(1, **i32), nh, nh, hd, 1, causal=False, q_data_type=dt, kv_data_type=dt)
+    pre.plan(
+        torch.tensor([0, bs], **i32),
+        torch.tensor([0, shared], **i32),
+        prefix,
+        torch.ones(1, **i32),
+        nh,
+        nh,
+        hd,
+        1,
+        causal=False,
+        q_data_type=dt,
+        kv_data_type=dt,
+    )
     dec2 = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
-    dec2.plan(torch.arange(bs + 1, **i32) * own, own_idx, ones, nh, nh, hd, 1,
-              q_data_type=dt, kv_data_type=dt)
+    dec2.plan(
+        torch.arange(bs + 1, **i32) * own,
+        own_idx,
+        ones,
+        nh,
+        nh,
+        hd,
+        1,
+        q_data_type=dt,
+        kv_data_type=dt,
+    )
 
     def cascade():
         o, s = dec2.run(q, (k, v), return_lse=True)
@@ -155,9 +184,7 @@ def main() -> None:
         dt, _ = timed(lambda: eng.generate(input_ids=[5, 6, 7, 8], sampling_params=sp))
         print(f"bs1 engine: {dt / 127 * 1e3:.3f} ms/token ({127 / dt:.1f} tok/s)")
         print("bs1 floor:", graph_floor(eng))
-        steps = step_timeline(
-            eng, lambda: eng.generate(input_ids=[9, 10, 11], sampling_params=sp)
-        )
+        steps = step_timeline(eng, lambda: eng.generate(input_ids=[9, 10, 11], sampling_params=sp))
         ms = sorted(s[2] for s in steps)
         print(f"bs1 step wall ms: median {ms[len(ms) // 2]:.3f} p10 {ms[len(ms) // 10]:.3f}")
         print(profiled(eng, lambda: eng.generate(input_ids=[1, 5, 9], sampling_params=sp)))

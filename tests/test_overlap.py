@@ -111,3 +111,16 @@ def test_abort_while_a_step_is_in_flight_frees_everything(tiny_llama, make_engin
         time.sleep(0.01)
     m = eng.metrics()
     assert m["aborted_requests"] == 2 and m["overlapped_passes"] > 0
+
+
+def test_text_detokenised_at_the_end_equals_the_streamed_text(tiny_llama, make_engine):
+    """A request nobody reads the text of until it finishes is detokenised once, at the end;
+    its text is the same as when it is detokenised token by token (streamed)."""
+    eng = make_engine(tiny_llama)
+    prompts = _prompts(6, seed=11)
+    for i, p in enumerate(prompts):
+        sp = {"temperature": 1.0, "seed": i, "max_new_tokens": 30, "ignore_eos": True}
+        whole = eng.generate(input_ids=p, sampling_params=sp)
+        *_, last = eng.generate(input_ids=p, sampling_params=sp, stream=True)
+        assert whole["output_ids"] == last["output_ids"]
+        assert whole["text"] == last["text"] and whole["text"]

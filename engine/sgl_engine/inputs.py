@@ -103,6 +103,8 @@ class RequestBuilder:
             raise InvalidRequestError(
                 "input_ids must be a non-empty list of token ids", "input_ids"
             )
+        if all(type(t) is int for t in ids) and min(ids) >= 0 and max(ids) < self.vocab_size:
+            return
         for t in ids:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
                 raise InvalidRequestError(

@@ -96,7 +96,8 @@ class RequestProcessor:
             req.output_logprobs.append(out.logprob)
             req.output_top_logprobs.append(out.top)
         searched = len(req.text)
-        req.text += req.detok.add([token])
+        if req.stream or req.stop_matcher or req.grammar is not None:
+            self._sync_text(req)
         if req.grammar is not None and not req.grammar.accept_token(token):
             req.finish = {"type": "abort", "message": _rejection(req.grammar, token)}
             return
@@ -114,16 +115,23 @@ class RequestProcessor:
         if step is None:
             return None
         if step.dropped:
-            req.detok = self._detokenizer(req)
-            req.text = req.detok.add(req.output_ids)
-        else:
-            req.text += req.detok.add(req.output_ids[len(req.output_ids) - step.forced :])
+            req.detok, req.detok_fed, req.text = self._detokenizer(req), 0, ""
+        self._sync_text(req)
         self._check_finish(req, None, searched)
         self._flush_if_finished(req)
         return step
 
+    def _sync_text(self, req: Req) -> None:
+        """Give the detokeniser the output ids it has not seen. Requests that nobody reads the
+        text of before they finish (no stream, stop strings or grammar) are detokenised once,
+        at the end, instead of token by token."""
+        if req.detok_fed < len(req.output_ids):
+            req.text += req.detok.add(req.output_ids[req.detok_fed :])
+            req.detok_fed = len(req.output_ids)
+
     def _flush_if_finished(self, req: Req) -> None:
         if req.finished and not isinstance(req.finish.get("matched"), str):
+            self._sync_text(req)
             req.text += req.detok.flush()
 
     def _check_finish(self, req: Req, token: int | None, searched: int) -> None:
@@ -158,7 +166,9 @@ class RequestProcessor:
         return req.text[: req.stop_matcher.safe_len(req.text)]
 
     def result(self, req: Req, text: str | None = None) -> dict:
-        text = req.text if text is None else text
+        if text is None:
+            self._sync_text(req)
+            text = req.text
         meta: dict[str, Any] = {
             "id": req.rid,
             "prompt_tokens": len(req.input_ids),

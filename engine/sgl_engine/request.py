@@ -41,6 +41,7 @@ class Req:
     text: str = ""
     sent_len: int = 0
     detok: Any = None
+    detok_fed: int = 0
     stop_matcher: Any = None
     generator: Any = None
     grammar: Any = None
