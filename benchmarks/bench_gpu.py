@@ -30,6 +30,16 @@ LLAMA2_7B = dict(
     rms_norm_eps=1e-5,
 )
 
+GPU_ENGINE = dict(
+    device="cuda",
+    dtype="bfloat16",
+    random_weights=True,
+    attention_backend="flashinfer",
+    cuda_graph_max_bs=64,
+    chunked_prefill_size=8192,
+    mem_fraction_static=0.6,
+)
+
 
 def model_dir(root: Path, small: bool) -> Path:
     from sgl_engine.testing import make_tiny_tokenizer
@@ -267,15 +277,7 @@ def main() -> None:
     if not args.skip_hf:
         results.update(hf_baselines(path, prompts, 16))
         torch.cuda.empty_cache()
-    common = dict(
-        device="cuda",
-        dtype="bfloat16",
-        random_weights=True,
-        attention_backend="flashinfer",
-        cuda_graph_max_bs=64,
-        chunked_prefill_size=8192,
-        mem_fraction_static=0.6,
-    )
+    common = GPU_ENGINE
     for label, extra in (("ours", {}), ("ours radix off", {"disable_radix_cache": True})):
         with Engine(str(path), **common, **extra) as eng:
             run_batch(eng, prompts[:4], 4)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gpu import mmlu_prompts, model_dir, run_batch, timed  # noqa: E402
+from bench_gpu import GPU_ENGINE, mmlu_prompts, model_dir, run_batch, timed  # noqa: E402
 
 
 def on_scheduler_thread(eng, fn):
@@ -98,18 +98,13 @@ def cascade_kernels() -> dict:
     ws2 = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
     i32 = dict(dtype=torch.int32)
     ones = torch.ones(bs, **i32)
-    dec = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
-    dec.plan(
-        torch.arange(bs + 1, **i32) * (shared + own),
-        full,
-        ones,
-        nh,
-        nh,
-        hd,
-        1,
-        q_data_type=dt,
-        kv_data_type=dt,
-    )
+
+    def decode(indptr, indices):
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        wrapper.plan(indptr, indices, ones, nh, nh, hd, 1, q_data_type=dt, kv_data_type=dt)
+        return wrapper
+
+    dec = decode(torch.arange(bs + 1, **i32) * (shared + own), full)
     ref = dec.run(q, (k, v))
     pre = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws2, "NHD")
     pre.plan(
@@ -125,18 +120,7 @@ def cascade_kernels() -> dict:
         q_data_type=dt,
         kv_data_type=dt,
     )
-    dec2 = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
-    dec2.plan(
-        torch.arange(bs + 1, **i32) * own,
-        own_idx,
-        ones,
-        nh,
-        nh,
-        hd,
-        1,
-        q_data_type=dt,
-        kv_data_type=dt,
-    )
+    dec2 = decode(torch.arange(bs + 1, **i32) * own, own_idx)
 
     def cascade():
         o, s = dec2.run(q, (k, v), return_lse=True)
@@ -169,15 +153,7 @@ def main() -> None:
     if args.cascade_kernels:
         print("cascade kernels (one layer, bs 64, shared 1024 + own 65):", cascade_kernels())
     path = model_dir(Path("/tmp/sgl-bench"), args.small)
-    common = dict(
-        device="cuda",
-        dtype="bfloat16",
-        random_weights=True,
-        attention_backend="flashinfer",
-        cuda_graph_max_bs=64,
-        chunked_prefill_size=8192,
-        mem_fraction_static=0.6,
-    )
+    common = GPU_ENGINE
     sp = {"max_new_tokens": 128, "temperature": 0, "ignore_eos": True}
     with Engine(str(path), **common) as eng:
         eng.generate(input_ids=[1, 2, 3, 4], sampling_params={**sp, "max_new_tokens": 8})

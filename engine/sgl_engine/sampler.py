@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Any
 
 import numpy as np
 import torch
@@ -258,19 +259,9 @@ class DeviceSample:
 class Sampler:
     """Stateless batched sampler; holds no tensors between calls and mutates none of its inputs."""
 
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        params: Sequence[SamplingParams],
-        output_ids: Sequence[Sequence[int]],
-        prompt_ids: Sequence[Sequence[int]],
-        generators: Sequence[torch.Generator | None],
-        allowed_mask: torch.Tensor | None = None,
-        banned_ids: Sequence[Sequence[int]] | None = None,
-    ) -> SampleOutput:
-        out = self.on_device(
-            logits, params, output_ids, prompt_ids, generators, allowed_mask, banned_ids
-        )
+    def __call__(self, logits: torch.Tensor, *args: Any, **kwargs: Any) -> SampleOutput:
+        """Sample one token per row of `logits` [B, V]; the arguments are `on_device`'s."""
+        out = self.on_device(logits, *args, **kwargs)
         return DeviceSample.unpack(out.packed().tolist(), out.logprobs)
 
     def on_device(
@@ -283,7 +274,8 @@ class Sampler:
         allowed_mask: torch.Tensor | None = None,
         banned_ids: Sequence[Sequence[int]] | None = None,
     ) -> DeviceSample:
-        """The same as calling the sampler, without reading anything back to the host."""
+        """Per row: penalties, bans and the grammar mask, then greedy or filtered sampling, with
+        per-row params, generators and histories; nothing is read back to the host."""
         batch = logits.shape[0]
         lengths = {len(params), len(output_ids), len(prompt_ids), len(generators)}
         if logits.dim() != 2 or lengths != {batch}:
