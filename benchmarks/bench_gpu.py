@@ -84,25 +84,86 @@ def run_batch(eng, prompts, new):
     return dt, outs
 
 
-def multi_turn(eng, rng, convs=16, turns=4):
-    sp = {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True}
+class Ours:
+    """`gen(prompts, new)` on our engine: greedy, EOS ignored; the cache is flushed per workload."""
+
+    def __init__(self, eng) -> None:
+        self.eng = eng
+
+    def reset(self) -> None:
+        self.eng.flush_cache()
+
+    def prefill_tokens(self) -> int:
+        return self.eng.metrics()["prefill_tokens"]
+
+    def __call__(self, prompts, new, **extra):
+        sp = {"max_new_tokens": new, "temperature": 0, "ignore_eos": True, **extra}
+        return [o["output_ids"] for o in self.eng.generate(input_ids=prompts, sampling_params=sp)]
+
+
+class HFGenerate:
+    """transformers `generate` on one (left-padded) batch per call."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def reset(self) -> None:
+        pass
+
+    def prefill_tokens(self) -> None:
+        return None
+
+    def __call__(self, prompts, new, logits_processor=None, eos=None):
+        width = max(len(p) for p in prompts)
+        dev = self.model.device
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
+        gen = dict(max_new_tokens=new, do_sample=False, pad_token_id=0)
+        if logits_processor is None:
+            gen.update(min_new_tokens=new, eos_token_id=None)
+        else:
+            gen.update(logits_processor=logits_processor, eos_token_id=eos)
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=mask, **gen)
+        return [row[width:].tolist() for row in out]
+
+
+class HFBatch(HFGenerate):
+    """transformers `generate_batch` (continuous batching, paged KV shared between prefixes)."""
+
+    def __call__(self, prompts, new):
+        from transformers import GenerationConfig
+
+        cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0)
+        outs = self.model.generate_batch(inputs=prompts, generation_config=cfg)
+        # content does not change transformers' timing; keep each history the right length
+        tokens = [list(getattr(o, "generated_tokens", []) or []) for o in outs.values()]
+        return [(t + [0] * new)[:new] for t in tokens] + [[0] * new] * (len(prompts) - len(tokens))
+
+
+def mmlu(gen, rng):
+    prompts = mmlu_prompts(rng)
+    gen.reset()
+    return timed(lambda: gen(prompts, 16))[0], len(prompts)
+
+
+def multi_turn(gen, rng, convs=16, turns=4):
     histories = [rand_ids(rng, 256) for _ in range(convs)]
-    eng.flush_cache()
+    gen.reset()
 
     def go():
         for _ in range(turns):
             for h in histories:
                 h.extend(rand_ids(rng, 64))
-            outs = eng.generate(input_ids=[list(h) for h in histories], sampling_params=sp)
+            outs = gen([list(h) for h in histories], 32)
             for h, o in zip(histories, outs, strict=True):
-                h.extend(o["output_ids"])
+                h.extend(o)
 
     return timed(go)[0], convs * turns
 
 
-def tree_of_thought(eng, rng, roots=8, branch=4, depth=2):
-    sp = {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True}
-    eng.flush_cache()
+def tree_of_thought(gen, rng, roots=8, branch=4, depth=2):
+    gen.reset()
     frontier = [rand_ids(rng, 512) for _ in range(roots)]
     calls = 0
 
@@ -110,19 +171,38 @@ def tree_of_thought(eng, rng, roots=8, branch=4, depth=2):
         nonlocal frontier, calls
         for _ in range(depth):
             prompts = [p + rand_ids(rng, 16) for p in frontier for _ in range(branch)]
-            outs = eng.generate(input_ids=prompts, sampling_params=sp)
+            outs = gen(prompts, 32)
             calls += len(prompts)
-            frontier = [p + o["output_ids"] for p, o in zip(prompts, outs, strict=True)][
-                : roots * branch
-            ]
+            frontier = [p + o for p, o in zip(prompts, outs, strict=True)][: roots * branch]
 
-    return timed(go)[0], None
+    return timed(go)[0], calls
 
 
-def react(eng, rng, n=32):
+def react(gen, rng, n=32):
     trace = rand_ids(rng, 2048)
     prompts = [trace + rand_ids(rng, 32) for _ in range(n)]
-    return run_batch(eng, prompts, 32)[0], n
+    gen.reset()
+    return timed(lambda: gen(prompts, 32))[0], n
+
+
+WORKLOADS = {
+    "mmlu": mmlu,
+    "multi-turn": multi_turn,
+    "tree-of-thought": tree_of_thought,
+    "react": react,
+}
+
+
+def run_workloads(label: str, gen, results: dict) -> None:
+    """Each workload on fresh prompts of the same seeds; results[label][workload] = req/s."""
+    table = results.setdefault(label, {})
+    for i, (name, workload) in enumerate(WORKLOADS.items()):
+        before = gen.prefill_tokens()
+        dt, n = workload(gen, random.Random(10 + i))
+        table[name] = {"req_s": n / dt, "seconds": dt}
+        if before is not None:
+            table[name]["prefill_tokens"] = gen.prefill_tokens() - before
+        print(json.dumps({label: {name: table[name]}}), flush=True)
 
 
 CITY_SCHEMA = {
@@ -139,28 +219,67 @@ CITY_SCHEMA = {
 }
 
 
+def json_prompts(n: int = 64) -> list[list[int]]:
+    rng = random.Random(2)
+    return [rand_ids(rng, 256) for _ in range(n)]
+
+
+JSON_PARAMS = {"max_new_tokens": 160, "temperature": 0, "json_schema": CITY_SCHEMA}
+
+
+def json_ours(eng, prompts) -> dict:
+    """Records decoded under CITY_SCHEMA (the paper's json_decode workload) on our engine."""
+    eng.generate(input_ids=prompts[:2], sampling_params=JSON_PARAMS)
+    eng.flush_cache()
+    before = eng.metrics()
+    dt, outs = timed(partial(eng.generate, input_ids=prompts, sampling_params=JSON_PARAMS))
+    after = eng.metrics()
+    eng.check_invariants()
+    return {
+        "req_s": len(prompts) / dt,
+        "forward_passes": after["forward_passes"] - before["forward_passes"],
+        "output_tokens": sum(len(o["output_ids"]) for o in outs),
+        "forced_tokens": after["forced_tokens"] - before["forced_tokens"],
+        "valid": sum(_valid_city(o["text"]) for o in outs),
+    }
+
+
+def json_hf(model, tokenizer, prompts) -> dict:
+    """The same records with transformers `generate` under xgrammar's logits processor, with
+    the grammar our engine compiles for the schema (same whitespace rules and rewrites)."""
+    import xgrammar as xgr
+    from sgl_engine.grammar import Constraint, GrammarCompiler
+
+    compiler = GrammarCompiler(tokenizer, model.config.vocab_size)
+    compiled = compiler.compile(Constraint("json_schema", json.dumps(CITY_SCHEMA))).handle
+    compiler.shutdown()
+    stops = compiler.stop_token_ids
+    gen = HFGenerate(model)
+    gen(prompts[:2], 8, [xgr.contrib.hf.LogitsProcessor(compiled)], stops)
+    processor = [xgr.contrib.hf.LogitsProcessor(compiled)]
+    dt, outs = timed(lambda: gen(prompts, 160, processor, stops))
+    outs = [_until(o, stops) for o in outs]
+    texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
+    return {
+        "req_s": len(prompts) / dt,
+        "output_tokens": sum(len(o) for o in outs),
+        "valid": sum(_valid_city(t) for t in texts),
+    }
+
+
+def _until(ids: list[int], stops: list[int]) -> list[int]:
+    ends = [i for i, t in enumerate(ids) if t in stops]
+    return ids[: ends[0]] if ends else ids
+
+
 def json_decode(path: Path, common: dict, n: int = 64) -> dict:
-    """Records decoded under a JSON schema, jump-forward on vs off (paper's json_decode)."""
+    """Jump-forward on vs off, each on its own engine."""
     from sgl_engine import Engine
 
-    rng = random.Random(2)
-    prompts = [rand_ids(rng, 256) for _ in range(n)]
-    sp = {"max_new_tokens": 160, "temperature": 0, "json_schema": CITY_SCHEMA}
     out = {}
     for label, jump in (("jump-forward", True), ("no jump-forward", False)):
         with Engine(str(path), **common, enable_jump_forward=jump) as eng:
-            eng.generate(input_ids=prompts[:2], sampling_params=sp)
-            before = eng.metrics()
-            dt, outs = timed(partial(eng.generate, input_ids=prompts, sampling_params=sp))
-            after = eng.metrics()
-            out[label] = {
-                "req_s": n / dt,
-                "forward_passes": after["forward_passes"] - before["forward_passes"],
-                "output_tokens": sum(len(o["output_ids"]) for o in outs),
-                "forced_tokens": after["forced_tokens"] - before["forced_tokens"],
-                "valid": sum(_valid_city(o["text"]) for o in outs),
-            }
-            eng.check_invariants()
+            out[label] = json_ours(eng, json_prompts(n))
         del eng
         release_gpu_memory()
     return out
@@ -210,42 +329,52 @@ def decode_roofline(eng, model_bytes: int) -> dict:
     }
 
 
-def hf_baselines(path: Path, prompts, new: int) -> dict:
-    from transformers import AutoModelForCausalLM
+def load_hf(path: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = (
-        AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
-        if any(path.glob("*.safetensors"))
-        else None
-    )
-    if model is None:
-        from transformers import AutoConfig
-
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(path), dtype=torch.bfloat16
-            )
-    return _hf_time(model.eval(), prompts, new)
+    torch.manual_seed(0)
+    with torch.device(GPU_ENGINE["device"]):
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(path), dtype=torch.bfloat16
+        )
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def _hf_time(model, prompts, new: int) -> dict:
-    from transformers import GenerationConfig
+def ours(path: Path, label: str, extra: dict, results: dict, workloads: bool = True) -> None:
+    from sgl_engine import Engine
 
-    ids = torch.tensor(prompts, device="cuda")
-    gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
-        model.generate(ids[:2], **gen)
-        dt_gen, _ = timed(lambda: model.generate(ids, **gen))
-    out = {"transformers generate": len(prompts) / dt_gen}
-    try:
-        cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=-1, pad_token_id=0)
-        model.generate_batch(inputs=prompts[:2], generation_config=cfg)
-        dt_cb, _ = timed(lambda: model.generate_batch(inputs=prompts, generation_config=cfg))
-        out["transformers generate_batch"] = len(prompts) / dt_cb
-    except Exception as exc:  # noqa: BLE001 -- report, keep the other figures
-        out["transformers generate_batch"] = f"failed: {exc!r}"[:200]
-    return out
+    with Engine(str(path), **GPU_ENGINE, **extra) as eng:
+        run_batch(eng, mmlu_prompts(random.Random(0))[:4], 4)
+        if workloads:
+            run_workloads(label, Ours(eng), results)
+        results.setdefault(label, {})["json"] = json_ours(eng, json_prompts())
+        print(json.dumps({label: {"json": results[label]["json"]}}), flush=True)
+        if label == "ours":
+            nbytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+            results["decode bs1"] = decode_roofline(eng, nbytes)
+            print(json.dumps({"decode bs1": results["decode bs1"]}), flush=True)
+        eng.check_invariants()
+    del eng
+    release_gpu_memory()
+
+
+def transformers_baselines(path: Path, results: dict) -> None:
+    model, tokenizer = load_hf(path)
+    warm = mmlu_prompts(random.Random(0))[:2]
+    for label, gen in (
+        ("transformers generate", HFGenerate(model)),
+        ("transformers generate_batch", HFBatch(model)),
+    ):
+        try:
+            gen(warm, 4)
+            run_workloads(label, gen, results)
+        except Exception as exc:  # noqa: BLE001 -- report, keep the other figures
+            results.setdefault(label, {})["failed"] = f"{exc!r}"[:300]
+    results["transformers generate"]["json"] = json_hf(model, tokenizer, json_prompts())
+    results["transformers generate_batch"]["json"] = "n/a: generate_batch takes no logits processor"
+    print(json.dumps({"transformers generate": {"json": results["transformers generate"]["json"]}}))
+    del model
+    release_gpu_memory()
 
 
 def main() -> None:
@@ -258,15 +387,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json-requests", type=int, default=64)
     args = ap.parse_args()
-    from sgl_engine import Engine
-
     path = model_dir(Path(args.root), args.small)
     results: dict = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": time.strftime("%Y-%m-%d"),
         "small": args.small,
     }
-    prompts = mmlu_prompts(random.Random(0))
     if args.only_json:
         common = dict(device=args.device, random_weights=True, max_total_tokens=65536)
         if args.device == "cuda":
@@ -274,31 +400,13 @@ def main() -> None:
         results["json decode"] = json_decode(path, common, args.json_requests)
         print(json.dumps(results, indent=1, default=str))
         return
+    ours(path, "ours", {}, results)
+    ours(path, "ours radix off", {"disable_radix_cache": True}, results)
+    ours(path, "ours no jump-forward", {"enable_jump_forward": False}, results, workloads=False)
     if not args.skip_hf:
-        results.update(hf_baselines(path, prompts, 16))
-        torch.cuda.empty_cache()
-    common = GPU_ENGINE
-    for label, extra in (("ours", {}), ("ours radix off", {"disable_radix_cache": True})):
-        with Engine(str(path), **common, **extra) as eng:
-            run_batch(eng, prompts[:4], 4)
-            dt, outs = run_batch(eng, prompts, 16)
-            results[f"{label}: mmlu req/s"] = len(prompts) / dt
-            results[f"{label}: mmlu prefill tokens"] = eng.metrics()["prefill_tokens"]
-            rng = random.Random(1)
-            dt, n = multi_turn(eng, rng)
-            results[f"{label}: multi-turn req/s"] = n / dt
-            dt, _ = tree_of_thought(eng, rng)
-            results[f"{label}: tree-of-thought s"] = dt
-            dt, n = react(eng, rng)
-            results[f"{label}: react req/s"] = n / dt
-            if not extra:
-                nbytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
-                results["decode bs1"] = decode_roofline(eng, nbytes)
-            eng.check_invariants()
-        del eng
-        release_gpu_memory()
+        transformers_baselines(path, results)
     results["radix on/off mmlu"] = (
-        results["ours: mmlu req/s"] / results["ours radix off: mmlu req/s"]
+        results["ours"]["mmlu"]["req_s"] / results["ours radix off"]["mmlu"]["req_s"]
     )
     text = json.dumps(results, indent=1, default=str)
     print(text)
