@@ -156,6 +156,7 @@ def test_sampled_json_outputs_validate(engines, jump, seed):
         jsonschema.validate(json.loads(out["text"]), SCHEMAS[name])
     forced = engines[jump].metrics()["forced_tokens"] - before
     assert (forced > 0) == jump
+    assert sum(out["meta_info"]["forced_tokens"] for out in outs) == forced
 
 
 def _check_against_reference(eng, model, prompt_ids, out, constraint, greedy: bool) -> None:

@@ -174,6 +174,7 @@ class RequestProcessor:
             "prompt_tokens": len(req.input_ids),
             "completion_tokens": len(req.output_ids),
             "cached_tokens": req.cached_tokens,
+            "forced_tokens": req.forced_tokens,
             "finish_reason": req.finish,
             "e2e_latency": time.monotonic() - req.created,
         }

@@ -51,7 +51,7 @@ class Req:
     output_logprobs: list = field(default_factory=list)
     output_top_logprobs: list = field(default_factory=list)
     created: float = field(default_factory=time.monotonic)
-    forced_tokens: int = 0
+    forced_tokens: int = 0  # tokens appended by jump-forward (meta_info["forced_tokens"])
 
     @property
     def fill_ids(self) -> list[int]:
