@@ -77,6 +77,60 @@ def test_openai_chat_stream_equals_non_stream(client):
     assert usage is not None and usage.completion_tokens > 0
 
 
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def _streamed_message(stream):
+    content, calls, reason = "", {}, None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or []:
+            calls[call.index] = (call.function.name, json.loads(call.function.arguments))
+        reason = chunk.choices[0].finish_reason or reason
+    return content, [calls[i] for i in sorted(calls)], reason
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_openai_chat_stream_with_tools_equals_non_stream(client, choice):
+    """Content streams as it is decoded and calls arrive whole as their blocks close; the
+    streamed message adds up to the non-streamed one."""
+    ask = [{"role": "user", "content": "Use the tool: what is the weather in Paris?"}]
+    kwargs = dict(
+        model="smollm2",
+        messages=ask,
+        tools=[WEATHER_TOOL],
+        tool_choice=choice,
+        parallel_tool_calls=False,
+        max_tokens=48,
+        temperature=0,
+    )
+    ref = client.chat.completions.create(**kwargs).choices[0]
+    content, calls, reason = _streamed_message(
+        client.chat.completions.create(**kwargs, stream=True)
+    )
+    assert content.strip() == (ref.message.content or "").strip()
+    expected = [
+        (c.function.name, json.loads(c.function.arguments)) for c in ref.message.tool_calls or []
+    ]
+    assert calls == expected and reason == ref.finish_reason
+    if choice == "required":
+        assert calls and calls[0][0] == "get_weather"
+
+
 def test_openai_completions_and_stream(served, client):
     eng, _ = served
     prompt = "The capital of France is"

@@ -6,9 +6,12 @@ import json
 
 import jsonschema
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sgl_engine.errors import InvalidRequestError
 from sgl_engine.server.protocol import Tool, ToolChoice
 from sgl_engine.server.tools import (
+    AutoToolStream,
     forced_call_schema,
     message_for_template,
     parse_auto,
@@ -91,3 +94,59 @@ def test_message_for_template_flattens_parts_and_decodes_arguments():
     assert out["content"] == "" and out["tool_calls"][0]["function"]["arguments"] == {"a": 1}
     parts = {"role": "user", "content": [{"type": "text", "text": "a"}, {"text": "b"}]}
     assert message_for_template(parts)["content"] == "ab"
+
+
+def _strip_ids(calls):
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+def _stream(text, cuts):
+    parser = AutoToolStream(TOOLS)
+    content, calls = "", []
+    for cut in sorted(cuts):
+        piece, new = parser.feed(text[:cut])
+        content, calls = content + piece, calls + new
+    piece, new = parser.feed(text, final=True)
+    return content + piece, calls + new
+
+
+CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+ANSWERS = [
+    "just text, no calls < not a tag",
+    "Sure. " + CALL,
+    "Sure. " + CALL + "\n\n and then " + CALL + "  ",
+    CALL + CALL,
+    '<tool_call>{"name": "rm", "arguments": {}}</tool_call> only an unknown tool',
+    "text <tool_call>not json</tool_call> more",
+    "unterminated " + CALL[:-5],
+    "  leading space, " + CALL + " trailing words",
+]
+
+
+@pytest.mark.parametrize("text", ANSWERS)
+def test_streamed_tool_calls_equal_the_whole_answer_parse(text):
+    whole = _stream(text, [])
+    content, calls = parse_auto(text, TOOLS)
+    assert _strip_ids(whole[1]) == _strip_ids(calls)
+    if calls:
+        assert whole[0].strip() == (content or "")
+    else:
+        assert whole[0] == text
+
+
+@given(
+    text=st.sampled_from(ANSWERS),
+    cuts=st.lists(st.integers(0, 200), max_size=12),
+)
+def test_streaming_in_any_pieces_gives_the_same_answer(text, cuts):
+    whole = _stream(text, [])
+    pieces = _stream(text, [min(c, len(text)) for c in cuts])
+    assert pieces[0] == whole[0] and _strip_ids(pieces[1]) == _strip_ids(whole[1])
+
+
+def test_text_that_may_open_a_tag_is_held_back():
+    parser = AutoToolStream(TOOLS)
+    assert parser.feed("Hi <tool_") == ("Hi", [])
+    assert parser.feed('Hi <tool_call>{"name": "now"') == ("", [])
+    content, calls = parser.feed('Hi <tool_call>{"name": "now"}</tool_call>', final=True)
+    assert content == "" and _strip_ids(calls) == [("now", {})]

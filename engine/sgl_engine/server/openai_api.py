@@ -324,8 +324,10 @@ async def _chat_events(
     tok = s.engine.tokenizer
     base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time())}
     base["model"] = s.model_name
-    buffered = forced or bool(body.tools and body.tool_choice != "none")
+    auto = not forced and bool(body.tools and body.tool_choice != "none")
+    parsers = {i: tool_calls.AutoToolStream(body.tools or []) for i in range(len(streams))}
     finals: dict[int, dict] = {}
+    has_calls = [False] * len(streams)
     sent_lp = [0] * len(streams)
     deltas = Deltas()
     for i in range(len(streams)):
@@ -341,17 +343,21 @@ async def _chat_events(
         if body.logprobs:
             choice["logprobs"] = chat_logprobs(tok, meta, start=sent_lp[index])
             sent_lp[index] = len(meta.get("output_token_logprobs", []))
-        delta = deltas(index, chunk["text"])
-        if not buffered and delta:
+        if auto:
+            content, calls = parsers[index].feed(chunk["text"], final=done)
+            choice["delta"] = _tool_delta(content, calls, parsers[index].calls - len(calls))
+            has_calls[index] = has_calls[index] or bool(calls)
+        elif not forced and (delta := deltas(index, chunk["text"])):
             choice["delta"] = {"content": delta}
         reason = None
         if done:
             finals[index] = chunk
             reason = finish_reason(meta)[0]
-            if buffered:
-                message, has_calls = _message(body, chunk["text"], forced)
-                choice["delta"] = _tool_delta(message)
-                reason = "tool_calls" if has_calls and reason == "stop" else reason
+            if forced:
+                message, has_calls[index] = _message(body, chunk["text"], forced)
+                calls = message.get("tool_calls") or []
+                choice["delta"] = _tool_delta(message["content"] or "", calls, 0)
+            reason = "tool_calls" if has_calls[index] and reason == "stop" else reason
         if choice["delta"] or choice["logprobs"] or done:
             yield sse({**base, "choices": [{**choice, "finish_reason": reason}]})
     if body.stream_options and body.stream_options.include_usage:
@@ -360,10 +366,11 @@ async def _chat_events(
     yield DONE
 
 
-def _tool_delta(message: dict) -> dict:
+def _tool_delta(content: str, calls: list[dict], first: int) -> dict:
+    """A chunk's delta: content text and whole tool calls, numbered from `first`."""
     delta: dict[str, Any] = {}
-    if message.get("content"):
-        delta["content"] = message["content"]
-    if message.get("tool_calls"):
-        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+    if content:
+        delta["content"] = content
+    if calls:
+        delta["tool_calls"] = [{"index": first + i, **c} for i, c in enumerate(calls)]
     return delta
