@@ -17,6 +17,8 @@ class EngineConfig:
     (tokens) above which a waiting request is held back one round so that another request of
     the same round prefills the shared prefix once. `overlap_schedule` launches each plain
     decode step before reading back the previous one's tokens (None: on CUDA only).
+    `cuda_graph_max_bs` captures decode in CUDA graphs up to that batch size (flashinfer
+    backend only; None: 64 when the backend is flashinfer, 0 = off).
     """
 
     model_path: str | None = None
@@ -37,7 +39,7 @@ class EngineConfig:
     enable_jump_forward: bool = True
     seed: int = 0
     trust_remote_code: bool = False
-    cuda_graph_max_bs: int = 0
+    cuda_graph_max_bs: int | None = None
     overlap_schedule: bool | None = None
     served_model_name: str | None = None
 
@@ -50,6 +52,8 @@ class EngineConfig:
             raise ValueError("max_running_requests must be >= 1")
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError("schedule_policy must be 'lpm' or 'fcfs'")
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
+            raise ValueError("cuda_graph_max_bs must be >= 0 (0 turns CUDA graphs off)")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:
             raise ValueError("max_total_tokens must be >= 2")
 

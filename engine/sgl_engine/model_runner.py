@@ -19,6 +19,8 @@ from sgl_engine.models.model_config import ModelConfig
 from sgl_engine.sampler import DeviceSample, Sampler, to_device, top_logprobs
 from sgl_engine.sampling_params import SamplingParams
 
+DEFAULT_GRAPH_MAX_BS = 64
+
 
 @dataclass
 class SampleSpec:
@@ -122,14 +124,17 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self.graphs = None
-        if config.cuda_graph_max_bs > 0 and name == "flashinfer":
+        max_bs = config.cuda_graph_max_bs
+        if max_bs is None:
+            max_bs = DEFAULT_GRAPH_MAX_BS if name == "flashinfer" else 0
+        if max_bs > 0 and name == "flashinfer":
             from sgl_engine.cuda_graph import CudaGraphRunner, default_batch_sizes
 
             self.graphs = CudaGraphRunner(
                 self.model,
                 self.pool,
                 self.attn,
-                default_batch_sizes(min(config.cuda_graph_max_bs, config.max_running_requests)),
+                default_batch_sizes(min(max_bs, config.max_running_requests)),
                 self.device,
             )
 

@@ -103,6 +103,21 @@ def serve(
         engine.shutdown()
 
 
+ENGINE_ARGS = (
+    "device",
+    "dtype",
+    "max_total_tokens",
+    "max_running_requests",
+    "attention_backend",
+    "cuda_graph_max_bs",
+    "mem_fraction_static",
+    "chunked_prefill_size",
+    "disable_radix_cache",
+    "overlap_schedule",
+)
+"""The `EngineConfig` fields `serve` takes from the command line (flags with dashes)."""
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="HF folder or id (default: embedded SmolLM2)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -116,6 +131,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--max-total-tokens", type=int, default=None)
     parser.add_argument("--max-running-requests", type=int, default=None)
+    parser.add_argument("--attention-backend", choices=("auto", "torch", "flashinfer"))
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="0 turns graphs off")
+    parser.add_argument("--mem-fraction-static", type=float, default=None)
+    parser.add_argument("--chunked-prefill-size", type=int, default=None)
+    parser.add_argument("--disable-radix-cache", action="store_true", default=None)
+    parser.add_argument(
+        "--overlap-schedule",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="launch each decode step before reading the last one back (default: on CUDA)",
+    )
     parser.add_argument("--graceful-timeout", type=float, default=30.0)
     parser.add_argument("--log-level", default="info")
     return parser
@@ -123,9 +149,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def serve_from_args(args: argparse.Namespace) -> None:
     engine_kwargs = {
-        key: getattr(args, key)
-        for key in ("device", "dtype", "max_total_tokens", "max_running_requests")
-        if getattr(args, key) is not None
+        key: getattr(args, key) for key in ENGINE_ARGS if getattr(args, key) is not None
     }
     serve(
         args.model,
