@@ -64,12 +64,13 @@ class ForwardBatch:
             qo.append(qo[-1] + n)
             kv.append(kv[-1] + len(slots))
         flat = np.fromiter(itertools.chain.from_iterable(kv_slots), dtype=np.int32, count=kv[-1])
-        int32 = to_device(np.concatenate([np.asarray(qo + kv, dtype=np.int32), flat]), device)
+        int32 = to_device(
+            np.concatenate([np.asarray(qo + kv, np.int32), flat]), torch.int32, device
+        )
         n = len(extend_lens) + 1
         on_device = isinstance(input_ids, torch.Tensor)
         int64 = to_device(
-            np.asarray(positions + out_cache_loc + ([] if on_device else input_ids), np.int64),
-            device,
+            positions + out_cache_loc + ([] if on_device else input_ids), torch.int64, device
         )
         tokens = len(positions)
         return cls(
@@ -86,10 +87,10 @@ class ForwardBatch:
         )
 
 
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """One host array on `device`, staged through pinned memory on CUDA so that the copy does
-    not wait for the work already queued there."""
-    host = torch.from_numpy(array)
+def to_device(values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values (a list, an array or a CPU tensor) as a `dtype` tensor on `device`; staged
+    through pinned memory on CUDA, so the copy never waits for the work already queued there."""
+    host = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

@@ -12,11 +12,11 @@ import torch
 
 from sgl_engine.attention import create_backend, flashinfer_available
 from sgl_engine.config import EngineConfig
-from sgl_engine.forward_batch import ForwardBatch, ForwardMode
+from sgl_engine.forward_batch import ForwardBatch, ForwardMode, to_device
 from sgl_engine.kv_cache import KVPool
 from sgl_engine.models.loader import build_model
 from sgl_engine.models.model_config import ModelConfig
-from sgl_engine.sampler import DeviceSample, Sampler, to_device, top_logprobs
+from sgl_engine.sampler import DeviceSample, Sampler, top_logprobs
 from sgl_engine.sampling_params import SamplingParams
 
 DEFAULT_GRAPH_MAX_BS = 64

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .forward_batch import to_device
 from .sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -56,17 +57,6 @@ def top_logprobs(logprobs: torch.Tensor, k: int) -> list[list[tuple[float, int]]
     return [
         list(zip(v, i, strict=True)) for v, i in zip(values.tolist(), indices.tolist(), strict=True)
     ]
-
-
-def to_device(
-    values: Sequence | np.ndarray, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """A host list or array as a tensor on `device`; staged through pinned memory on CUDA, so
-    the copy never waits for the work already queued on the device."""
-    host = torch.as_tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _row_index(
