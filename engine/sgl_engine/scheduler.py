@@ -275,20 +275,26 @@ class Scheduler:
                 self._finish_abort(req, message)
         return reqs
 
-    def _alloc_batch(self, batch: list[tuple[Req, int]]) -> list[list[int]] | None:
-        """Slots for every request of the batch, or None after sending them all back to the
-        queue (progress kept) if the pool cannot hold them. Admission control should prevent
-        that; if it ever fails, nothing is lost."""
+    def _alloc_each(self, counts: list[int]) -> list[list[int]] | None:
+        """`counts[i]` slots for each i, or None (nothing kept) if the pool cannot hold them."""
         allocated: list[list[int]] = []
-        for _, n in batch:
+        for n in counts:
             slots = self._alloc(n)
             if slots is None:
                 for got in allocated:
                     self.allocator.free(got)
-                for req, _ in reversed(batch):
-                    self.retract(req)
                 return None
             allocated.append(slots)
+        return allocated
+
+    def _alloc_batch(self, batch: list[tuple[Req, int]]) -> list[list[int]] | None:
+        """Slots for every request of the batch, or None after sending them all back to the
+        queue (progress kept) if the pool cannot hold them. Admission control should prevent
+        that; if it ever fails, nothing is lost."""
+        allocated = self._alloc_each([n for _, n in batch])
+        if allocated is None:
+            for req, _ in reversed(batch):
+                self.retract(req)
         return allocated
 
     # ---- forward -------------------------------------------------------------------------
@@ -387,15 +393,10 @@ class Scheduler:
         prev = self.inflight
         rows = [i for i, (r, _) in enumerate(prev.batch) if not r.finished]
         reqs = [prev.batch[i][0] for i in rows]
-        allocated: list[list[int]] = []
-        for _ in reqs:
-            slots = self._alloc(1)
-            if slots is None:
-                for got in allocated:
-                    self.allocator.free(got)
-                self._land(prev)
-                return
-            allocated.append(slots)
+        allocated = self._alloc_each([1] * len(reqs))
+        if allocated is None:
+            self._land(prev)
+            return
         seqs = []
         for i, req, slots in zip(rows, reqs, allocated, strict=True):
             kv = req.slots + prev.seqs[i].new_slots + slots
