@@ -398,7 +398,8 @@ class _TrieNode:
         self.ends: list[int] = []
 
 
-def _common_len(a: Sequence[Any], b: Sequence[Any]) -> int:
+def common_prefix_len(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items `a` and `b` share."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -415,7 +416,7 @@ def _trie_insert(root: _TrieNode, seq: Sequence[Any], index: int) -> None:
             node.children[rest[0]] = leaf
             node = leaf
             break
-        k = _common_len(child.seg, rest)
+        k = common_prefix_len(child.seg, rest)
         if k < len(child.seg):
             mid = _TrieNode(child.seg[:k])
             child.seg = child.seg[k:]

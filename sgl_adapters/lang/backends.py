@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from sgl_adapters.graph import common_prefix_len
 from sgl_adapters.lang import chat_template as templates
 from sgl_adapters.lang.choices import ChoicesDecision, ChoicesSamplingMethod, mean_logprob
 from sgl_adapters.lang.ir import GenParams
@@ -119,7 +120,7 @@ class LangBackend:
     def _choice_logprobs_by_ids(self, prompt: str, choices: Sequence[str]) -> list[list[Any]]:
         prefix = self.tokenizer.encode(prompt)
         fulls = [self.tokenizer.encode(prompt + c) for c in choices]
-        starts = [min(_common_len(prefix, f), len(f) - 1) for f in fulls]
+        starts = [min(common_prefix_len(prefix, f), len(f) - 1) for f in fulls]
         scored = self._score("input_ids", fulls, starts)
         for entries in scored:
             for e in entries:
@@ -138,15 +139,6 @@ class LangBackend:
         if any(not x for x in ids):
             raise ValueError("a choice has no tokens to score")
         return self._score("input_ids", ids, [0] * len(ids))
-
-
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _drop_prompt_tokens(entries: list[list[Any]], choice: str) -> list[list[Any]]:

@@ -15,7 +15,7 @@ import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
-from sgl_adapters.graph import CallGraph, Leaf, LeafResult
+from sgl_adapters.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.backend import (
     BackendBase,
     ContinuationScore,
@@ -287,7 +287,7 @@ class HttpBackend(BackendBase):
         scores = []
         for text, full in zip(continuations, entries[1:], strict=True):
             ids = [e[1] for e in full]
-            start = _common_len(prefix_ids, ids)
+            start = common_prefix_len(prefix_ids, ids)
             scores.append(continuation_score(text, ids[start:], [e[0] for e in full[start:]]))
         return scores
 
@@ -301,14 +301,6 @@ class HttpBackend(BackendBase):
 
     def close(self) -> None:
         self._client.close()
-
-
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @hookimpl

@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sgl_adapters.graph import CallGraph, Leaf, LeafResult
+from sgl_adapters.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.backend import (
     CAPABILITIES,
     BackendBase,
@@ -201,7 +201,7 @@ class LocalBackend(BackendBase):
         tok = self.tokenizer
         prefix_ids = tok.encode(prefix)
         full = [tok.encode(prefix + c) for c in continuations]
-        starts = [_common_len(prefix_ids, ids) for ids in full]
+        starts = [common_prefix_len(prefix_ids, ids) for ids in full]
         outs = self.engine.generate(
             input_ids=full,
             sampling_params=[{"max_new_tokens": 0} for _ in full],
@@ -247,14 +247,6 @@ class LocalBackend(BackendBase):
         if len(outs) != len(leaves):
             raise RuntimeError(f"engine returned {len(outs)} results for {len(leaves)} leaves")
         return [leaf_result_from_sglang(leaf, out) for leaf, out in zip(leaves, outs, strict=True)]
-
-
-def _common_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class LocalBackendFactory:
