@@ -97,6 +97,15 @@ ENGINES = EngineRegistry()
 """The process-wide registry the LangChain (and DSPy) classes use unless given another."""
 
 
+def shared_engine(
+    model: str | None,
+    engine_kwargs: Mapping[str, Any] | None,
+    registry: EngineRegistry | None = None,
+) -> Any:
+    """The engine of (model, engine_kwargs) in `registry`, or in `ENGINES` when None."""
+    return (registry if registry is not None else ENGINES).get(model, engine_kwargs)
+
+
 @dataclass(frozen=True)
 class Request:
     """One generation call: a rendered prompt and SGLang sampling params (constraint included)."""

@@ -58,15 +58,14 @@ class SGLangEngine:
         registry: _engines.EngineRegistry | None = None,
     ) -> None:
         self.model = model
-        self.engine_kwargs = dict({"device": "cpu"} if engine_kwargs is None else engine_kwargs)
+        self.engine_kwargs = translate.engine_kwargs_or_default(engine_kwargs)
         self.defaults = GenerationDefaults(default_max_tokens, max_string_length)
         self.registry = registry
 
     @property
     def engine(self) -> Any:
         """The shared engine (loaded on first use, under the registry's lock)."""
-        registry = self.registry if self.registry is not None else _engines.ENGINES
-        return registry.get(self.model, self.engine_kwargs)
+        return _engines.shared_engine(self.model, self.engine_kwargs, self.registry)
 
     def plan(self, request: Request) -> EngineCall:
         """The engine submission for `request`; unsupported features raise lm15 errors."""

@@ -52,14 +52,13 @@ class SGLangLM(dspy.BaseLM):
             **kwargs,
         )
         self.model_path = model
-        self.engine_kwargs = dict({"device": "cpu"} if engine_kwargs is None else engine_kwargs)
+        self.engine_kwargs = translate.engine_kwargs_or_default(engine_kwargs)
         self.defaults = GenerationDefaults(default_max_tokens, max_string_length)
         self.registry = registry
 
     @property
     def engine(self) -> Any:
-        registry = self.registry if self.registry is not None else _engines.ENGINES
-        return registry.get(self.model_path, self.engine_kwargs)
+        return _engines.shared_engine(self.model_path, self.engine_kwargs, self.registry)
 
     @property
     def supports_response_schema(self) -> bool:

@@ -55,6 +55,11 @@ _CONSTRAINT_KEYS = frozenset({"regex", "json_schema", "ebnf", "choices"})
 _DIRECT = ("temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty")
 
 
+def engine_kwargs_or_default(engine_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The engine options of a DSPy-facing engine: as given, else the CPU."""
+    return dict({"device": "cpu"} if engine_kwargs is None else engine_kwargs)
+
+
 @dataclass(frozen=True)
 class GenerationDefaults:
     """Settings of one DSPy-facing engine: the default output budget, and an opt-in cap
