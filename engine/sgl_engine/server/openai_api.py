@@ -325,9 +325,8 @@ async def _chat_events(
     base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time())}
     base["model"] = s.model_name
     auto = not forced and bool(body.tools and body.tool_choice != "none")
-    parsers = {i: tool_calls.AutoToolStream(body.tools or []) for i in range(len(streams))}
+    parsers = {i: tool_calls.AutoToolStream(body.tools) for i in range(len(streams)) if auto}
     finals: dict[int, dict] = {}
-    has_calls = [False] * len(streams)
     sent_lp = [0] * len(streams)
     deltas = Deltas()
     for i in range(len(streams)):
@@ -346,18 +345,18 @@ async def _chat_events(
         if auto:
             content, calls = parsers[index].feed(chunk["text"], final=done)
             choice["delta"] = _tool_delta(content, calls, parsers[index].calls - len(calls))
-            has_calls[index] = has_calls[index] or bool(calls)
         elif not forced and (delta := deltas(index, chunk["text"])):
             choice["delta"] = {"content": delta}
         reason = None
         if done:
             finals[index] = chunk
             reason = finish_reason(meta)[0]
+            called = auto and parsers[index].calls > 0
             if forced:
-                message, has_calls[index] = _message(body, chunk["text"], forced)
+                message, called = _message(body, chunk["text"], forced)
                 calls = message.get("tool_calls") or []
                 choice["delta"] = _tool_delta(message["content"] or "", calls, 0)
-            reason = "tool_calls" if has_calls[index] and reason == "stop" else reason
+            reason = "tool_calls" if called and reason == "stop" else reason
         if choice["delta"] or choice["logprobs"] or done:
             yield sse({**base, "choices": [{**choice, "finish_reason": reason}]})
     if body.stream_options and body.stream_options.include_usage:
