@@ -385,9 +385,9 @@ class Scheduler:
         if flight is None or flight.prefill:
             return False
         live = [(r, n) for r, n in flight.batch if not r.finished]
-        if not live or len(live) != len(self.running):
+        if not live or {id(r) for r, _ in live} != {id(r) for r in self.running}:
             return False
-        return self._overlappable(live) and all(r in self.running for r, _ in live)
+        return self._overlappable(live)
 
     def _look_ahead(self) -> None:
         prev = self.inflight
