@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from sgl_adapters.graph import CallGraph, Leaf, LeafResult, Usage
+from sgl_plugins.graph import CallGraph, Leaf, LeafResult, Usage
 
 CAPABILITIES = frozenset(
     {

@@ -15,7 +15,6 @@ import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
-from sgl_adapters.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.backend import (
     BackendBase,
     ContinuationScore,
@@ -25,6 +24,7 @@ from sgl_plugins.backend import (
     single_leaf_graph,
     stream_chunk_from_sglang,
 )
+from sgl_plugins.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.hookspecs import hookimpl
 
 DEFAULT_URL = "http://127.0.0.1:30000"

@@ -17,7 +17,6 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sgl_adapters.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.backend import (
     CAPABILITIES,
     BackendBase,
@@ -28,6 +27,7 @@ from sgl_plugins.backend import (
     single_leaf_graph,
     stream_chunk_from_sglang,
 )
+from sgl_plugins.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.hookspecs import hookimpl
 
 CHATML_TEMPLATE = (
