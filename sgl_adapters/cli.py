@@ -43,7 +43,7 @@ def run_plugins(args: argparse.Namespace) -> int:
             )
         )
         return 1 if errors else 0
-    rows = [("NAME", "VERSION", "DISTRIBUTION", "MODULE", "BACKENDS", "CHAT TEMPLATES")]
+    rows = [("NAME", "VERSION", "DISTRIBUTION", "MODULE", "BACKENDS", "CHAT TEMPLATES", "FAMILIES")]
     for p in plugins:
         rows.append(
             (
@@ -53,6 +53,7 @@ def run_plugins(args: argparse.Namespace) -> int:
                 p.module,
                 ",".join(p.backends) or "-",
                 ",".join(p.chat_templates) or "-",
+                ",".join(p.model_families) or "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
