@@ -79,8 +79,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from sgl_engine.server.launch import serve_from_args
+    from sgl_plugins.manager import get_plugin_manager
 
-    serve_from_args(args)
+    serve_from_args(args, families=get_plugin_manager().model_families())
     return 0
 
 

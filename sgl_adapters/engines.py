@@ -126,32 +126,44 @@ class EngineClient:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.engine.apply_chat_template(messages, add_generation_prompt)
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """The prompt text; `kwargs` (tools=, enable_thinking=, ...) reach the template."""
+        return self.engine.apply_chat_template(messages, add_generation_prompt, **kwargs)
 
     def graph(self, requests: Sequence[Request]) -> Any:
-        """The shared-prefix CallGraph of `requests` (one leaf each, in order)."""
+        """The shared-prefix CallGraph of `requests` (one leaf each, in order). Requests
+        asking for logprobs (`return_logprob`, `top_logprobs_num` in params) must agree."""
         from sgl_adapters.graph import CallGraph
 
-        params = [dict(r.params) for r in requests]
-        return CallGraph.from_prompts([r.prompt for r in requests], self.tokenizer, params)
+        params = [_sampling(r.params) for r in requests]
+        return CallGraph.from_prompts(
+            [r.prompt for r in requests], self.tokenizer, params, **_logprob_args(requests[0])
+        )
 
     def generate(self, requests: Sequence[Request]) -> list[dict]:
         """All requests as one shared-prefix CallGraph (each shared prefix prefilled once)."""
-        if not requests:
-            return []
-        return [_as_dict(r) for r in self.backend.run_graph(self.graph(requests))]
+        out: list[dict] = []
+        for group in _logprob_groups(requests):
+            out += [_as_dict(r) for r in self.backend.run_graph(self.graph(group))]
+        return out
 
     async def agenerate(self, requests: Sequence[Request]) -> list[dict]:
-        if not requests:
-            return []
-        return [_as_dict(r) for r in await self.backend.arun_graph(self.graph(requests))]
+        out: list[dict] = []
+        for group in _logprob_groups(requests):
+            out += [_as_dict(r) for r in await self.backend.arun_graph(self.graph(group))]
+        return out
 
     def stream(self, request: Request) -> Iterator[dict]:
-        return self.engine.generate(request.prompt, dict(request.params), stream=True)
+        return self.engine.generate(
+            request.prompt, _sampling(request.params), stream=True, **_logprob_args(request)
+        )
 
     async def astream(self, request: Request) -> AsyncIterator[dict]:
-        chunks = await self.engine.async_generate(request.prompt, dict(request.params), stream=True)
+        chunks = await self.engine.async_generate(
+            request.prompt, _sampling(request.params), stream=True, **_logprob_args(request)
+        )
         async for chunk in chunks:
             yield chunk
 
@@ -167,6 +179,33 @@ class EngineClient:
 
     def metrics(self) -> dict:
         return self.engine.metrics()
+
+
+_LOGPROB_KEYS = ("return_logprob", "top_logprobs_num")
+
+
+def _sampling(params: Mapping[str, Any]) -> dict:
+    return {k: v for k, v in params.items() if k not in _LOGPROB_KEYS}
+
+
+def _logprob_args(request: Request) -> dict:
+    if not request.params.get("return_logprob"):
+        return {}
+    return {
+        "return_logprob": True,
+        "top_logprobs_num": int(request.params.get("top_logprobs_num") or 0),
+    }
+
+
+def _logprob_groups(requests: Sequence[Request]) -> list[list[Request]]:
+    """Consecutive runs of requests with equal logprob settings (one graph each)."""
+    groups: list[list[Request]] = []
+    for r in requests:
+        if groups and _logprob_args(groups[-1][0]) == _logprob_args(r):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
 
 
 def _probe_request(input_ids: list[int], start: int, top: int) -> dict:

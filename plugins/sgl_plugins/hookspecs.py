@@ -21,6 +21,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from sgl_engine.families import ModelFamily
+
     from sgl_plugins.backend import Backend
 
 hookspec = pluggy.HookspecMarker("sgl_adapters")

@@ -39,15 +39,58 @@ def rename_root(ebnf: str, new: str) -> str:
     return "".join(out)
 
 
+_RULE_RE = re.compile(r"^([A-Za-z_][\w-]*) ::=", re.MULTILINE)
+
+
+def namespaced(ebnf: str, rule: str) -> str:
+    """`ebnf` with its root named `rule` and its other rules prefixed by `rule_`, except the
+    shared `basic_*` JSON rules (identical in every compact-JSON grammar), so two grammars
+    can sit in one file; `merge` then drops the repeated shared rules."""
+    names = {n for n in _RULE_RE.findall(ebnf) if not n.startswith("basic_")}
+    if not names:
+        return ebnf
+    pattern = re.compile(
+        r"(?<![\w-])("
+        + "|".join(sorted(map(re.escape, names), key=len, reverse=True))
+        + r")(?![\w-])"
+    )
+
+    def rename(m: re.Match) -> str:
+        return rule if m.group(1) == "root" else f"{rule}_{m.group(1)}"
+
+    out, pos = [], 0
+    for m in _LITERAL_RE.finditer(ebnf):
+        out.append(pattern.sub(rename, ebnf[pos : m.start()]))
+        out.append(m.group(0))
+        pos = m.end()
+    out.append(pattern.sub(rename, ebnf[pos:]))
+    return "".join(out)
+
+
+def merge(*parts: str) -> str:
+    """EBNF texts joined, keeping the first of repeated identical lines of shared rules."""
+    seen: set[str] = set()
+    lines = []
+    for part in parts:
+        for line in part.splitlines():
+            if line.startswith("basic_"):
+                if line in seen:
+                    continue
+                seen.add(line)
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def json_schema_ebnf(schema: Mapping[str, Any] | str, rule: str = "root") -> str:
-    """xgrammar's compact-JSON grammar of `schema`, its root rule named `rule`."""
+    """xgrammar's compact-JSON grammar of `schema`, its root rule named `rule` (other rules
+    prefixed by `rule_`, see `namespaced`)."""
     import xgrammar as xgr
 
     from sgl_engine.grammar.schema_compat import compat_schema_text
 
     text = schema if isinstance(schema, str) else json.dumps(schema, ensure_ascii=False)
     ebnf = str(xgr.Grammar.from_json_schema(compat_schema_text(text), any_whitespace=False))
-    return ebnf if rule == "root" else rename_root(ebnf, rule)
+    return ebnf if rule == "root" else namespaced(ebnf, rule)
 
 
 def text_rule(name: str, excluded: str) -> str:

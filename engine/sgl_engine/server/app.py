@@ -26,6 +26,8 @@ class ServerState:
 
     engine: Any
     model_name: str
+    family: Any = None
+    """The model's `sgl_engine.families.ModelFamily` (tool-call format, reasoning markers)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -34,18 +36,23 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     model_name: str | None = None,
+    families: Any = None,
 ) -> FastAPI:
     """An app serving `engine` with the OpenAI API and SGLang's native API.
 
     `api_key` (when given) is required as `Authorization: Bearer <key>` on every path but
     /health; bodies larger than `max_body_bytes` get 413. The app never shuts the engine down:
-    whoever made the engine owns it (see `launch.serve`).
+    whoever made the engine owns it (see `launch.serve`). `families` (a
+    `sgl_engine.families.FamilyRegistry`, default the built-ins) picks the model's family.
     """
     from sgl_engine.server import native_api, openai_api
 
     name = model_name or str(getattr(engine, "model_path", None) or "default")
     app = FastAPI(title="sgl-adapters", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.sgl = ServerState(engine=engine, model_name=name)
+    from sgl_engine.families import family_of
+
+    family = family_of(engine, families)
+    app.state.sgl = ServerState(engine=engine, model_name=name, family=family)
     app.include_router(openai_api.router)
     app.include_router(native_api.router)
     _install_error_handlers(app)

@@ -81,6 +81,7 @@ def serve(
     served_model_name: str | None = None,
     graceful_timeout: float = 30.0,
     log_level: str = "info",
+    families: Any = None,
     **engine_kwargs: Any,
 ) -> None:
     """Load `model` (None: the embedded SmolLM2) and serve it until SIGINT/SIGTERM; then stop
@@ -91,7 +92,7 @@ def serve(
 
     engine = Engine(model, **engine_kwargs)
     try:
-        app = create_app(engine, api_key, max_body_bytes, served_model_name)
+        app = create_app(engine, api_key, max_body_bytes, served_model_name, families)
         uvicorn.run(
             app,
             host=host,
@@ -147,7 +148,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def serve_from_args(args: argparse.Namespace) -> None:
+def serve_from_args(args: argparse.Namespace, families: Any = None) -> None:
+    """`serve` with parsed flags; `families` as `create_app` takes them."""
     engine_kwargs = {
         key: getattr(args, key) for key in ENGINE_ARGS if getattr(args, key) is not None
     }
@@ -160,6 +162,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
         served_model_name=args.served_model_name,
         graceful_timeout=args.graceful_timeout,
         log_level=args.log_level,
+        families=families,
         **engine_kwargs,
     )
 

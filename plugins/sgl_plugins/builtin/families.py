@@ -4,6 +4,7 @@ the same hook as third-party families."""
 from __future__ import annotations
 
 from sgl_engine.families import BUILTIN_FAMILIES
+
 from sgl_plugins.hookspecs import RegisterModelFamily, hookimpl
 
 
