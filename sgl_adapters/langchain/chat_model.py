@@ -151,11 +151,9 @@ class ChatSGLang(SGLangParams, BaseChatModel):
         if bound and tools_mod.resolve_tool_choice(choice, bound)[0] != "none":
             offered = [{"type": "function", "function": s} for s in bound]
         template = getattr(client.tokenizer, "chat_template", None)
+        history = to_openai_dicts(messages)
         chat, tools = prepare_chat(
-            family,
-            template if isinstance(template, str) else "",
-            to_openai_dicts(messages),
-            offered,
+            family, template if isinstance(template, str) else "", history, offered
         )
         prompt = render(
             chat, lambda m: client.apply_chat_template(m, tools=tools, **template_kwargs)
@@ -164,7 +162,14 @@ class ChatSGLang(SGLangParams, BaseChatModel):
         if isinstance(params.get("json_schema"), dict):
             params["json_schema"] = cap_strings(params["json_schema"], self.max_string_length)
         decoding = tools_mod.plan_decoding(
-            family, prompt, params, bound, choice, parallel is not False, self.max_string_length
+            family,
+            prompt,
+            params,
+            bound,
+            choice,
+            parallel is not False,
+            self.max_string_length,
+            family.auto_mode(history),
         )
         if logprobs or top:
             params["return_logprob"] = True

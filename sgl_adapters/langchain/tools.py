@@ -107,6 +107,7 @@ def plan_decoding(
     tool_choice: Any,
     parallel: bool,
     max_string_length: int | None,
+    auto_mode: str = "auto",
 ) -> Decoding:
     """The decoding of a call; moves any constraint in `params` into the grammar when tools or
     reasoning need one grammar for everything (`params` is mutated)."""
@@ -116,6 +117,8 @@ def plan_decoding(
     mode = "none"
     if specs:
         mode, allowed = resolve_tool_choice(tool_choice, specs)
+        if mode == "auto":
+            mode = auto_mode
         capped = [
             {**s, "parameters": cap_strings(s["parameters"], max_string_length)} for s in allowed
         ]
@@ -139,7 +142,7 @@ _KEYS = ("regex", "json_schema", "ebnf", "choices")
 def _text_alternative(tools_ebnf: str, answer: str, mode: str) -> str:
     """A tool grammar whose plain-text answer is replaced by the grammar `answer`."""
     body = namespaced(answer, "structured_answer")
-    if mode == "required":
+    if mode in ("required", "list"):
         return tools_ebnf
     lines = tools_ebnf.splitlines()
     root = (

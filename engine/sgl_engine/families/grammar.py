@@ -17,7 +17,7 @@ from typing import Any, Literal
 from sgl_engine.families.reasoning import ReasoningFormat
 from sgl_engine.families.tool_format import ToolFormat
 
-Choice = Literal["auto", "required", "none"]
+Choice = Literal["auto", "required", "none", "list"]
 
 _LITERAL_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
 _ROOT_RE = re.compile(r"(?<![\w-])root(?![\w-])")
@@ -104,13 +104,16 @@ def tool_grammar(
     parallel: bool = True,
     max_calls: int | None = None,
 ) -> str:
-    """The answer grammar (root rule `root`) for tools `specs` ({"name", "parameters"})."""
+    """The answer grammar (root rule `root`) for tools `specs` ({"name", "parameters"}).
+    "list" (array formats): only the call list, which may be empty (the model declines)."""
     text = text_rule("plain_text", fmt.trigger)
     if choice == "none" or not specs:
         return f"root ::= plain_text\n{text}\n"
     most = 1 if not parallel else max_calls
     if fmt.array:
-        schema: dict[str, Any] = {"type": "array", "items": fmt.call_schema(specs), "minItems": 1}
+        least = 0 if choice == "list" else 1
+        schema: dict[str, Any] = {"type": "array", "items": fmt.call_schema(specs)}
+        schema["minItems"] = least
         if most is not None:
             schema["maxItems"] = most
         calls = f"tool_calls ::= {lit(fmt.begin)} tool_call_json {lit(fmt.end)}"
@@ -121,8 +124,9 @@ def tool_grammar(
         repeat = "" if most == 1 else " " + more
         calls = f"tool_calls ::= {lit(fmt.begin)} tool_call{repeat} {lit(fmt.end)}\n{one}"
         body = json_schema_ebnf(fmt.call_schema(specs), "tool_call_json")
-    root = "root ::= tool_calls" if choice == "required" else "root ::= plain_text tool_calls?"
-    extra = "" if choice == "required" else f"\n{text}"
+    only_calls = choice == "required" or (choice == "list" and fmt.array)
+    root = "root ::= tool_calls" if only_calls else "root ::= plain_text tool_calls?"
+    extra = "" if only_calls else f"\n{text}"
     return f"{root}\n{calls}{extra}\n{body}\n"
 
 

@@ -72,6 +72,10 @@ class ModelFamily:
     priority: int = 0
     tools_prompt: ToolsPrompt = generic_tools_prompt
     description: str = ""
+    calls_first: bool = False
+    """The family's tuned protocol answers a user turn that offers tools with the call list
+    alone (an empty list declining): tool_choice "auto" then decodes that list (possibly
+    empty) on user turns, and text or calls after tool results."""
 
     def matches(self, template: str, model_type: str | None) -> bool:
         if self.template_markers and all(m in template for m in self.template_markers):
@@ -80,6 +84,12 @@ class ModelFamily:
 
     def tools_system_prompt(self, specs: Sequence[dict]) -> str:
         return self.tools_prompt(self.tool_format, specs)
+
+    def auto_mode(self, messages: Sequence[dict]) -> str:
+        """The grammar mode of tool_choice "auto" for a conversation (OpenAI-shaped dicts):
+        "list" on a user turn of a `calls_first` family, else "auto"."""
+        last = messages[-1].get("role") if messages else "user"
+        return "list" if self.calls_first and self.tool_format.array and last == "user" else "auto"
 
 
 QWEN3 = ModelFamily(
@@ -129,6 +139,7 @@ SMOLLM2_FAMILY = ModelFamily(
     priority=10,
     tools_prompt=smollm2_tools_prompt,
     description="SmolLM2-Instruct: <tool_call>[...]</tool_call>",
+    calls_first=True,
 )
 BUILTIN_FAMILIES = (QWEN3, DEEPSEEK_R1, HERMES_FAMILY, LLAMA3, MISTRAL_FAMILY, SMOLLM2_FAMILY)
 DEFAULT_FAMILY = "hermes"

@@ -79,7 +79,7 @@ class ToolCallStream:
             self.start = at
             return content, self._calls(text[at:], final)
         calls = self._calls(text[self.start :], final)
-        if final and not self.names:
+        if final and not self.names and not self.fmt.is_empty_list(text[self.start :]):
             return self._content(text, len(text)), calls
         return "", calls
 

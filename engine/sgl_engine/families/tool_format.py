@@ -83,9 +83,15 @@ class ToolFormat:
         if start < 0:
             return text, []
         calls = self.parse_section(text[start:])
+        if not calls and self.is_empty_list(text[start:]):
+            return text[:start].rstrip(), []
         if not calls or (names is not None and any(c.name not in names for c in calls)):
             return text, []
         return text[:start].rstrip(), calls
+
+    def is_empty_list(self, section: str) -> bool:
+        """Whether `section` is this format's empty call list (a declined call)."""
+        return self.array and "".join(section.split()) == "".join(self.render([]).split())
 
     def parse_section(self, section: str) -> list[ParsedCall]:
         """The calls of a calls section (text starting at `trigger`); [] if it is malformed."""

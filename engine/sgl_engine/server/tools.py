@@ -66,6 +66,8 @@ def plan_chat(eng: Any, body: ChatCompletionRequest, family: ModelFamily, params
     plan's grammar when one is needed (tools, or reasoning before a constraint)."""
     mode, specs = _mode(body)
     raw = [m.model_dump(exclude_none=True) for m in body.messages]
+    if mode == "auto":
+        mode = family.auto_mode(raw)
     template = getattr(eng.tokenizer, "chat_template", None)
     template = template if isinstance(template, str) else ""
     offered = [t.model_dump(exclude_none=True) for t in body.tools or []] if mode != "none" else []
