@@ -220,6 +220,13 @@ class LocalBackend(BackendBase):
     def metrics(self) -> dict[str, Any]:
         return dict(self.engine.metrics())
 
+    def flush_cache(self) -> bool:
+        return bool(self.engine.flush_cache())
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.engine, "model_path", None) or "")
+
     def close(self) -> None:
         if self._closed:
             return
