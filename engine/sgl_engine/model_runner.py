@@ -136,6 +136,7 @@ class ModelRunner:
                 self.attn,
                 default_batch_sizes(min(max_bs, config.max_running_requests)),
                 self.device,
+                context_length,
             )
 
     def _auto_pool_size(self, config: EngineConfig) -> int:
@@ -167,14 +168,24 @@ class ModelRunner:
         `collect`, only the KV slots of this step are written.
         """
         batch = self._build(mode, seqs, input_ids)
+        graph = None
         if self.graphs is not None and self.graphs.can_run(batch):
-            hidden = self.graphs.run(batch)
+            graph = self.graphs.run(batch)
+            hidden = graph.hidden
         else:
             self.attn.plan(batch)
             hidden = self.model(batch, self.pool, self.attn)
         launched = Launched(seqs, [SeqOutput() for _ in seqs])
         self._prompt_logprobs(hidden, batch, seqs, launched.outs)
-        self._sample(hidden, batch, seqs, bitmask, launched)
+        if graph is not None and bitmask is None and _plain_greedy(seqs):
+            self._ship(
+                DeviceSample(graph.next_ids, graph.logprobs, graph.chosen, graph.packed[2]),
+                launched,
+                list(range(len(seqs))),
+                graph.packed,
+            )
+            return launched
+        self._sample(hidden, batch, seqs, bitmask, launched, graph)
         return launched
 
     @torch.inference_mode()
@@ -246,16 +257,17 @@ class ModelRunner:
             outs[i].prompt_logprobs.append(chosen[j])
             outs[i].prompt_top.append(tops[j][: seqs[i].lp_top])
 
-    def _sample(self, hidden, batch: ForwardBatch, seqs, bitmask, launched: Launched) -> None:
+    def _sample(
+        self, hidden, batch: ForwardBatch, seqs, bitmask, launched: Launched, graph=None
+    ) -> None:
         idx = [i for i, s in enumerate(seqs) if s.sample is not None]
         if not idx:
             return
         if batch.num_tokens == len(idx):
-            rows = hidden
+            logits = graph.logits if graph is not None else self.model.logits(hidden)
         else:
             last = batch.qo_indptr[1:].long() - 1
-            rows = hidden[last[to_device(idx, torch.long, hidden.device)]]
-        logits = self.model.logits(rows)
+            logits = self.model.logits(hidden[last[to_device(idx, torch.long, hidden.device)]])
         specs = [seqs[i].sample for i in idx]
         allowed = None
         if bitmask is not None:
@@ -271,8 +283,12 @@ class ModelRunner:
             allowed_mask=allowed,
             banned_ids=[s.banned_ids for s in specs],
         )
-        launched.rows, launched.sampled = idx, sampled
-        packed = sampled.packed()
+        self._ship(sampled, launched, idx, sampled.packed())
+
+    @staticmethod
+    def _ship(sampled: DeviceSample, launched: Launched, rows: list[int], packed) -> None:
+        """Record the step's sampled rows and queue the copy of `packed` to the host."""
+        launched.rows, launched.sampled = rows, sampled
         if packed.device.type == "cuda":
             launched.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             launched.host.copy_(packed, non_blocking=True)
@@ -280,3 +296,16 @@ class ModelRunner:
             launched.ready.record()
         else:
             launched.host = packed
+
+
+def _plain_greedy(seqs: list[SeqInput]) -> bool:
+    """Every row samples greedily from the raw logits and asks for no top logprobs: the graph's
+    own argmax is the sampler's answer (its logprobs buffer is overwritten by the next replay,
+    so rows wanting top logprobs take the sampler's copy)."""
+    for s in seqs:
+        spec = s.sample
+        if spec is None or spec.top_logprobs_num > 0 or spec.banned_ids:
+            return False
+        if not spec.params.is_greedy or spec.params.has_penalties:
+            return False
+    return True
