@@ -41,13 +41,14 @@ def create_app(
     /health; bodies larger than `max_body_bytes` get 413. The app never shuts the engine down:
     whoever made the engine owns it (see `launch.serve`).
     """
-    from sgl_engine.server import native_api, openai_api
+    from sgl_engine.server import admin_api, native_api, openai_api
 
     name = model_name or str(getattr(engine, "model_path", None) or "default")
     app = FastAPI(title="sgl-adapters", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.sgl = ServerState(engine=engine, model_name=name)
     app.include_router(openai_api.router)
     app.include_router(native_api.router)
+    app.include_router(admin_api.router)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if api_key:

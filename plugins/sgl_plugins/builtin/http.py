@@ -15,7 +15,6 @@ import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
-from sgl_adapters.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.backend import (
     BackendBase,
     ContinuationScore,
@@ -25,6 +24,7 @@ from sgl_plugins.backend import (
     single_leaf_graph,
     stream_chunk_from_sglang,
 )
+from sgl_plugins.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.hookspecs import hookimpl
 
 DEFAULT_URL = "http://127.0.0.1:30000"
@@ -205,6 +205,7 @@ class HttpBackend(BackendBase):
             "return_logprob": [leaf.return_logprob for leaf in leaves],
             "logprob_start_len": [leaf.logprob_start_len for leaf in leaves],
             "top_logprobs_num": [leaf.top_logprobs_num for leaf in leaves],
+            "return_text_in_logprobs": any(leaf.return_text_in_logprobs for leaf in leaves),
         }
 
     @staticmethod
@@ -216,7 +217,12 @@ class HttpBackend(BackendBase):
 
     def _stream_body(self, prompt, sampling_params, leaf: dict) -> dict[str, Any]:
         body = self._batch_body(single_leaf_graph(prompt, sampling_params, **leaf))
-        return {**{k: v[0] for k, v in body.items()}, "stream": True}
+        texts = body.pop("return_text_in_logprobs")
+        return {
+            **{k: v[0] for k, v in body.items()},
+            "return_text_in_logprobs": texts,
+            "stream": True,
+        }
 
     # -- the Backend protocol -----------------------------------------------------------------
 
