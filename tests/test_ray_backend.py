@@ -13,10 +13,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from sgl_plugins.backend import Backend, CallGraph  # noqa: E402
-from sgl_plugins.manager import PluginManager  # noqa: E402
+from sgl_plugins.backend import Backend  # noqa: E402
+from sgl_plugins.graph import CallGraph  # noqa: E402
+from sgl_plugins.manager import PluginManager, get_backend  # noqa: E402
 
 GREEDY = {"max_new_tokens": 6, "temperature": 0}
+ENGINE = {"device": "cpu", "max_total_tokens": 4096}
 PREFIX = (
     "The quick brown fox jumps over the lazy dog. A radix tree shares prefixes between keys. "
     "Question: What is the capital of France? Answer:"
@@ -38,6 +40,11 @@ def manager():
 
 
 @pytest.fixture(scope="module")
+def ray_kwargs(tiny_model):
+    return {"replicas": 2, "model_path": tiny_model, "engine_kwargs": ENGINE}
+
+
+@pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from sgl_engine.testing import make_tiny_model_dir
 
@@ -45,20 +52,17 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def backend(cluster, manager, tiny_model):
-    b = manager.get_backend(
-        "ray",
-        replicas=2,
-        model_path=tiny_model,
-        engine_kwargs={"device": "cpu", "max_total_tokens": 4096},
-    )
+def backend(cluster, ray_kwargs):
+    """From the process-wide plugin manager, so front doors asking for "ray" with the same
+    arguments share these two actors."""
+    b = get_backend("ray", **ray_kwargs)
     yield b
     b.close()
 
 
 @pytest.fixture(scope="module")
 def local(manager, tiny_model):
-    b = manager.get_backend("local", model_path=tiny_model, device="cpu", max_total_tokens=4096)
+    b = manager.get_backend("local", model_path=tiny_model, **ENGINE)
     yield b
     b.close()
 
@@ -124,16 +128,60 @@ def test_a_batch_sharing_a_prefix_lands_on_one_replica_and_prefills_it_once(back
     assert {r.meta_info["replica"] for r in other} == {1 - home}  # the replica with more room
 
 
-def test_round_robin_spreads_the_same_batch(cluster, manager, backend):
+def prompt_tokens(backend) -> dict[int, int]:
+    return {r: m["prompt_tokens"] for r, m in backend.metrics()["replicas"].items()}
+
+
+def grown(before: dict[int, int], after: dict[int, int]) -> set[int]:
+    return {r for r in after if after[r] > before.get(r, 0)}
+
+
+def test_front_doors_run_through_the_ray_backend(backend, ray_kwargs):
+    """ChatSGLang, the DSPy LM and an SGLang program name the "ray" backend; they get the
+    shared replica set, and a batch (or fork) sharing a prefix runs on one replica."""
+    import sgl_adapters.lang as sgl
+    from sgl_adapters.dspy import LM
+    from sgl_adapters.langchain import ChatSGLang
+
+    chat = ChatSGLang(backend="ray", backend_kwargs=ray_kwargs, max_tokens=4)
+    assert chat.client().backend.replica_set is backend.replica_set
+    before = prompt_tokens(backend)
+    replies = chat.batch([PREFIX + f" {city}?" for city in ("Paris", "Rome", "Oslo")])
+    assert len(replies) == 3 and all(isinstance(r.content, str) for r in replies)
+    assert len(grown(before, prompt_tokens(backend))) == 1
+
+    lm = LM(backend="ray", backend_kwargs=ray_kwargs, max_tokens=4, temperature=0.0, cache=False)
+    before = prompt_tokens(backend)
+    (text,) = lm("Tell me about cats.")
+    assert isinstance(text, str) and grown(before, prompt_tokens(backend))
+
+    @sgl.function
+    def fan_out(s):
+        s += PREFIX
+        forks = s.fork(3)
+        for i, f in enumerate(forks):
+            f += f" {i}" + sgl.gen("answer", max_tokens=3)
+        forks.join()
+
+    runtime = sgl.Runtime(backend="ray", **ray_kwargs)
+    assert runtime.backend.replica_set is backend.replica_set
+    before = prompt_tokens(backend)
+    state = fan_out.run(backend=runtime, temperature=0)
+    assert len(grown(before, prompt_tokens(backend))) == 1
+    assert state.text().startswith(PREFIX)
+    runtime.shutdown()
+
+
+def test_round_robin_spreads_the_same_batch(backend):
     from sgl_plugins.routing import Router, RouterConfig
 
     graph = CallGraph.from_prompts([PREFIX + f" {i}" for i in range(4)], backend.tokenizer)
     graph_aware = backend.router
-    backend.router = Router(2, RouterConfig(policy="round_robin"))
+    backend.replica_set.router = Router(2, RouterConfig(policy="round_robin"))
     try:
         results = backend.run_graph(graph)
     finally:
-        backend.router = graph_aware
+        backend.replica_set.router = graph_aware
     assert [r.meta_info["replica"] for r in results] == [0, 1, 0, 1]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sgl_plugins.backend import CallGraph
+from sgl_plugins.graph import CallGraph
 from sgl_plugins.routing import (
     NoReplicaError,
     PrefixTree,

@@ -25,30 +25,14 @@ from sgl_plugins.backend import (
     ContinuationScore,
     StreamChunk,
 )
-from sgl_plugins.routing import (
-    Decision,
-    NoReplicaError,
-    Router,
-    RouterConfig,
-    Unit,
-    graph_units,
-    subgraph,
-)
+from sgl_plugins.builtin.ray.replica_set import ReplicaPool
+from sgl_plugins.routing import Decision, Router, RouterConfig, Unit, graph_units, subgraph
 
-DEFAULT_INIT = {"include_dashboard": False, "configure_logging": False}
 NUMERIC_RATIOS = ("hit_rate", "kv_usage")
 
 
 class ReplicaDiedError(RuntimeError):
     """A replica died while streaming to the caller; the partial output cannot be resumed."""
-
-
-def import_ray() -> Any:
-    try:
-        import ray
-    except ImportError as exc:
-        raise ImportError("the 'ray' backend needs Ray: pip install 'sgl-adapters[ray]'") from exc
-    return ray
 
 
 class RayBackend(BackendBase):
@@ -67,6 +51,7 @@ class RayBackend(BackendBase):
         self,
         model_path: str | None = None,
         *,
+        model: str | None = None,
         replicas: int = 2,
         engine_kwargs: Mapping[str, Any] | None = None,
         policy: str = "graph_aware",
@@ -75,35 +60,45 @@ class RayBackend(BackendBase):
         max_concurrency: int = 256,
         ray_init: Mapping[str, Any] | None = None,
         chat_template: str | None = None,
+        pool: ReplicaPool | None = None,
         name: str = "ray",
         **engine_config: Any,
     ) -> None:
-        ray = import_ray()
+        """Get the replica set of these arguments from `pool` (a private one when None);
+        `model` is an alias of `model_path`, extra keywords are engine config."""
+        if model is not None and model_path is not None and model != model_path:
+            raise ValueError("give model_path or model, not both")
         self.name = name
+        self.model_name = model_path if model_path is not None else model
         self.chat_template = chat_template
-        self._ray = ray
         self._closed = False
-        self._tokenizer: Any = None
         self._lock = threading.Lock()
-        kwargs = {**dict(engine_kwargs or {}), **engine_config}
-        self.router = Router(replicas, router_config or RouterConfig(policy=policy))
-        if not ray.is_initialized():
-            ray.init(**{**DEFAULT_INIT, **dict(ray_init or {})})
-        from sgl_plugins.builtin.ray.replica import Replica
+        self._pool = pool if pool is not None else ReplicaPool()
+        self._key, self.replica_set = self._pool.acquire(
+            model_path if model_path is not None else model,
+            num_replicas=replicas,
+            engine_kwargs={**dict(engine_kwargs or {}), **engine_config},
+            router_config=router_config or RouterConfig(policy=policy),
+            replica_options=replica_options,
+            max_concurrency=max_concurrency,
+            ray_init=ray_init,
+        )
+        self._ray = self.replica_set.ray
 
-        options = dict(replica_options or _default_options(kwargs))
-        actor_class = ray.remote(Replica).options(max_concurrency=max_concurrency, **options)
-        self.replicas = [actor_class.remote(i, model_path, kwargs) for i in range(replicas)]
-        self.pids = dict(ray.get([r.ready.remote() for r in self.replicas]))
+    @property
+    def router(self) -> Router:
+        return self.replica_set.router
+
+    @property
+    def replicas(self) -> list[Any]:
+        """The Ray actor handles, by replica index."""
+        return self.replica_set.replicas
 
     # -- the Backend protocol ---------------------------------------------------------------
 
     @property
     def tokenizer(self) -> Any:
-        with self._lock:
-            if self._tokenizer is None:
-                self._tokenizer = self._call_any(lambda actor: actor.tokenizer.remote())
-            return self._tokenizer
+        return self.replica_set.tokenizer
 
     def apply_chat_template(
         self,
@@ -185,19 +180,13 @@ class RayBackend(BackendBase):
         return total
 
     def close(self) -> None:
-        """Stop the engines and kill the actors; Ray itself stays up. Idempotent."""
+        """Drop this backend's reference to its replica set (the last one stops the engines
+        and kills the actors; Ray itself stays up). Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        ray = self._ray
-        for r in list(self.router.live):
-            try:
-                ray.get(self.replicas[r].shutdown.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 -- killed below either way
-                pass
-        for actor in self.replicas:
-            ray.kill(actor)
+        self._pool.release(self._key)
 
     # -- routing and failure ------------------------------------------------------------------
 
@@ -244,14 +233,6 @@ class RayBackend(BackendBase):
             finally:
                 self.router.release(decision.replica)
 
-    def _call_any(self, call: Any) -> Any:
-        for replica in list(self.router.live):
-            try:
-                return self._ray.get(call(self.replicas[replica]))
-            except self._ray.exceptions.RayActorError:
-                self._lost(replica)
-        raise NoReplicaError(f"no live replica left in backend {self.name!r}")
-
     def _lost(self, replica: int) -> None:
         self.router.remove(replica)
 
@@ -261,8 +242,18 @@ class RayBackend(BackendBase):
         return tuple(int(t) for t in prompt)
 
 
-def _default_options(engine_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    device = str(engine_kwargs.get("device", ""))
-    if device.startswith("cuda"):
-        return {"num_cpus": 1, "num_gpus": int(engine_kwargs.get("tp_size", 1))}
-    return {"num_cpus": 1}
+class RayBackendFactory:
+    """The `ray` factory: every backend it builds shares its `ReplicaPool`, so equal arguments
+    share one replica set; `close()` shuts the pool down."""
+
+    def __init__(self, pool: ReplicaPool | None = None) -> None:
+        self.pool = pool if pool is not None else ReplicaPool()
+
+    def __call__(
+        self, model_path: str | None = None, *, model: str | None = None, **kwargs: Any
+    ) -> RayBackend:
+        kwargs.setdefault("pool", self.pool)
+        return RayBackend(model_path, model=model, **kwargs)
+
+    def close(self) -> None:
+        self.pool.close()
