@@ -18,7 +18,9 @@ class EngineConfig:
     the same round prefills the shared prefix once. `overlap_schedule` launches each plain
     decode step before reading back the previous one's tokens (None: on CUDA only).
     `cuda_graph_max_bs` captures decode in CUDA graphs up to that batch size (flashinfer
-    backend only; None: 64 when the backend is flashinfer, 0 = off).
+    backend only; None: 64 when the backend is flashinfer, 0 = off). `tp_size` shards the model
+    over that many ranks (tensor parallelism: rank 0 in this process, the others in worker
+    processes; NCCL on CUDA, gloo on the CPU); `tp_timeout_s` bounds each of their collectives.
     """
 
     model_path: str | None = None
@@ -42,6 +44,8 @@ class EngineConfig:
     cuda_graph_max_bs: int | None = None
     overlap_schedule: bool | None = None
     served_model_name: str | None = None
+    tp_size: int = 1
+    tp_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -54,6 +58,10 @@ class EngineConfig:
             raise ValueError("schedule_policy must be 'lpm' or 'fcfs'")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             raise ValueError("cuda_graph_max_bs must be >= 0 (0 turns CUDA graphs off)")
+        if self.tp_size < 1:
+            raise ValueError("tp_size must be >= 1")
+        if self.tp_timeout_s <= 0:
+            raise ValueError("tp_timeout_s must be positive")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:
             raise ValueError("max_total_tokens must be >= 2")
 
