@@ -213,7 +213,8 @@ def test_tool_choice_auto_needs_token_scoring(served, manager, registry):
 
 def test_plugin_kwargs_and_env_base_url(monkeypatch, served, registry):
     monkeypatch.setenv("SGL_ADAPTERS_BASE_URL", served[1])
-    model = ChatSGLang(backend="http", registry=registry, timeout=30.0)
-    assert model.base_url == served[1] and model.backend_kwargs == {"timeout": 30.0}
-    assert model.model_name == "tiny"
-    assert model.invoke("hi", max_tokens=2).content is not None
+    model = ChatSGLang(backend="http", registry=registry, timeout=30.0, chat_template=None)
+    assert model.base_url == served[1] and model.backend_kwargs == {"chat_template": None}
+    assert model.plugin_kwargs()["timeout"] == 30.0
+    assert model.model_name == "http"  # no I/O; responses name the served model
+    assert model.invoke("hi", max_tokens=2).response_metadata["model_name"] == "tiny"
