@@ -153,5 +153,5 @@ class TestChatSGLangHttpUnit(_OverHttp, _Features, ChatModelUnitTests):
 @pytest.mark.asyncio
 @pytest.mark.usefixtures("sglang_server")
 class TestChatSGLangHttpIntegration(_OverHttp, TestChatSGLangIntegration):
-    def test_backend_is_http(self, model) -> None:
+    async def test_backend_is_http(self, model) -> None:
         assert model.client().name == "http" and model.base_url == os.environ[BASE_URL_ENV]
