@@ -383,6 +383,7 @@ class Engine:
             self._cv.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
+        self.runner.shutdown()
         if self.grammar is not None:
             self.grammar.shutdown()
 

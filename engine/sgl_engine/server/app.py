@@ -85,13 +85,14 @@ def create_app(
     `served_names`). The app never shuts the engine down: whoever made the engine owns it
     (see `launch.serve`).
     """
-    from sgl_engine.server import native_api, openai_api
+    from sgl_engine.server import admin_api, native_api, openai_api
 
     name, aliases = served_names(engine, model_name)
     app = FastAPI(title="sgl-adapters", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.sgl = ServerState(engine=engine, model_name=name, model_aliases=aliases)
     app.include_router(openai_api.router)
     app.include_router(native_api.router)
+    app.include_router(admin_api.router)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if api_key:

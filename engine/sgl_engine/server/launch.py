@@ -131,6 +131,7 @@ ENGINE_ARGS = (
     "chunked_prefill_size",
     "disable_radix_cache",
     "overlap_schedule",
+    "tp_size",
 )
 """The `EngineConfig` fields `serve` takes from the command line (flags with dashes)."""
 
@@ -165,6 +166,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         action=argparse.BooleanOptionalAction,
         default=None,
         help="launch each decode step before reading the last one back (default: on CUDA)",
+    )
+    parser.add_argument(
+        "--tp",
+        "--tp-size",
+        dest="tp_size",
+        type=int,
+        default=None,
+        help="tensor parallel over this many GPUs (or CPU processes), one process per rank",
     )
     parser.add_argument("--graceful-timeout", type=float, default=30.0)
     parser.add_argument("--log-level", default="info")
