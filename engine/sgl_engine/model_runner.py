@@ -164,6 +164,7 @@ class ModelRunner:
                 self.attn,
                 default_batch_sizes(min(max_bs, config.max_running_requests)),
                 self.device,
+                context_length,
             )
 
     def _auto_pool_size(self, config: EngineConfig, mc: ModelConfig) -> int:
@@ -197,10 +198,14 @@ class ModelRunner:
             if self.driver is not None:
                 self.driver.publish(self.driver.plan(mode, seqs, input_ids), input_ids)
             batch = self._build(mode, seqs, input_ids)
-            hidden = self._forward(batch)
+            hidden, graph = self._forward(batch)
             launched = Launched(seqs, [SeqOutput() for _ in seqs])
             self._prompt_logprobs(hidden, batch, seqs, launched.outs)
-            self._sample(hidden, batch, seqs, bitmask, launched)
+            if graph is not None and bitmask is None and _plain_greedy(seqs):
+                sample = DeviceSample(graph.next_ids, graph.logprobs, graph.chosen, graph.packed[2])
+                self._ship(sample, launched, list(range(len(seqs))), graph.packed)
+            else:
+                self._sample(hidden, batch, seqs, bitmask, launched, graph)
             return launched
 
     @torch.inference_mode()
@@ -214,17 +219,19 @@ class ModelRunner:
         """A follower rank's half of rank 0's `launch`: the same forward pass and the same
         logits (their collectives), in the same order, without sampling."""
         batch = self._build(mode, seqs, input_ids)
-        hidden = self._forward(batch)
+        hidden, graph = self._forward(batch)
         if any(s.lp_rows for s in seqs):
             self.model.logits(hidden[_logprob_rows(seqs)[0]])
-        if sampled:
+        if sampled and not _logits_in_graph(graph, batch, sampled):
             self.model.logits(_last_rows(hidden, batch, sampled))
 
-    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+    def _forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, Any]:
+        """Hidden states, and the graph's outputs (logits, greedy pick) when a graph ran."""
         if self.graphs is not None and self.graphs.can_run(batch):
-            return self.graphs.run(batch)
+            graph = self.graphs.run(batch)
+            return graph.hidden, graph
         self.attn.plan(batch)
-        return self.model(batch, self.pool, self.attn)
+        return self.model(batch, self.pool, self.attn), None
 
     def _guard(self):
         return self.driver.guard() if self.driver is not None else contextlib.nullcontext()
@@ -297,11 +304,16 @@ class ModelRunner:
             outs[i].prompt_logprobs.append(chosen[j])
             outs[i].prompt_top.append(tops[j][: seqs[i].lp_top])
 
-    def _sample(self, hidden, batch: ForwardBatch, seqs, bitmask, launched: Launched) -> None:
+    def _sample(
+        self, hidden, batch: ForwardBatch, seqs, bitmask, launched: Launched, graph=None
+    ) -> None:
         idx = [i for i, s in enumerate(seqs) if s.sample is not None]
         if not idx:
             return
-        logits = self.model.logits(_last_rows(hidden, batch, idx))
+        if _logits_in_graph(graph, batch, idx):
+            logits = graph.logits
+        else:
+            logits = self.model.logits(_last_rows(hidden, batch, idx))
         specs = [seqs[i].sample for i in idx]
         allowed = None
         if bitmask is not None:
@@ -317,8 +329,12 @@ class ModelRunner:
             allowed_mask=allowed,
             banned_ids=[s.banned_ids for s in specs],
         )
-        launched.rows, launched.sampled = idx, sampled
-        packed = sampled.packed()
+        self._ship(sampled, launched, idx, sampled.packed())
+
+    @staticmethod
+    def _ship(sampled: DeviceSample, launched: Launched, rows: list[int], packed) -> None:
+        """Record the step's sampled rows and queue the copy of `packed` to the host."""
+        launched.rows, launched.sampled = rows, sampled
         if packed.device.type == "cuda":
             launched.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             launched.host.copy_(packed, non_blocking=True)
@@ -326,6 +342,19 @@ class ModelRunner:
             launched.ready.record()
         else:
             launched.host = packed
+
+
+def _plain_greedy(seqs: list[SeqInput]) -> bool:
+    """Every row samples greedily from the raw logits and asks for no top logprobs: the graph's
+    own argmax is the sampler's answer (its logprobs buffer is overwritten by the next replay,
+    so rows wanting top logprobs take the sampler's copy)."""
+    for s in seqs:
+        spec = s.sample
+        if spec is None or spec.top_logprobs_num > 0 or spec.banned_ids:
+            return False
+        if not spec.params.is_greedy or spec.params.has_penalties:
+            return False
+    return True
 
 
 def _logprob_rows(seqs: list[SeqInput]) -> tuple[list[int], list[int], list[int]]:
@@ -347,3 +376,9 @@ def _last_rows(hidden: torch.Tensor, batch: ForwardBatch, idx: list[int]) -> tor
         return hidden
     last = batch.qo_indptr[1:].long() - 1
     return hidden[last[to_device(idx, torch.long, hidden.device)]]
+
+
+def _logits_in_graph(graph: Any, batch: ForwardBatch, idx: list[int]) -> bool:
+    """Whether the sampled rows' logits are the graph's own (every row samples): then no rank
+    computes them again (under tensor parallelism each logits call is a collective)."""
+    return graph is not None and batch.num_tokens == len(idx)
