@@ -99,21 +99,23 @@ def test_backend_members_list_the_protocol():
 
 
 def test_builtins_load_through_the_same_hooks():
-    from sgl_plugins.builtin import http
+    from sgl_plugins.builtin import http, openai_compat, ray
 
     pm = PluginManager({}, entry_points=lambda: []).load()
     assert pm.errors == []
     assert pm.hooks.get_plugin("local") is local and pm.hooks.get_plugin("http") is http
     impls = [impl.plugin for impl in pm.hooks.hook.register_backends.get_hookimpls()]
-    assert sorted(impls, key=lambda m: m.__name__) == [http, local]
+    assert sorted(impls, key=lambda m: m.__name__) == [http, local, openai_compat, ray]
     spec = pm.backends()["local"]
     assert isinstance(spec.factory, LocalBackendFactory) and "prefix_dedup" in spec.capabilities
-    assert set(pm.backends()) == {"local", "http"}
+    assert set(pm.backends()) == {"local", "http", "openai", "ray"}
     infos = pm.list_plugins()
     assert [(i.name, i.builtin, i.module) for i in infos] == [
         ("families", True, "sgl_plugins.builtin.families"),
         ("http", True, "sgl_plugins.builtin.http"),
         ("local", True, "sgl_plugins.builtin.local"),
+        ("openai", True, "sgl_plugins.builtin.openai_compat"),
+        ("ray", True, "sgl_plugins.builtin.ray"),
     ]
     assert "chatml" in pm.chat_templates()
     assert {"qwen3", "llama3", "mistral", "smollm2", "hermes"} <= set(pm.model_families().names())
@@ -552,7 +554,7 @@ def test_cli_plugins_lists_what_is_loaded(monkeypatch, capsys):
     finally:
         get_plugin_manager.cache_clear()
     entries = {p["name"]: p for p in data["plugins"]}
-    assert set(entries) == {"local", "http", "families"} and data["errors"] == []
+    assert set(entries) == {"local", "http", "openai", "ray", "families"} and data["errors"] == []
     assert entries["local"]["backends"] == ["local"]
     assert "qwen3" in entries["families"]["model_families"]
     assert entries["local"]["module"] == "sgl_plugins.builtin.local"

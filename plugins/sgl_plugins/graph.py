@@ -56,6 +56,8 @@ class Leaf:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    return_text_in_logprobs: bool = False
+    """Logprob entries carry each token's text as a third item (SGLang's option)."""
 
     @property
     def constraint(self) -> tuple[str, Any] | None:
@@ -156,6 +158,7 @@ class CallGraph:
         logprob_start_len: int = -1,
         top_logprobs_num: int = 0,
         metadata: Mapping[str, Any] | None = None,
+        return_text_in_logprobs: bool = False,
     ) -> int:
         """Add a generation call on the prompt of `node`; returns the leaf id.
 
@@ -189,6 +192,7 @@ class CallGraph:
             logprob_start_len=logprob_start_len,
             top_logprobs_num=top_logprobs_num,
             metadata=dict(metadata or {}),
+            return_text_in_logprobs=return_text_in_logprobs,
             **given,
         )
         self._leaves.append(leaf)

@@ -31,7 +31,13 @@ from sgl_adapters.lang.api import (
     user_begin,
     user_end,
 )
-from sgl_adapters.lang.backends import LangBackend, Runtime, RuntimeEndpoint
+from sgl_adapters.lang.backends import (
+    BackendRuntime,
+    LangBackend,
+    OpenAI,
+    Runtime,
+    RuntimeEndpoint,
+)
 from sgl_adapters.lang.chat_template import ChatTemplate
 from sgl_adapters.lang.choices import (
     ChoicesDecision,
@@ -44,10 +50,12 @@ from sgl_adapters.lang.function import SglFunction
 from sgl_adapters.lang.interpreter import ProgramError, ProgramState, ProgramStateGroup
 
 __all__ = [
+    "BackendRuntime",
     "ChatTemplate",
     "ChoicesDecision",
     "ChoicesSamplingMethod",
     "LangBackend",
+    "OpenAI",
     "ProgramError",
     "ProgramState",
     "ProgramStateGroup",

@@ -40,6 +40,8 @@ class _Call:
     family: ModelFamily
     decoding: tools_mod.Decoding
     n: int = 1
+    logprobs: int | None = None
+    """Top alternatives per output token when logprobs are asked for (None: not asked)."""
 
 
 class ChatSGLang(SGLangParams, BaseChatModel):
@@ -111,7 +113,7 @@ class ChatSGLang(SGLangParams, BaseChatModel):
         registry = self.registry.manager.model_families()
         if self.family is not None:
             return registry.get(self.family)
-        return family_of(client.engine, registry)
+        return family_of(getattr(client.backend, "engine", client.backend), registry)
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of `text` with the model's own tokenizer (no special tokens added)."""
@@ -155,15 +157,17 @@ class ChatSGLang(SGLangParams, BaseChatModel):
         chat, tools = prepare_chat(
             family, template if isinstance(template, str) else "", history, offered
         )
-        prompt = render(
-            chat, lambda m: client.apply_chat_template(m, tools=tools, **template_kwargs)
-        )
-        name = self.model_name if model == self.model else model_display_name(model)
+        prompt = None
+        if client.renders_chat:
+            prompt = render(
+                chat, lambda m: client.apply_chat_template(m, tools=tools, **template_kwargs)
+            )
+        name = self.served_model_name(client, model)
         if isinstance(params.get("json_schema"), dict):
             params["json_schema"] = cap_strings(params["json_schema"], self.max_string_length)
         decoding = tools_mod.plan_decoding(
             family,
-            prompt,
+            prompt or "",
             params,
             bound,
             choice,
@@ -171,10 +175,9 @@ class ChatSGLang(SGLangParams, BaseChatModel):
             self.max_string_length,
             family.auto_mode(history),
         )
-        if logprobs or top:
-            params["return_logprob"] = True
-            params["top_logprobs_num"] = int(top or 0)
-        return _Call(client, Request(prompt, params), name, family, decoding, n)
+        lp = int(top or 0) if (logprobs or top) else None
+        request = Request(prompt, params, tuple(chat))
+        return _Call(client, request, name, family, decoding, n, lp)
 
     def _parse(self, call: _Call, text: str) -> Any:
         d = call.decoding
@@ -191,7 +194,7 @@ class ChatSGLang(SGLangParams, BaseChatModel):
         out = self._parse(call, result["text"])
         extra = {} if out.reasoning is None else {"reasoning_content": out.reasoning}
         metadata = self._response_metadata(call, reason)
-        if call.request.params.get("return_logprob"):
+        if call.logprobs is not None:
             metadata["logprobs"] = chat_logprobs(call.client.tokenizer, meta)
         return AIMessage(
             content=out.content,
@@ -233,6 +236,9 @@ class ChatSGLang(SGLangParams, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         call = self._prepare(messages, stop, kwargs)
+        if call.logprobs is not None:
+            leaf = {"return_logprob": True, "top_logprobs_num": call.logprobs}
+            return self._result(call, [call.client.call(r, **leaf) for r in self._requests(call)])
         result = prefetch.take(call.client, call.request) if call.n == 1 else None
         results = [result] if result is not None else call.client.generate(self._requests(call))
         return self._result(call, results)
@@ -245,6 +251,10 @@ class ChatSGLang(SGLangParams, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         call = self._prepare(messages, stop, kwargs)
+        if call.logprobs is not None:
+            leaf = {"return_logprob": True, "top_logprobs_num": call.logprobs}
+            requests = self._requests(call)
+            return self._result(call, [await call.client.acall(r, **leaf) for r in requests])
         result = await prefetch.atake(call.client, call.request) if call.n == 1 else None
         if result is not None:
             return self._result(call, [result])
@@ -296,8 +306,8 @@ class ChatSGLang(SGLangParams, BaseChatModel):
                 calls.append(self._prepare(messages, stop, rest))
             except Exception:  # noqa: BLE001 -- the input's own invoke reports it
                 continue
-        calls = [c for c in calls if c.n == 1]
-        return [c for c in calls if c.client.engine is calls[0].client.engine]
+        calls = [c for c in calls if c.n == 1 and c.logprobs is None]
+        return [c for c in calls if c.client.backend is calls[0].client.backend]
 
     def batch(
         self,
@@ -378,7 +388,6 @@ class _Stepper:
             d.opened,
         )
         self.ids = tools_mod.ChunkIds()
-        self.sent_lp = 0
 
     def __call__(self, raw: dict) -> ChatGenerationChunk | None:
         meta = raw["meta_info"]
@@ -387,11 +396,6 @@ class _Stepper:
         chunks = self.ids.chunks(step.calls)
         extra = {"reasoning_content": step.reasoning} if step.reasoning else {}
         metadata: dict[str, Any] = {}
-        if self.call.request.params.get("return_logprob"):
-            lp = chat_logprobs(self.call.client.tokenizer, meta, start=self.sent_lp)
-            self.sent_lp = len(meta.get("output_token_logprobs", []))
-            if lp["content"]:
-                metadata["logprobs"] = lp
         if not last:
             if not step.content and not chunks and not extra and not metadata:
                 return None
