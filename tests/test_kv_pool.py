@@ -18,3 +18,14 @@ def test_side_by_side_store_equals_separate_writes():
     assert torch.equal(one.kv[0], two.kv[0])
     assert torch.equal(one.k[0][loc], k) and torch.equal(one.v[0][loc], v)
     assert not one.kv[0][0].any()
+
+
+def test_one_row_views_are_side_by_side_too():
+    qkv = torch.randn(1, 8 * 16, requires_grad=False)
+    q, k, v = qkv.split([64, 32, 32], dim=-1)
+    k, v = k.reshape(-1, 2, 16), v.reshape(-1, 2, 16)
+    from sgl_engine.kv_cache import _side_by_side
+
+    kv = _side_by_side(k, v, torch.float32)
+    assert kv is not None and torch.equal(kv[:, 0], k) and torch.equal(kv[:, 1], v)
+    assert _side_by_side(k.clone(), v.clone(), torch.float32) is None

@@ -49,10 +49,11 @@ def _side_by_side(k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch
     """k and v as one [T, 2, Hkv, D] view when v starts where k's row ends, else None."""
     if k.dtype != dtype or v.dtype != dtype or k.shape != v.shape or k.dim() != 3:
         return None
-    _, h, d = k.shape
+    t, h, d = k.shape
     row = h * d
-    if k.stride() != v.stride() or k.stride()[1:] != (d, 1) or k.stride(0) < 2 * row:
+    stride = k.stride(0) if t > 1 else 2 * row  # a one-row view's first stride is arbitrary
+    if k.stride()[1:] != (d, 1) or v.stride()[1:] != (d, 1) or stride < 2 * row:
         return None
-    if v.data_ptr() != k.data_ptr() + row * k.element_size():
+    if (t > 1 and v.stride(0) != stride) or v.data_ptr() != k.data_ptr() + row * k.element_size():
         return None
-    return k.as_strided((k.shape[0], 2, h, d), (k.stride(0), row, d, 1))
+    return k.as_strided((t, 2, h, d), (stride, row, d, 1))
