@@ -38,6 +38,7 @@ GPU_ENGINE = dict(
     cuda_graph_max_bs=64,
     chunked_prefill_size=8192,
     mem_fraction_static=0.6,
+    decode_gemv="triton",
 )
 
 

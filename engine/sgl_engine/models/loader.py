@@ -52,7 +52,7 @@ def build_model(
     random_weights: bool = False,
     ops: str = "auto",
     tp: TPGroup | None = None,
-    decode_gemv: str = "auto",
+    decode_gemv: str = "cublas",
 ) -> LlamaForCausalLM:
     """Allocate directly on `device` in `dtype` (no fp32 copy of big models), then fill weights
     (with `tp`, only this rank's shard is kept; random weights are the same at every tp_size)."""
@@ -64,21 +64,13 @@ def build_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.rope = RotaryEmbedding(hf_config, cfg.head_dim, max_positions).to(device)
     model.ops = choose_ops(ops, device, dtype)
-    if device.type == "cuda" and _wants_triton(decode_gemv):
+    if device.type == "cuda" and decode_gemv == "triton":
         use_triton_gemv(model)
     if random_weights:
         _init_random(model)
     else:
         model.load_weights(iter_weights(_resolve_folder(str(model_path))))
     return model.eval()
-
-
-def _wants_triton(choice: str) -> bool:
-    if choice != "auto":
-        return choice == "triton"
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 def use_triton_gemv(model: torch.nn.Module) -> None:
