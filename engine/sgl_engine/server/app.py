@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sgl_engine.errors import InvalidRequestError
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_SEQUENCES_PER_REQUEST = 1024
+"""The most sequences (prompts times n) one HTTP request may ask for."""
 OPEN_PATHS = frozenset({"/health"})
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -148,7 +150,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(str(exc.detail), exc.status_code)
+        param = "body" if exc.status_code in (400, 422) else None  # e.g. a body not in UTF-8
+        return error_response(str(exc.detail), exc.status_code, param)
 
     @app.exception_handler(RuntimeError)
     async def _runtime(_: Request, exc: RuntimeError) -> JSONResponse:
@@ -173,7 +176,7 @@ def _first_param(errors: Any) -> str | None:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         if loc and err.get("type") != "json_invalid":
             return ".".join(loc)
-    return None
+    return "body"
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: list | None = None) -> None:

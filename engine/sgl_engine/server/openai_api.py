@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 
 from sgl_engine.errors import InvalidRequestError
 from sgl_engine.server import tools as tool_calls
-from sgl_engine.server.app import ServerState, error_body
+from sgl_engine.server.app import MAX_SEQUENCES_PER_REQUEST, ServerState, error_body
 from sgl_engine.server.formats import (
     chat_logprobs,
     completion_logprobs,
@@ -161,6 +161,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     params = sampling_params(body, _max_tokens(body.max_tokens, longest, eng.context_length))
     want_lp = body.logprobs is not None
     rid_prefix = f"cmpl-{uuid.uuid4().hex}"
+    if len(prompts) * body.n > MAX_SEQUENCES_PER_REQUEST:
+        raise InvalidRequestError(
+            f"{len(prompts) * body.n} sequences (prompts times n) in one request; the limit "
+            f"is {MAX_SEQUENCES_PER_REQUEST}",
+            "prompt",
+        )
     base, used = _rids(rid_prefix, len(prompts), body.n)
     logprob_args = dict(
         return_logprob=want_lp,
