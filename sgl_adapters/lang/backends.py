@@ -17,6 +17,7 @@ from sgl_adapters.graph import common_prefix_len
 from sgl_adapters.lang import chat_template as templates
 from sgl_adapters.lang.choices import ChoicesDecision, ChoicesSamplingMethod, mean_logprob
 from sgl_adapters.lang.ir import GenParams
+from sgl_adapters.lang.runtime_api import RuntimeAPI, engine_server_info
 
 Json = dict[str, Any]
 
@@ -152,7 +153,7 @@ def _drop_prompt_tokens(entries: list[list[Any]], choice: str) -> list[list[Any]
     return entries[k:]
 
 
-class Runtime(LangBackend):
+class Runtime(RuntimeAPI, LangBackend):
     """The in-process engine: `Runtime()` loads the embedded SmolLM2, `Runtime(model_path=...)`
     a local folder, `Runtime(engine=eng)` wraps an existing `sgl_engine.Engine` (not owned).
     Other keyword arguments are engine config fields (device, max_total_tokens, ...).
@@ -166,9 +167,16 @@ class Runtime(LangBackend):
         model_path: str | None = None,
         *,
         engine: Any = None,
-        chat_template: templates.ChatTemplate | None = None,
+        chat_template: templates.ChatTemplate | str | None = None,
+        log_level: str | None = None,
+        launch_timeout: float | None = None,
         **engine_kwargs: Any,
     ) -> None:
+        """`log_level` and `launch_timeout` (SGLang's server-process options) are accepted
+        and unused: the engine runs in this process. `chat_template` may be a template or the
+        name of one of SGLang's (`sgl_adapters.lang.chat_template.NAMED`)."""
+        if isinstance(chat_template, str):
+            chat_template = templates.get_chat_template(chat_template)
         self._local = None
         if engine is None:
             from sgl_plugins.manager import get_backend
@@ -204,6 +212,9 @@ class Runtime(LangBackend):
     def metrics(self) -> dict[str, Any]:
         return self.engine.metrics()
 
+    def server_info(self) -> dict[str, Any]:
+        return engine_server_info(self.engine)
+
     def shutdown(self) -> None:
         """Release this runtime's share of the engine (shut down with its last user)."""
         if self._local is not None:
@@ -213,14 +224,19 @@ class Runtime(LangBackend):
 
 class RuntimeEndpoint(LangBackend):
     """A server speaking SGLang's HTTP protocol (`/generate`, `/get_model_info`,
-    `/flush_cache`): our server or a real SGLang server. `tokenizer` (optional, HF) enables
-    token-id select scoring and the model's chat template; without it, `chat_template` or the
-    plain template is used and `select` heals tokens by their text."""
+    `/get_server_info`, `/flush_cache`): our server or a real SGLang server. `tokenizer`
+    (optional, HF) enables token-id select scoring; without it `select` heals tokens by their
+    text. The chat template is, first found: `chat_template`, SGLang's named template
+    `chat_template_name`, the tokenizer's, the served model's (its tokenizer folder when on
+    this machine, else looked up by model name as SGLang does). `verify` is httpx's TLS
+    verification (a CA bundle path or a bool)."""
 
     def __init__(
         self,
         base_url: str,
         api_key: str | None = None,
+        verify: str | bool | None = None,
+        chat_template_name: str | None = None,
         *,
         tokenizer: Any = None,
         chat_template: templates.ChatTemplate | None = None,
@@ -230,10 +246,19 @@ class RuntimeEndpoint(LangBackend):
 
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=timeout,
+            verify=True if verify is None else verify,
+        )
         self.model_info = self._check(self._client.get("/get_model_info")).json()
         self.tokenizer = tokenizer
-        self.chat_template = chat_template or templates.from_tokenizer(tokenizer)
+        if chat_template is None and chat_template_name:
+            chat_template = templates.get_chat_template(chat_template_name)
+        if chat_template is None and tokenizer is not None:
+            chat_template = templates.from_tokenizer(tokenizer)
+        self.chat_template = chat_template or templates.for_served_model(self.model_info)
 
     @staticmethod
     def _check(res: Any) -> Any:
@@ -266,6 +291,10 @@ class RuntimeEndpoint(LangBackend):
     def flush_cache(self) -> bool:
         res = self._client.post("/flush_cache")
         return res.status_code == 200
+
+    def get_server_info(self) -> dict[str, Any]:
+        """The server's /get_server_info (SGLang's route)."""
+        return self._check(self._client.get("/get_server_info")).json()
 
     def shutdown(self) -> None:
         self._client.close()
