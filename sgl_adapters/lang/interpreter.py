@@ -60,6 +60,7 @@ class StreamExecutor:
         self.fork_start_text_pos = 0
         self.error_: BaseException | None = None
         self.finished = threading.Event()
+        self.ended = False
         self._cv = threading.Condition()
         self._queue: queue.Queue | None = None
         if use_thread:
@@ -71,6 +72,8 @@ class StreamExecutor:
     # -- the caller's side ---------------------------------------------------------------------
 
     def submit(self, expr: Any) -> None:
+        if self.ended:
+            raise ProgramError("this program has ended; run it again to add to it")
         expr = ir.as_expr(expr)
         for name in ir.variable_names(expr):
             self.events[name] = threading.Event()
@@ -85,6 +88,7 @@ class StreamExecutor:
 
     def end(self) -> None:
         """No more expressions will come; the worker exits once the queue is drained."""
+        self.ended = True
         if self._queue is None:
             self._finish()
         elif not self.finished.is_set():
