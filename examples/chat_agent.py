@@ -36,10 +36,10 @@ def calculate(expression):
 
 @sgl.function
 def agent(s, question, max_tokens=24):
-    s += sgl.system("You are a helpful assistant. You can use a calculator.")
+    s += sgl.system("You are a helpful assistant. For arithmetic, always use the calculator.")
     s += sgl.user(question)
-    s += sgl.assistant("I will use: " + sgl.select("tool", ["calculator", "no tool"]))
-    if s["tool"] == "calculator":
+    s += sgl.assistant("To answer, I will use " + sgl.select("tool", ["the calculator", "nothing"]))
+    if s["tool"] == "the calculator":
         s += sgl.user("Write the arithmetic expression to compute.")
         s += sgl.assistant(sgl.gen("expression", max_tokens=16, regex=r"[0-9]+ ?[-+*/] ?[0-9]+"))
         s += sgl.user(f"The calculator says {calculate(s['expression'])}. Now answer.")

@@ -19,7 +19,7 @@ def tree_of_thought(s, question, num_branches=3, max_tokens=24):
     verdicts = s["verdict"]
     best = verdicts.index("yes") if "yes" in verdicts else 0
     s += "Reasoning:" + s["thought"][best] + "\n"
-    s += "Answer:" + sgl.gen("answer", max_tokens=max_tokens, stop="\n")
+    s += "So the answer is" + sgl.gen("answer", max_tokens=max_tokens, stop="\n")
 
 
 def main(max_tokens=24):
