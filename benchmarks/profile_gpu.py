@@ -63,8 +63,8 @@ def step_timeline(eng, fn) -> list[tuple[str, int, float]]:
 
 
 def graph_floor(eng, bs: int = 1, reps: int = 100) -> dict:
-    graphs = eng.runner.graphs
-    g = graphs.graphs[bs]
+    """One replay (model, lm_head and greedy pick) back to back: the GPU floor of a step."""
+    g = eng.runner.graphs.graphs[bs]
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
@@ -72,15 +72,34 @@ def graph_floor(eng, bs: int = 1, reps: int = 100) -> dict:
     for _ in range(reps):
         g.replay()
     torch.cuda.synchronize()
-    replay = (time.perf_counter() - t) / reps
-    hidden = graphs.outputs[bs]
-    t = time.perf_counter()
-    for _ in range(reps):
-        logits = eng.runner.model.logits(hidden)
-        logits.float().argmax(-1).tolist()
-    torch.cuda.synchronize()
-    head = (time.perf_counter() - t) / reps
-    return {"replay_ms": replay * 1e3, "lm_head_argmax_ms": head * 1e3}
+    return {"replay_ms": (time.perf_counter() - t) / reps * 1e3}
+
+
+def eager_kernels(eng, tokens: int = 32, top: int = 14) -> list[tuple[str, int, float]]:
+    """Kernels of batch-1 decode run eagerly (graphs off): (name, launches per step, us per
+    step), the largest first; the same kernels a replay runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = eng.runner.graphs
+    on_scheduler_thread(eng, lambda: setattr(eng.runner, "graphs", None))
+    sp = {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    try:
+        eng.generate(input_ids=[7, 8, 9], sampling_params=sp)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng.generate(input_ids=[7, 8, 9, 10], sampling_params=sp)
+    finally:
+        on_scheduler_thread(eng, lambda: setattr(eng.runner, "graphs", graphs))
+    rows = [
+        (e.key[:90], e.count // tokens, e.device_time_total / tokens)
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    ]
+    rows.sort(key=lambda r: -r[2])
+    total = sum(r[2] for r in rows)
+    print(
+        f"eager bs1 decode: {sum(r[1] for r in rows)} kernels, {total:.0f} us of kernel time/step"
+    )
+    return rows[:top]
 
 
 def cascade_kernels() -> dict:
@@ -147,6 +166,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--cascade-kernels", action="store_true")
+    ap.add_argument("--kernels", action="store_true", help="eager bs1 decode's kernel table")
+    ap.add_argument("--skip-mmlu", action="store_true")
     args = ap.parse_args()
     from sgl_engine import Engine
 
@@ -163,7 +184,12 @@ def main() -> None:
         steps = step_timeline(eng, lambda: eng.generate(input_ids=[9, 10, 11], sampling_params=sp))
         ms = sorted(s[2] for s in steps)
         print(f"bs1 step wall ms: median {ms[len(ms) // 2]:.3f} p10 {ms[len(ms) // 10]:.3f}")
-        print(profiled(eng, lambda: eng.generate(input_ids=[1, 5, 9], sampling_params=sp)))
+        print(profiled(eng, lambda: eng.generate(input_ids=[1, 5, 9], sampling_params=sp), 15))
+        if args.kernels:
+            for name, count, us in eager_kernels(eng):
+                print(f"  {us:8.1f} us  x{count:<4d} {name}")
+        if args.skip_mmlu:
+            return
         prompts = mmlu_prompts(random.Random(0))
         run_batch(eng, prompts[:4], 4)
         dt, _ = run_batch(eng, prompts, 16)

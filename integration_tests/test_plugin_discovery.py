@@ -91,8 +91,8 @@ LIST = """
 def test_entry_points_are_discovered_with_their_origin(env_dir):
     data = run_py(env_dir, LIST)
     by_name = {p["name"]: p for p in data["plugins"]}
-    assert set(by_name) == {"local", "http", "reverse"}
-    assert data["backends"] == ["http", "local", "reverse"]
+    assert set(by_name) == {"local", "http", "openai", "ray", "reverse"}
+    assert data["backends"] == ["http", "local", "openai", "ray", "reverse"]
     reverse = by_name["reverse"]
     assert reverse["distribution"] == "sgl-adapters-example-plugin"
     assert reverse["version"] == "0.1.0" and reverse["module"] == "sgl_example_plugin"
@@ -111,7 +111,7 @@ def test_allowlist_and_builtins_only(env_dir):
     only_reverse = run_py(env_dir, LIST, SGL_ADAPTERS_PLUGINS="reverse")
     assert only_reverse["backends"] == ["reverse"] and only_reverse["errors"] == []
     builtins = run_py(env_dir, LIST, SGL_ADAPTERS_LOAD_PLUGINS="0")
-    assert builtins["backends"] == ["http", "local"] and builtins["errors"] == []
+    assert builtins["backends"] == ["http", "local", "openai", "ray"] and builtins["errors"] == []
 
 
 def test_select_the_example_backend_by_name_and_run_a_graph(env_dir):

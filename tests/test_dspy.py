@@ -61,7 +61,7 @@ def lm(request, tiny_llama, registry):
 
 def engine_of(lm: dspy.BaseLM):
     """The `sgl_engine.Engine` under either kind of LM."""
-    return lm.engine.engine if hasattr(lm.engine, "plan") else lm.engine
+    return lm.engine.client.backend.engine if hasattr(lm.engine, "plan") else lm.engine
 
 
 def reference(lm, messages, **params):

@@ -52,7 +52,7 @@ def chat(tiny_lc, registry):
 
 
 def _engine(model):
-    return model.client().engine
+    return model.client().backend.engine
 
 
 def _reference(model, messages, **params):
@@ -212,7 +212,7 @@ def test_batch_prefills_the_shared_prefix_once(chat):
 
 def test_llm_class_matches_engine_and_batches(tiny_lc, registry):
     llm = SGLang(model=tiny_lc, max_tokens=8, registry=registry, engine_kwargs=ENGINE_KWARGS)
-    engine = llm.client().engine
+    engine = llm.client().backend.engine
     prompts = [SYSTEM + f"item {i}" for i in range(3)]
     refs = engine.generate(prompts, {"max_new_tokens": 8, "temperature": 0.0})
     assert engine.flush_cache()

@@ -2,11 +2,20 @@
 
 A step of `n` running requests replays the graph of the smallest captured size >= n. Padding
 rows read and write the dummy slot 0, so they never touch a real request's KV.
+
+Each graph runs the model, the lm_head and greedy selection (log-softmax, argmax, the chosen
+token's logprob, packed for one copy to the host), so a plain greedy decode step is one replay.
+Steps that need the general sampler take the graph's logits.
+
+All graphs share one KV-index buffer sized by `kv_index_capacity`: a decode batch lists every
+slot of every sequence, and sequences sharing a radix prefix repeat the shared slots, so what a
+batch carries is bounded by its rows times the context length, not by the pool size.
 """
 
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,28 +24,69 @@ from sgl_engine.attention.flashinfer_backend import pinned
 from sgl_engine.forward_batch import ForwardBatch, ForwardMode
 from sgl_engine.kv_cache import KVPool
 
+KV_INDEX_CAP = 1 << 25
+
 
 def default_batch_sizes(max_bs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16))
     return [s for s in sizes if s <= max_bs]
 
 
+def kv_index_capacity(max_bs: int, context_length: int) -> int:
+    """Entries of the shared KV-index buffer of graphs up to `max_bs` rows.
+
+    Bound: a decode row reads its sequence's slots, at most `context_length` of them (the
+    processor finishes a request at the context length; the overlapped look-ahead stops one
+    token before it), whatever it shares with other rows; a padding row reads one slot. A batch
+    of n <= bs real rows padded to bs therefore lists at most n * ctx + (bs - n) <= bs * ctx
+    indices. Capped at KV_INDEX_CAP entries (128 MiB); a batch over the buffer runs eagerly.
+    """
+    return min(max_bs * max(context_length, 1), KV_INDEX_CAP)
+
+
+def graph_kv_entries(seq_lens: list[int], sizes: list[int]) -> int:
+    """The KV indices a decode batch of `seq_lens` puts in the buffer once padded to a size."""
+    bs = sizes[bisect.bisect_left(sizes, len(seq_lens))]
+    return sum(seq_lens) + bs - len(seq_lens)
+
+
+@dataclass
+class GraphOutput:
+    """One replay's results: views into the graph's static buffers (valid until the next replay
+    of that size; copies queued on the stream before then read the right values)."""
+
+    hidden: torch.Tensor
+    logits: torch.Tensor
+    next_ids: torch.Tensor
+    logprobs: torch.Tensor
+    chosen: torch.Tensor
+    packed: torch.Tensor
+
+
 class CudaGraphRunner:
     """Owns the static input buffers and one graph (with its own decode plan) per size."""
 
     def __init__(
-        self, model: Any, pool: KVPool, attn: Any, batch_sizes: list[int], device: torch.device
+        self,
+        model: Any,
+        pool: KVPool,
+        attn: Any,
+        batch_sizes: list[int],
+        device: torch.device,
+        context_length: int,
     ) -> None:
         self.model, self.pool, self.attn = model, pool, attn
         self.sizes = sorted(batch_sizes)
         max_bs = self.sizes[-1]
-        self.max_kv = pool.num_slots + 1 + max_bs
+        self.max_kv = kv_index_capacity(max_bs, context_length)
+        self.kv_indices = torch.zeros(self.max_kv, dtype=torch.int32, device=device)
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.out_loc = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, GraphOutput] = {}
         self.wrappers: dict[int, Any] = {}
+        self.eager_fallbacks = 0
         self.mempool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):
             self._capture(bs)
@@ -63,26 +113,44 @@ class CudaGraphRunner:
             indptr.append(indptr[-1] + n)
         self.attn.plan_decode(self.wrappers[bs], pinned(indptr), kv_indices, pinned([1] * bs))
 
+    def _forward(self, batch: ForwardBatch) -> GraphOutput:
+        hidden = self.model(batch, self.pool, self.attn)
+        logits = self.model.logits(hidden)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        next_ids = logits.argmax(dim=-1)
+        chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
+        packed = torch.stack(
+            [next_ids.double(), chosen.double(), torch.zeros_like(chosen, dtype=torch.float64)]
+        )
+        return GraphOutput(hidden, logits, next_ids, logprobs, chosen, packed)
+
     def _capture(self, bs: int) -> None:
-        self.wrappers[bs] = self.attn.graph_decode_wrapper(bs, self.max_kv)
+        self.wrappers[bs] = self.attn.graph_decode_wrapper(bs, self.kv_indices)
         self._plan(bs, [1] * bs, torch.zeros(bs, dtype=torch.int32, device=self.input_ids.device))
         batch = self._static_batch(bs)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.model(batch, self.pool, self.attn)
+                self._forward(batch)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            self.outputs[bs] = self.model(batch, self.pool, self.attn)
+            self.outputs[bs] = self._forward(batch)
         self.graphs[bs] = graph
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.mode is ForwardMode.DECODE and batch.batch_size <= self.sizes[-1]
+        """Decode batches up to the largest size whose KV indices fit the shared buffer (always,
+        by `kv_index_capacity`'s bound, unless the cap applied); others run eagerly."""
+        if batch.mode is not ForwardMode.DECODE or batch.batch_size > self.sizes[-1]:
+            return False
+        if graph_kv_entries(batch.seq_lens, self.sizes) > self.max_kv:
+            self.eager_fallbacks += 1
+            return False
+        return True
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
-        """Replay for `batch` (decode only); returns hidden states [batch_size, H]."""
+    def run(self, batch: ForwardBatch) -> GraphOutput:
+        """Replay for `batch` (decode only); returns its first batch_size rows."""
         n = batch.batch_size
         bs = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(batch.input_ids)
@@ -95,4 +163,12 @@ class CudaGraphRunner:
         pad = torch.zeros(bs - n, dtype=torch.int32, device=batch.kv_indices.device)
         self._plan(bs, batch.seq_lens + [1] * (bs - n), torch.cat([batch.kv_indices, pad]))
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        o = self.outputs[bs]
+        return GraphOutput(
+            o.hidden[:n],
+            o.logits[:n],
+            o.next_ids[:n],
+            o.logprobs[:n],
+            o.chosen[:n],
+            o.packed[:, :n],
+        )

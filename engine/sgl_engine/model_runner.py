@@ -5,6 +5,7 @@ This is the only place where the scheduler's lists become tensors (`ForwardBatch
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 
 from sgl_engine.attention import create_backend, flashinfer_available
 from sgl_engine.config import EngineConfig
+from sgl_engine.distributed.group import TPGroup
 from sgl_engine.forward_batch import ForwardBatch, ForwardMode, to_device
 from sgl_engine.kv_cache import KVPool
 from sgl_engine.models.loader import build_model
@@ -84,7 +86,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    """Owns the model, the KV pool and the attention backend. Called from one thread only."""
+    """Owns the model, the KV pool and the attention backend. Called from one thread only.
+
+    With `config.tp_size > 1` this is rank 0: it starts the other ranks (`TensorParallel`) and
+    publishes every step to them before running its own shard; a follower rank's runner gets
+    its `tp` group and runs `follow` instead of `launch`.
+    """
 
     def __init__(
         self,
@@ -93,7 +100,25 @@ class ModelRunner:
         hf_config: Any,
         context_length: int,
         random_weights: bool = False,
+        tp: TPGroup | None = None,
     ) -> None:
+        self.driver = None
+        if config.tp_size > 1 and tp is None:
+            from sgl_engine.distributed.driver import TensorParallel
+
+            ModelConfig.from_hf(hf_config).shard(config.tp_size)
+            self.driver = TensorParallel(
+                config, model_path, hf_config, context_length, random_weights
+            )
+            tp = self.driver.group
+        try:
+            self._load(config, model_path, hf_config, context_length, random_weights, tp)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _load(self, config, model_path, hf_config, context_length, random_weights, tp) -> None:
+        self.tp = tp
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
         self.context_length = context_length
@@ -107,9 +132,12 @@ class ModelRunner:
             context_length,
             random_weights,
             config.fused_ops,
+            tp,
         )
-        self.num_slots = config.max_total_tokens or self._auto_pool_size(config)
-        mc = self.model_config
+        mc = self.model_config.shard(tp.size if tp is not None else 1)
+        self.num_slots = config.max_total_tokens or self._auto_pool_size(config, mc)
+        if tp is not None:
+            self.num_slots = tp.min_int(self.num_slots)
         self.pool = KVPool(
             self.num_slots, mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype, self.device
         )
@@ -136,12 +164,12 @@ class ModelRunner:
                 self.attn,
                 default_batch_sizes(min(max_bs, config.max_running_requests)),
                 self.device,
+                context_length,
             )
 
-    def _auto_pool_size(self, config: EngineConfig) -> int:
+    def _auto_pool_size(self, config: EngineConfig, mc: ModelConfig) -> int:
         if self.device.type != "cuda":
             return 16384
-        mc = self.model_config
         free, _ = torch.cuda.mem_get_info(self.device)
         per_token = KVPool.bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
         return max(1024, int(free * config.mem_fraction_static) // per_token)
@@ -166,16 +194,52 @@ class ModelRunner:
         can start from the previous step's sampled ids before they have reached the host. Until
         `collect`, only the KV slots of this step are written.
         """
+        with self._guard():
+            if self.driver is not None:
+                self.driver.publish(self.driver.plan(mode, seqs, input_ids), input_ids)
+            batch = self._build(mode, seqs, input_ids)
+            hidden, graph = self._forward(batch)
+            launched = Launched(seqs, [SeqOutput() for _ in seqs])
+            self._prompt_logprobs(hidden, batch, seqs, launched.outs)
+            if graph is not None and bitmask is None and _plain_greedy(seqs):
+                sample = DeviceSample(graph.next_ids, graph.logprobs, graph.chosen, graph.packed[2])
+                self._ship(sample, launched, list(range(len(seqs))), graph.packed)
+            else:
+                self._sample(hidden, batch, seqs, bitmask, launched, graph)
+            return launched
+
+    @torch.inference_mode()
+    def follow(
+        self,
+        mode: ForwardMode,
+        seqs: list[SeqInput],
+        sampled: list[int],
+        input_ids: torch.Tensor | None = None,
+    ) -> None:
+        """A follower rank's half of rank 0's `launch`: the same forward pass and the same
+        logits (their collectives), in the same order, without sampling."""
         batch = self._build(mode, seqs, input_ids)
+        hidden, graph = self._forward(batch)
+        if any(s.lp_rows for s in seqs):
+            self.model.logits(hidden[_logprob_rows(seqs)[0]])
+        if sampled and not _logits_in_graph(graph, batch, sampled):
+            self.model.logits(_last_rows(hidden, batch, sampled))
+
+    def _forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, Any]:
+        """Hidden states, and the graph's outputs (logits, greedy pick) when a graph ran."""
         if self.graphs is not None and self.graphs.can_run(batch):
-            hidden = self.graphs.run(batch)
-        else:
-            self.attn.plan(batch)
-            hidden = self.model(batch, self.pool, self.attn)
-        launched = Launched(seqs, [SeqOutput() for _ in seqs])
-        self._prompt_logprobs(hidden, batch, seqs, launched.outs)
-        self._sample(hidden, batch, seqs, bitmask, launched)
-        return launched
+            graph = self.graphs.run(batch)
+            return graph.hidden, graph
+        self.attn.plan(batch)
+        return self.model(batch, self.pool, self.attn), None
+
+    def _guard(self):
+        return self.driver.guard() if self.driver is not None else contextlib.nullcontext()
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks, if this runner started them."""
+        if self.driver is not None:
+            self.driver.shutdown()
 
     @torch.inference_mode()
     def collect(self, launched: Launched) -> list[SeqOutput]:
@@ -183,7 +247,8 @@ class ModelRunner:
         if launched.sampled is None:
             return launched.outs
         if launched.ready is not None:
-            launched.ready.synchronize()
+            with self._guard():
+                launched.ready.synchronize()
         out = DeviceSample.unpack(launched.host.tolist(), launched.sampled.logprobs)
         specs = [launched.seqs[i].sample for i in launched.rows]
         k = max(s.top_logprobs_num for s in specs)
@@ -229,14 +294,7 @@ class ModelRunner:
     def _prompt_logprobs(self, hidden, batch: ForwardBatch, seqs, outs) -> None:
         if not any(s.lp_rows for s in seqs):
             return
-        qo = [0]
-        for s in seqs:
-            qo.append(qo[-1] + len(s.new_ids))
-        rows, targets, owners = [], [], []
-        for i, s in enumerate(seqs):
-            rows.extend(qo[i] + r for r in s.lp_rows)
-            targets.extend(s.lp_targets)
-            owners.extend([i] * len(s.lp_rows))
+        rows, targets, owners = _logprob_rows(seqs)
         logprobs = torch.log_softmax(self.model.logits(hidden[rows]), dim=-1)
         tgt = torch.tensor(targets, device=logprobs.device)
         chosen = logprobs.gather(1, tgt[:, None])[:, 0].tolist()
@@ -246,16 +304,16 @@ class ModelRunner:
             outs[i].prompt_logprobs.append(chosen[j])
             outs[i].prompt_top.append(tops[j][: seqs[i].lp_top])
 
-    def _sample(self, hidden, batch: ForwardBatch, seqs, bitmask, launched: Launched) -> None:
+    def _sample(
+        self, hidden, batch: ForwardBatch, seqs, bitmask, launched: Launched, graph=None
+    ) -> None:
         idx = [i for i, s in enumerate(seqs) if s.sample is not None]
         if not idx:
             return
-        if batch.num_tokens == len(idx):
-            rows = hidden
+        if _logits_in_graph(graph, batch, idx):
+            logits = graph.logits
         else:
-            last = batch.qo_indptr[1:].long() - 1
-            rows = hidden[last[to_device(idx, torch.long, hidden.device)]]
-        logits = self.model.logits(rows)
+            logits = self.model.logits(_last_rows(hidden, batch, idx))
         specs = [seqs[i].sample for i in idx]
         allowed = None
         if bitmask is not None:
@@ -271,8 +329,12 @@ class ModelRunner:
             allowed_mask=allowed,
             banned_ids=[s.banned_ids for s in specs],
         )
-        launched.rows, launched.sampled = idx, sampled
-        packed = sampled.packed()
+        self._ship(sampled, launched, idx, sampled.packed())
+
+    @staticmethod
+    def _ship(sampled: DeviceSample, launched: Launched, rows: list[int], packed) -> None:
+        """Record the step's sampled rows and queue the copy of `packed` to the host."""
+        launched.rows, launched.sampled = rows, sampled
         if packed.device.type == "cuda":
             launched.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             launched.host.copy_(packed, non_blocking=True)
@@ -280,3 +342,43 @@ class ModelRunner:
             launched.ready.record()
         else:
             launched.host = packed
+
+
+def _plain_greedy(seqs: list[SeqInput]) -> bool:
+    """Every row samples greedily from the raw logits and asks for no top logprobs: the graph's
+    own argmax is the sampler's answer (its logprobs buffer is overwritten by the next replay,
+    so rows wanting top logprobs take the sampler's copy)."""
+    for s in seqs:
+        spec = s.sample
+        if spec is None or spec.top_logprobs_num > 0 or spec.banned_ids:
+            return False
+        if not spec.params.is_greedy or spec.params.has_penalties:
+            return False
+    return True
+
+
+def _logprob_rows(seqs: list[SeqInput]) -> tuple[list[int], list[int], list[int]]:
+    """The batch rows whose prompt logprobs are asked for, their target ids, their sequences."""
+    qo = [0]
+    for s in seqs:
+        qo.append(qo[-1] + len(s.new_ids))
+    rows, targets, owners = [], [], []
+    for i, s in enumerate(seqs):
+        rows.extend(qo[i] + r for r in s.lp_rows)
+        targets.extend(s.lp_targets)
+        owners.extend([i] * len(s.lp_rows))
+    return rows, targets, owners
+
+
+def _last_rows(hidden: torch.Tensor, batch: ForwardBatch, idx: list[int]) -> torch.Tensor:
+    """The hidden state of the last new token of each sequence in `idx`."""
+    if batch.num_tokens == len(idx):
+        return hidden
+    last = batch.qo_indptr[1:].long() - 1
+    return hidden[last[to_device(idx, torch.long, hidden.device)]]
+
+
+def _logits_in_graph(graph: Any, batch: ForwardBatch, idx: list[int]) -> bool:
+    """Whether the sampled rows' logits are the graph's own (every row samples): then no rank
+    computes them again (under tensor parallelism each logits call is a collective)."""
+    return graph is not None and batch.num_tokens == len(idx)

@@ -98,3 +98,42 @@ def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **
         json.dumps({"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id})
     )
     return path
+
+
+def shared_prefix_workload(
+    n: int,
+    prefixes: int,
+    prompt_len: tuple[int, int],
+    new_tokens: tuple[int, int],
+    vocab: tuple[int, int] = (3, 400),
+    seed: int = 0,
+) -> list[tuple[list[int], int]]:
+    """`n` (prompt ids, max_new_tokens) pairs: each prompt starts with one of `prefixes` random
+    prefixes (a random share of it, so prompts share prefixes of many lengths) and ends with its
+    own tokens; lengths drawn uniformly from the given ranges. The stress workload of issue 18."""
+    import random
+
+    rng = random.Random(seed)
+    lo, hi = prompt_len
+    roots = [[rng.randrange(*vocab) for _ in range(hi)] for _ in range(prefixes)]
+    out = []
+    for _ in range(n):
+        length = rng.randint(lo, hi)
+        shared = rng.randint(0, length - 1)
+        own = [rng.randrange(*vocab) for _ in range(length - shared)]
+        out.append((rng.choice(roots)[:shared] + own, rng.randint(*new_tokens)))
+    return out
+
+
+def submit_concurrently(engine, workload: list[tuple[list[int], int]], threads: int) -> list[dict]:
+    """Each request of `workload` submitted on its own from `threads` threads (greedy, EOS
+    ignored); the outputs in workload order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item: tuple[list[int], int]) -> dict:
+        ids, new = item
+        sp = {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}
+        return engine.generate(input_ids=ids, sampling_params=sp)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, workload))

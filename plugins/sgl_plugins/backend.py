@@ -4,6 +4,12 @@ A backend runs CallGraphs (`run_graph`/`arun_graph`), single calls (`generate`, 
 scores continuations for `select` (`score`), and exposes its tokenizer and chat template.
 `BackendBase` gives default `generate`/`stream`/`astream`/`arun_graph` on top of `run_graph`,
 so a minimal backend implements `run_graph` and `tokenizer` only.
+
+Optional members (front doors look them up with `getattr` and fall back): `chat` and
+`stream_chat` run a chat whose template the backend (or its server) applies -- backends
+declaring "chat" but not "chat_template" get chats this way; `flush_cache` empties a prefix
+cache; `model_name` names the model served. What a front door needs and a backend lacks is
+reported by `require` as one `BackendCapabilityError` naming both.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from sgl_adapters.graph import CallGraph, Leaf, LeafResult, Usage
+from sgl_plugins.graph import CallGraph, Leaf, LeafResult, Usage
 
 CAPABILITIES = frozenset(
     {
@@ -28,9 +34,39 @@ CAPABILITIES = frozenset(
         "prefix_dedup",  # one run_graph prefills each shared node once, even cold
         "token_ids",  # leaves given as token ids are sent as such
         "async",  # arun_graph/astream are natively asynchronous
+        "chat",  # chat/stream_chat take messages; the backend applies the template itself
     }
 )
-"""Capability names with a meaning the adapters rely on; plugins may declare others."""
+"""Capability names with a meaning the adapters rely on; plugins may declare others.
+"constrained" means all four constraint kinds; a backend supporting only some declares them
+by name instead ("json_schema", "regex", "ebnf", "choices")."""
+
+CONSTRAINT_CAPABILITIES = ("regex", "json_schema", "ebnf", "choices")
+
+
+class BackendCapabilityError(NotImplementedError):
+    """A front door needs `capability` and backend `backend` does not have it."""
+
+    def __init__(self, backend: str, capability: str, needed_for: str = "") -> None:
+        why = f" (needed for {needed_for})" if needed_for else ""
+        super().__init__(f"backend {backend!r} lacks capability {capability!r}{why}")
+        self.backend = backend
+        self.capability = capability
+
+
+def has_capability(backend: Any, capability: str) -> bool:
+    """Whether `backend` declares `capability` ("constrained" implies each constraint kind)."""
+    caps = getattr(backend, "capabilities", frozenset())
+    if capability in caps:
+        return True
+    return capability in CONSTRAINT_CAPABILITIES and "constrained" in caps
+
+
+def require(backend: Any, capability: str, needed_for: str = "") -> None:
+    """Raise `BackendCapabilityError` unless `backend` declares `capability`."""
+    if not has_capability(backend, capability):
+        name = getattr(backend, "name", type(backend).__name__)
+        raise BackendCapabilityError(name, capability, needed_for)
 
 
 @dataclass(frozen=True)
@@ -178,6 +214,33 @@ class BackendBase:
 
     def metrics(self) -> dict[str, Any]:
         return {}
+
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache; False when there is none to flush."""
+        return False
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        sampling_params: Mapping[str, Any] | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        **leaf: Any,
+    ) -> LeafResult:
+        """One chat call: the messages rendered with `apply_chat_template`, then `generate`."""
+        return self.generate(
+            self.apply_chat_template(messages, tools=tools), sampling_params, **leaf
+        )
+
+    def stream_chat(
+        self,
+        messages: list[dict[str, Any]],
+        sampling_params: Mapping[str, Any] | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        **leaf: Any,
+    ) -> Iterator[StreamChunk]:
+        return self.stream(self.apply_chat_template(messages, tools=tools), sampling_params, **leaf)
 
     def close(self) -> None:
         return None

@@ -1,4 +1,4 @@
-"""DSPy front door: run DSPy programs on `sgl_engine`.
+"""DSPy front door: run DSPy programs on `sgl_engine` or any sgl-adapters backend.
 
 ```python
 import dspy
@@ -40,13 +40,26 @@ def LM(  # noqa: N802 - a factory that stands in for a class, like dspy.LM
     max_string_length: int | None = None,
     default_max_tokens: int = 512,
     registry: EngineRegistry | None = None,
+    backend: Any = "local",
+    backend_kwargs: Mapping[str, Any] | None = None,
+    base_url: str | None = None,
+    api_key: str | None = None,
     **kwargs: Any,
 ) -> dspy.BaseLM:
     """A DSPy LM on the shared engine of `model` (a local HF folder; None: the embedded
     SmolLM2-135M-Instruct). `engine_kwargs` are `sgl_engine.EngineConfig` fields (default
     `{"device": "cpu"}`); `max_string_length` caps free JSON strings in structured outputs
     (opt-in, for small models); `default_max_tokens` applies when no max_tokens is given;
-    other `kwargs` go to `dspy.LM` / `dspy.BaseLM` (temperature, max_tokens, cache, ...)."""
+    other `kwargs` go to `dspy.LM` / `dspy.BaseLM` (temperature, max_tokens, cache, ...).
+
+    `backend` is "local" (the in-process engine), any registered plugin name ("http",
+    "openai", a third party's) built with `backend_kwargs` plus `base_url`/`api_key` when
+    given, or a `Backend` instance."""
+    plugin_kwargs = dict(backend_kwargs or {})
+    if base_url is not None:
+        plugin_kwargs.setdefault("base_url", base_url)
+    if api_key is not None:
+        plugin_kwargs.setdefault("api_key", api_key)
     if has_engine_contract():
         from sgl_adapters.dspy.engine import AsyncSGLangEngine, SGLangEngine
 
@@ -56,6 +69,8 @@ def LM(  # noqa: N802 - a factory that stands in for a class, like dspy.LM
             default_max_tokens=default_max_tokens,
             max_string_length=max_string_length,
             registry=registry,
+            backend=backend,
+            backend_kwargs=plugin_kwargs,
         )
         kwargs.setdefault("num_retries", 0)
         return dspy.LM(
@@ -63,6 +78,10 @@ def LM(  # noqa: N802 - a factory that stands in for a class, like dspy.LM
             engine=engine,
             async_engine=AsyncSGLangEngine(engine),
             **kwargs,
+        )
+    if backend != "local":
+        raise NotImplementedError(
+            f"backend {backend!r}: DSPy < 3.4 runs on the local backend only (upgrade DSPy)"
         )
     from sgl_adapters.dspy.legacy_lm import SGLangLM
 

@@ -1,9 +1,10 @@
-"""DSPy 3.4+ engine contract on `sgl_engine`: `dspy.LM(..., engine=SGLangEngine(...))`.
+"""DSPy 3.4+ engine contract on any sgl-adapters backend: `dspy.LM(..., engine=SGLangEngine(...))`.
 
 `SGLangEngine.complete(Request) -> Response` and `stream(Request)` run one canonical lm15
-request on the shared in-process engine; `AsyncSGLangEngine` is its asyncio twin. Both are
-stateless apart from their settings, so DSPy's threads (`module.batch`, `dspy.Parallel`) call
-them concurrently and the engine's scheduler batches whatever arrives together.
+request on a shared `Backend` (default: the in-process engine) through `EngineClient`, i.e.
+the Backend protocol only; `AsyncSGLangEngine` is its asyncio twin. Both are stateless apart
+from their settings, so DSPy's threads (`module.batch`, `dspy.Parallel`) call them
+concurrently and the backend batches whatever arrives together.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ PROVIDER = "sglang"
 
 
 class SGLangEngine:
-    """A DSPy engine backed by the `sgl_engine.Engine` of (`model`, `engine_kwargs`), taken
-    from an `EngineRegistry` (default: the process-wide one LangChain shares). `model` is a
-    local HF folder or None for the embedded SmolLM2-135M-Instruct. Mutates nothing of its
-    own; the engine it borrows is closed by its registry, not here."""
+    """A DSPy engine on the backend `backend` ("local": the `sgl_engine.Engine` of (`model`,
+    `engine_kwargs`); a plugin name built with `backend_kwargs`; or a `Backend` instance),
+    taken from an `EngineRegistry` (default: the process-wide one LangChain shares). `model`
+    is a local HF folder or None for the embedded SmolLM2-135M-Instruct. Mutates nothing of
+    its own; the backend it borrows is closed by its registry, not here."""
 
     supports_response_schema = True
     supports_function_calling = False
@@ -56,34 +58,52 @@ class SGLangEngine:
         default_max_tokens: int = GenerationDefaults.max_tokens,
         max_string_length: int | None = None,
         registry: _engines.EngineRegistry | None = None,
+        backend: Any = "local",
+        backend_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.engine_kwargs = translate.engine_kwargs_or_default(engine_kwargs)
         self.defaults = GenerationDefaults(default_max_tokens, max_string_length)
         self.registry = registry
+        self.backend = backend
+        self.backend_kwargs = dict(backend_kwargs or {})
 
     @property
-    def engine(self) -> Any:
-        """The shared engine (loaded on first use, under the registry's lock)."""
-        return _engines.shared_engine(self.model, self.engine_kwargs, self.registry)
+    def client(self) -> _engines.EngineClient:
+        """The client of the shared backend (built on first use, under the registry's lock)."""
+        registry = self.registry if self.registry is not None else _engines.ENGINES
+        if self.backend == "local":
+            return registry.client(self.model, {**self.engine_kwargs, **self.backend_kwargs})
+        return registry.client(self.model, None, self.backend, self.backend_kwargs)
 
     def plan(self, request: Request) -> EngineCall:
-        """The engine submission for `request`; unsupported features raise lm15 errors."""
-        engine = self.engine
-        prompt = engine.apply_chat_template(_messages(request))
+        """The backend submission for `request`; unsupported features raise lm15 errors."""
+        client = self.client
+        messages = _messages(request)
+        with _engine_errors():
+            prompt = client.apply_chat_template(messages) if client.renders_chat else None
         params, logprobs = translate.options_to_params(_options(request), self.defaults)
-        return EngineCall(prompt, params, logprobs)
+        return EngineCall(prompt, params, logprobs, tuple(messages))
+
+    def _submit(self, call: EngineCall) -> tuple[_engines.EngineClient, _engines.Request, dict]:
+        leaf = {}
+        if call.logprobs is not None:
+            leaf = {"return_logprob": True, "top_logprobs_num": call.logprobs}
+        return self.client, _engines.Request(call.prompt, call.params, call.messages), leaf
 
     def complete(self, request: Request) -> Response:
         call = self.plan(request)
+        client, req, leaf = self._submit(call)
         with _engine_errors():
-            result = self.engine.generate(call.prompt, **call.generate_kwargs())
+            result = client.call(req, **leaf)
         return self._response(request, result, call)
 
     def stream(self, request: Request) -> Iterator[Any]:
         call = self.plan(request)
+        client, req, _ = self._submit(call)
         with _engine_errors():
-            chunks = self.engine.generate(call.prompt, call.params, stream=True)
+            client.check(req)
+            chunks = client.stream(req)
         yield StreamStartEvent(model=request.model)
         last = None
         try:
@@ -95,14 +115,17 @@ class SGLangEngine:
         yield _end_event(last)
 
     def close(self) -> None:
-        """Nothing to release: the registry owns the engine."""
+        """Nothing to release: the registry owns the backend."""
 
     def dump_state(self) -> dict:
+        """Settings only; a backend given as an instance is kept as that object."""
         return {
             "model": self.model,
             "engine_kwargs": self.engine_kwargs,
             "default_max_tokens": self.defaults.max_tokens,
             "max_string_length": self.defaults.max_string_length,
+            "backend": self.backend,
+            "backend_kwargs": self.backend_kwargs,
         }
 
     @classmethod
@@ -122,9 +145,8 @@ class SGLangEngine:
             reason = translate.finish_reason(meta)
         logprobs = None
         if call.logprobs is not None:
-            logprobs = tuple(
-                _token_logprob(t) for t in translate.token_logprobs(result, self.engine.tokenizer)
-            )
+            tokenizer = self.client.require_tokenizer("logprobs as tokens")
+            logprobs = tuple(_token_logprob(t) for t in translate.token_logprobs(result, tokenizer))
         return Response(
             id=meta.get("id"),
             model=request.model,
@@ -148,14 +170,20 @@ class AsyncSGLangEngine:
 
     async def complete(self, request: Request) -> Response:
         call = self.sync.plan(request)
+        client, req, leaf = self.sync._submit(call)
         with _engine_errors():
-            result = await self.sync.engine.async_generate(call.prompt, **call.generate_kwargs())
+            if leaf or req.prompt is None:
+                result = await client.acall(req, **leaf)
+            else:
+                (result,) = await client.agenerate([req])
         return self.sync._response(request, result, call)
 
     async def stream(self, request: Request) -> AsyncIterator[Any]:
         call = self.sync.plan(request)
+        client, req, _ = self.sync._submit(call)
         with _engine_errors():
-            chunks = await self.sync.engine.async_generate(call.prompt, call.params, stream=True)
+            client.check(req)
+            chunks = client.astream(req)
         yield StreamStartEvent(model=request.model)
         last = None
         try:
@@ -279,7 +307,7 @@ def _end_event(last: dict | None) -> StreamEndEvent:
 
 @contextmanager
 def _engine_errors() -> Iterator[None]:
-    """Re-raise the engine's refusals and aborts as the lm15 errors DSPy expects."""
+    """Re-raise the backend's refusals and aborts as the lm15 errors DSPy expects."""
     from sgl_engine.errors import InvalidRequestError as EngineInvalidRequest
 
     try:
@@ -288,5 +316,10 @@ def _engine_errors() -> Iterator[None]:
         too_long = exc.field == "prompt" and "tokens" in exc.message
         cls = ContextLengthError if too_long else InvalidRequestError
         raise cls(exc.message, provider=PROVIDER) from exc
+    except _engines.BackendCapabilityError as exc:
+        raise UnsupportedFeatureError(str(exc), provider=PROVIDER) from exc
     except translate.EngineAbort as exc:
         raise ServerError(str(exc), provider=PROVIDER) from exc
+    except ValueError as exc:  # a remote backend's 4xx (e.g. the http plugin's)
+        cls = ContextLengthError if "too long" in str(exc) else InvalidRequestError
+        raise cls(str(exc), provider=PROVIDER) from exc

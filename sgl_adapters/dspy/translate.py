@@ -74,9 +74,11 @@ class EngineCall:
     """One engine submission: the rendered prompt, SGLang sampling params, and how many top
     alternatives to return per output token (None: no logprobs at all)."""
 
-    prompt: str
+    prompt: str | None
     params: dict[str, Any]
     logprobs: int | None = None
+    messages: tuple[Mapping[str, Any], ...] | None = None
+    """The chat itself, for backends that apply their own template (`prompt` is then None)."""
 
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"sampling_params": dict(self.params)}

@@ -33,7 +33,13 @@ from sgl_adapters.lang.api import (
     user_begin,
     user_end,
 )
-from sgl_adapters.lang.backends import LangBackend, Runtime, RuntimeEndpoint
+from sgl_adapters.lang.backends import (
+    BackendRuntime,
+    LangBackend,
+    OpenAI,
+    Runtime,
+    RuntimeEndpoint,
+)
 from sgl_adapters.lang.chat_template import (
     ChatTemplate,
     get_chat_template,
@@ -62,6 +68,7 @@ __version__ = "0.5.0"  # the SGLang frontend API version this package follows
 
 __all__ = [
     "Anthropic",
+    "BackendRuntime",
     "ChatTemplate",
     "ChoicesDecision",
     "ChoicesSamplingMethod",
@@ -69,6 +76,7 @@ __all__ = [
     "GlobalConfig",
     "LiteLLM",
     "LangBackend",
+    "OpenAI",
     "ProgramError",
     "ProgramState",
     "ProgramStateGroup",

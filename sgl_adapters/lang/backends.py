@@ -1,5 +1,7 @@
-"""Backends of the native frontend: `Runtime` (the in-process engine) and `RuntimeEndpoint`
-(any server speaking SGLang's HTTP `/generate` protocol).
+"""Backends of the native frontend, all over the plugin layer's `Backend` protocol:
+`Runtime` (the in-process engine, or any backend by name or instance), `RuntimeEndpoint` (any
+server speaking SGLang's HTTP `/generate` protocol, via the `http` plugin) and `OpenAI` (any
+OpenAI-compatible server, via the `openai` plugin).
 
 Both speak the same request shape, SGLang's /generate body (`text` or `input_ids`,
 `sampling_params`, `return_logprob`, `logprob_start_len`, `top_logprobs_num`, `stream`);
@@ -9,11 +11,13 @@ and `request_stream`. Backends are safe to call from many program threads at onc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from sgl_adapters.graph import common_prefix_len
+from sgl_plugins.backend import require
+from sgl_plugins.graph import CallGraph, common_prefix_len
+
+from sgl_adapters.engines import as_dict, chunk_dict
 from sgl_adapters.lang import chat_template as templates
 from sgl_adapters.lang.choices import ChoicesDecision, ChoicesSamplingMethod, mean_logprob
 from sgl_adapters.lang.ir import GenParams
@@ -153,10 +157,72 @@ def _drop_prompt_tokens(entries: list[list[Any]], choice: str) -> list[list[Any]
     return entries[k:]
 
 
-class Runtime(RuntimeAPI, LangBackend):
-    """The in-process engine: `Runtime()` loads the embedded SmolLM2, `Runtime(model_path=...)`
-    a local folder, `Runtime(engine=eng)` wraps an existing `sgl_engine.Engine` (not owned).
-    Other keyword arguments are engine config fields (device, max_total_tokens, ...).
+class BackendRuntime(LangBackend):
+    """A `LangBackend` over any sgl-adapters `Backend` (the plugin protocol only): SGLang
+    /generate bodies become CallGraphs, results come back in SGLang's shape. The lang chat
+    template comes from the backend's tokenizer unless given."""
+
+    def __init__(
+        self, backend: Any, *, chat_template: templates.ChatTemplate | None = None
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+        self.chat_template = chat_template or templates.from_tokenizer(self.tokenizer)
+        self._owned = False
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.backend, "name", type(self.backend).__name__))
+
+    def request(self, data: Json) -> Json | list[Json]:
+        graph, single = _graph_of(data)
+        for leaf in graph.leaves:
+            if leaf.constraint is not None:
+                require(self.backend, leaf.constraint[0], f"gen with {leaf.constraint[0]}")
+        if any(leaf.return_logprob for leaf in graph.leaves):
+            require(self.backend, "logprobs", "select / logprobs")
+        outs = [as_dict(r) for r in self.backend.run_graph(graph)]
+        return outs[0] if single else outs
+
+    def request_stream(self, data: Json) -> Iterator[Json]:
+        graph, single = _graph_of(data)
+        if not single:
+            raise ValueError("a streamed request takes one prompt")
+        (leaf,) = graph.leaves
+        prompt = graph.path(leaf.node)[-1]
+        fields = {
+            "return_logprob": leaf.return_logprob,
+            "logprob_start_len": leaf.logprob_start_len,
+            "top_logprobs_num": leaf.top_logprobs_num,
+        }
+        target = prompt.token_ids if prompt.token_ids is not None else prompt.text
+        for chunk in self.backend.stream(target, leaf.request_params(), **fields):
+            yield chunk_dict(chunk)
+
+    def flush_cache(self) -> bool:
+        flush = getattr(self.backend, "flush_cache", None)
+        return bool(flush()) if callable(flush) else False
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.backend.metrics())
+
+    def shutdown(self) -> None:
+        """Release the backend when this runtime built it (a shared engine is shut down with
+        its last user)."""
+        if self._owned:
+            self.backend.close()
+            self._owned = False
+
+
+class Runtime(RuntimeAPI, BackendRuntime):
+    """`Runtime()` loads the embedded SmolLM2 in-process, `Runtime(model_path=...)` a local
+    folder, `Runtime(engine=eng)` wraps an existing `sgl_engine.Engine` (not owned); other
+    keyword arguments are engine config fields (device, max_total_tokens, ...).
+    `Runtime(backend=...)` runs on any backend instead: a `Backend` instance, or a registered
+    plugin name built with the keyword arguments (`backend_kwargs` where names clash).
 
     Engines come from the plugin layer's `local` backend, so a LangChain model, a DSPy LM and
     an SGLang program on the same model and config in one process share one engine (one copy
@@ -168,68 +234,54 @@ class Runtime(RuntimeAPI, LangBackend):
         *,
         engine: Any = None,
         chat_template: templates.ChatTemplate | str | None = None,
+        backend: Any = None,
+        backend_kwargs: dict[str, Any] | None = None,
         log_level: str | None = None,
         launch_timeout: float | None = None,
-        **engine_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
         """`log_level` and `launch_timeout` (SGLang's server-process options) are accepted
-        and unused: the engine runs in this process. `chat_template` may be a template or the
+        and unused: no server process is launched. `chat_template` may be a template or the
         name of one of SGLang's (`sgl_adapters.lang.chat_template.NAMED`)."""
+        from sgl_plugins.manager import get_backend
+
         if isinstance(chat_template, str):
             chat_template = templates.get_chat_template(chat_template)
-        self._local = None
-        if engine is None:
-            from sgl_plugins.manager import get_backend
+        owned = True
+        if backend is not None and not isinstance(backend, str):
+            built, owned = backend, False
+        elif engine is not None:
+            built = get_backend("local", engine=engine)
+        elif backend in (None, "local"):
+            built = get_backend("local", model_path=model_path, **kwargs, **(backend_kwargs or {}))
+        else:
+            if model_path is not None:
+                kwargs.setdefault("model", model_path)
+            built = get_backend(backend, **kwargs, **(backend_kwargs or {}))
+        super().__init__(built, chat_template=chat_template)
+        self._owned = owned
 
-            self._local = get_backend("local", model_path=model_path, **engine_kwargs)
-            engine = self._local.engine
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.chat_template = chat_template or templates.from_tokenizer(self.tokenizer)
-
-    def _args(self, data: Json) -> dict[str, Any]:
-        return {
-            "prompt": data.get("text"),
-            "input_ids": data.get("input_ids"),
-            "sampling_params": data.get("sampling_params"),
-            "return_logprob": data.get("return_logprob", False),
-            "logprob_start_len": data.get("logprob_start_len", -1),
-            "top_logprobs_num": data.get("top_logprobs_num", 0),
-        }
-
-    def request(self, data: Json) -> Json | list[Json]:
-        return self.engine.generate(**self._args(data))
-
-    def request_stream(self, data: Json) -> Iterator[Json]:
-        return self.engine.generate(**self._args(data), stream=True)
-
-    def flush_cache(self) -> bool:
-        return bool(self.engine.flush_cache())
-
-    def get_tokenizer(self) -> Any:
-        return self.tokenizer
-
-    def metrics(self) -> dict[str, Any]:
-        return self.engine.metrics()
+    @property
+    def engine(self) -> Any:
+        """The in-process engine of a `local` runtime (for users; programs never use it)."""
+        return self.backend.engine
 
     def server_info(self) -> dict[str, Any]:
+        own = getattr(self.backend, "server_info", None)
+        if callable(own):
+            return dict(own())
         return engine_server_info(self.engine)
 
-    def shutdown(self) -> None:
-        """Release this runtime's share of the engine (shut down with its last user)."""
-        if self._local is not None:
-            self._local.close()
-            self._local = None
 
-
-class RuntimeEndpoint(LangBackend):
+class RuntimeEndpoint(BackendRuntime):
     """A server speaking SGLang's HTTP protocol (`/generate`, `/get_model_info`,
-    `/get_server_info`, `/flush_cache`): our server or a real SGLang server. `tokenizer`
-    (optional, HF) enables token-id select scoring; without it `select` heals tokens by their
-    text. The chat template is, first found: `chat_template`, SGLang's named template
-    `chat_template_name`, the tokenizer's, the served model's (its tokenizer folder when on
-    this machine, else looked up by model name as SGLang does). `verify` is httpx's TLS
-    verification (a CA bundle path or a bool)."""
+    `/get_server_info`, `/flush_cache`): our server or a real SGLang server, through the
+    `http` backend plugin. `tokenizer` (HF, or a folder) enables token-id select scoring (the
+    server's tokenizer folder is used when it exists on this machine); without one `select`
+    heals tokens by text. The chat template is, first found: `chat_template`, SGLang's named
+    template `chat_template_name`, the tokenizer's, the served model's (the Jinja template its
+    /get_server_info reports, else looked up by model name as SGLang does). `verify` is
+    httpx's TLS verification (a CA bundle path or a bool)."""
 
     def __init__(
         self,
@@ -241,63 +293,105 @@ class RuntimeEndpoint(LangBackend):
         tokenizer: Any = None,
         chat_template: templates.ChatTemplate | None = None,
         timeout: float = 600.0,
+        backend: str = "http",
+        **backend_kwargs: Any,
     ) -> None:
-        import httpx
+        from sgl_plugins.manager import get_backend
 
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(
-            base_url=self.base_url,
-            headers=headers,
+        if verify is not None:
+            backend_kwargs["verify"] = verify
+        built = get_backend(
+            backend,
+            base_url=base_url,
+            api_key=api_key,
+            tokenizer=tokenizer,
             timeout=timeout,
-            verify=True if verify is None else verify,
+            **backend_kwargs,
         )
-        self.model_info = self._check(self._client.get("/get_model_info")).json()
-        self.tokenizer = tokenizer
         if chat_template is None and chat_template_name:
             chat_template = templates.get_chat_template(chat_template_name)
-        if chat_template is None and tokenizer is not None:
-            chat_template = templates.from_tokenizer(tokenizer)
-        self.chat_template = chat_template or templates.for_served_model(self.model_info)
-
-    @staticmethod
-    def _check(res: Any) -> Any:
-        if res.status_code != 200:
-            raise RuntimeError(_error_message(res))
-        return res
+        super().__init__(built, chat_template=chat_template)
+        self._owned = True
+        self.base_url = base_url.rstrip("/")
+        self.model_info = getattr(built, "model_info", {})
+        if chat_template is None and self.tokenizer is None:
+            self.chat_template = templates.for_served_model(self.model_info, self._server_info)
 
     def get_model_name(self) -> str:
         return str(self.model_info.get("model_path", ""))
 
-    def request(self, data: Json) -> Json | list[Json]:
-        return self._check(self._client.post("/generate", json=data)).json()
-
-    def request_stream(self, data: Json) -> Iterator[Json]:
-        with self._client.stream("POST", "/generate", json=data) as res:
-            if res.status_code != 200:
-                res.read()
-                raise RuntimeError(_error_message(res))
-            for line in res.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    return
-                chunk = json.loads(payload)
-                if "error" in chunk:
-                    raise RuntimeError(_error_text(chunk["error"]))
-                yield chunk
-
-    def flush_cache(self) -> bool:
-        res = self._client.post("/flush_cache")
-        return res.status_code == 200
-
     def get_server_info(self) -> dict[str, Any]:
         """The server's /get_server_info (SGLang's route)."""
-        return self._check(self._client.get("/get_server_info")).json()
+        own = getattr(self.backend, "server_info", None)
+        if not callable(own):
+            raise RuntimeError(f"backend {self.name!r} reports no server info")
+        return dict(own())
 
-    def shutdown(self) -> None:
-        self._client.close()
+    def _server_info(self) -> dict[str, Any]:
+        try:
+            return self.get_server_info()
+        except Exception:  # noqa: BLE001 -- a server without the route: look up by name
+            return {}
+
+
+def OpenAI(  # noqa: N802 - SGLang's name for its OpenAI backend
+    model_name: str,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    *,
+    chat_template: templates.ChatTemplate | None = None,
+    **kwargs: Any,
+) -> Runtime:
+    """SGLang programs on any OpenAI-compatible server (the `openai` backend plugin), like
+    SGLang's `sgl.OpenAI("gpt-4o-mini")`. `select` needs prompt logprobs, which such servers
+    rarely give: it raises a capability error naming the backend."""
+    from sgl_plugins.manager import get_backend
+
+    args = {"model": model_name, "base_url": base_url, "api_key": api_key, **kwargs}
+    built = get_backend("openai", **{k: v for k, v in args.items() if v is not None})
+    return Runtime(backend=built, chat_template=chat_template)
+
+
+def _per_leaf(value: Any, n: int, default: Any) -> list[Any]:
+    if value is None:
+        return [default] * n
+    return list(value) if isinstance(value, list) else [value] * n
+
+
+def _graph_of(data: Json) -> tuple[CallGraph, bool]:
+    """The CallGraph of one /generate body (one node per prompt, `n` leaves on it), and
+    whether the body was a single prompt with n == 1 (answered with a dict)."""
+    ids = data.get("input_ids")
+    prompts: Any = data.get("text") if ids is None else ids
+    single = isinstance(prompts, str) or (
+        ids is not None and prompts and isinstance(prompts[0], int)
+    )
+    prompts = [prompts] if single else list(prompts or [])
+    count = len(prompts)
+    params = _per_leaf(data.get("sampling_params"), count, {})
+    logprob = _per_leaf(data.get("return_logprob"), count, False)
+    starts = _per_leaf(data.get("logprob_start_len"), count, -1)
+    tops = _per_leaf(data.get("top_logprobs_num"), count, 0)
+    texts = bool(data.get("return_text_in_logprobs"))
+    graph = CallGraph()
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            node = graph.add_node(graph.root, prompt)
+        else:
+            node = graph.add_node(graph.root, token_ids=prompt)
+        sp = dict(params[i] or {})
+        n = int(sp.pop("n", 1) or 1)
+        single = single and n == 1
+        for _ in range(n):
+            graph.add_leaf(
+                node,
+                sp,
+                return_logprob=bool(logprob[i]),
+                logprob_start_len=int(starts[i]),
+                top_logprobs_num=int(tops[i] or 0),
+                return_text_in_logprobs=texts,
+            )
+    return graph, single
 
 
 def _error_text(err: Any) -> str:

@@ -9,6 +9,7 @@ system (as SGLang does).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,9 +181,38 @@ def get_chat_template_by_model_path(model_path: str | None) -> ChatTemplate:
     return NAMED["default"]
 
 
-def for_served_model(model_info: dict[str, Any]) -> ChatTemplate:
-    """The template of a served model from its /get_model_info: read off its tokenizer when
-    the tokenizer folder is on this machine, else looked up by the model's name."""
+class JinjaChatTemplate:
+    """A served model's Jinja chat template (the text /get_server_info reports), rendered as
+    transformers renders it, standing in for a tokenizer in `from_tokenizer`."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None) -> None:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise ValueError(message)
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.globals["raise_exception"] = raise_exception
+        self.chat_template = source
+        self._template = env.from_string(source)
+        self._special = dict(special_tokens or {})
+
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], tokenize: bool = False, add_generation_prompt=False
+    ) -> str:
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **self._special
+        )
+
+
+def for_served_model(
+    model_info: dict[str, Any], server_info: Callable[[], dict[str, Any]] | None = None
+) -> ChatTemplate:
+    """The template of a served model: read off its tokenizer when the tokenizer folder is on
+    this machine, else off the Jinja template its /get_server_info reports (`server_info`,
+    called only then), else looked up by the model's name as SGLang does."""
     for key in ("tokenizer_path", "model_path"):
         path = model_info.get(key)
         if path and os.path.isdir(str(path)):
@@ -195,5 +225,13 @@ def for_served_model(model_info: dict[str, Any]) -> ChatTemplate:
             derived = from_tokenizer(tokenizer, os.path.basename(str(path)))
             if derived is not PLAIN:
                 return derived
-    name = model_info.get("served_model_name") or model_info.get("model_path")
-    return get_chat_template_by_model_path(str(name or ""))
+    info = server_info() if server_info is not None else {}
+    source = info.get("chat_template")
+    name = info.get("served_model_name") or model_info.get("served_model_name")
+    name = str(name or model_info.get("model_path") or "")
+    if isinstance(source, str) and source:
+        special = {k: info[k] for k in ("bos_token", "eos_token") if isinstance(info.get(k), str)}
+        derived = from_tokenizer(JinjaChatTemplate(source, special), name or "served")
+        if derived is not PLAIN:
+            return derived
+    return get_chat_template_by_model_path(name)

@@ -19,16 +19,13 @@ _END = object()
 
 
 class RuntimeAPI:
-    """SGLang's `Runtime` surface (`sglang.lang.backend.runtime_endpoint.Runtime`)."""
+    """SGLang's `Runtime` surface (`sglang.lang.backend.runtime_endpoint.Runtime`). Mixed in
+    before a `LangBackend`, which provides `request` and `request_stream`; the runtime
+    provides `server_info()`."""
 
-    def request(self, data: dict[str, Any]) -> Any:  # provided by LangBackend subclasses
-        raise NotImplementedError
-
-    def request_stream(self, data: dict[str, Any]) -> Any:
-        raise NotImplementedError
-
-    def server_info(self) -> dict[str, Any]:
-        raise NotImplementedError
+    request: Any
+    request_stream: Any
+    server_info: Any
 
     def get_model_name(self) -> str:
         return str(self.server_info().get("model_path") or "")

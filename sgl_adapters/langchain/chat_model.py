@@ -87,12 +87,12 @@ class ChatSGLang(SGLangParams, BaseChatModel):
         client = self.client(model)
         tool_prompt = tools_mod.tool_system_prompt(bound) if bound else None
         chat = to_chat_dicts(messages, tool_prompt)
-        prompt = render(chat, client.apply_chat_template)
+        prompt = render(chat, client.apply_chat_template) if client.renders_chat else None
         name = self.model_name if model == self.model else model_display_name(model)
         if isinstance(params.get("json_schema"), dict):
             params["json_schema"] = cap_strings(params["json_schema"], self.max_string_length)
         if not bound:
-            return _Call(client, Request(prompt, params), name, False)
+            return _Call(client, Request(prompt, params, tuple(chat)), name, False)
         forced, allowed = tools_mod.resolve_tool_choice(choice, bound)
         text = Request(prompt, {**params, "ebnf": tools_mod.TEXT_GRAMMAR})
         if not allowed:
@@ -108,14 +108,16 @@ class ChatSGLang(SGLangParams, BaseChatModel):
         """Settle tool_choice "auto" by scoring the tool-call start (one engine request)."""
         if call.text_request is None:
             return call
-        ids, start = tools_mod.probe_ids(call.client.tokenizer, call.request.prompt)
+        tok = call.client.require_tokenizer("tool_choice 'auto'")
+        ids, start = tools_mod.probe_ids(tok, call.request.prompt)
         meta = call.client.probe(ids, start)
         return self._decided(call, meta)
 
     async def _aresolve(self, call: _Call) -> _Call:
         if call.text_request is None:
             return call
-        ids, start = tools_mod.probe_ids(call.client.tokenizer, call.request.prompt)
+        tok = call.client.require_tokenizer("tool_choice 'auto'")
+        ids, start = tools_mod.probe_ids(tok, call.request.prompt)
         meta = await call.client.aprobe(ids, start)
         return self._decided(call, meta)
 
@@ -218,7 +220,7 @@ class ChatSGLang(SGLangParams, BaseChatModel):
             except Exception:  # noqa: BLE001 -- the input's own invoke reports it
                 continue
         calls = [c for c in calls if c.text_request is None]
-        return [c for c in calls if c.client.engine is calls[0].client.engine]
+        return [c for c in calls if c.client.backend is calls[0].client.backend]
 
     def batch(
         self,

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from sgl_adapters.engines import ENGINES, EngineClient, EngineRegistry, model_display_name
+from sgl_adapters.engines import (
+    ENGINES,
+    EngineClient,
+    EngineRegistry,
+    backend_model_name,
+    model_display_name,
+)
+
+BASE_URL_ENV = "SGL_ADAPTERS_BASE_URL"
+API_KEY_ENV = "SGL_ADAPTERS_API_KEY"
 
 PER_CALL_KEYS = {"temperature", "max_tokens", "top_p", "stop", "model"}
 SAMPLING_KEYS = {
@@ -28,12 +38,22 @@ SAMPLING_KEYS = {
 
 
 class SGLangParams(BaseModel):
-    """Model and sampling settings. `model` is a local HF folder (or hub id); None is the
-    embedded SmolLM2-135M-Instruct. `engine_kwargs` are `sgl_engine.EngineConfig` fields; the
-    engine of one (model, engine_kwargs) is loaded once per registry and shared."""
+    """Model, backend and sampling settings.
+
+    `backend` is "local" (the in-process engine, default), any registered plugin name
+    ("http", "openai", a third party's) or a `Backend` instance. For `local`, `model` is a
+    local HF folder (or hub id), None the embedded SmolLM2-135M-Instruct, and `engine_kwargs`
+    are `sgl_engine.EngineConfig` fields; the engine of one (model, engine_kwargs) is loaded
+    once per registry and shared. For a named plugin, `backend_kwargs` go to its factory, as
+    do `base_url`/`api_key` (defaults: $SGL_ADAPTERS_BASE_URL, $SGL_ADAPTERS_API_KEY) and any
+    keyword argument that is not a field here; `model` goes too when the factory takes one."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
 
+    backend: Any = "local"
+    backend_kwargs: dict[str, Any] = Field(default_factory=dict)
+    base_url: str | None = None
+    api_key: SecretStr | None = None
     model: str | None = None
     temperature: float = 0.0
     max_tokens: int = 256
@@ -46,14 +66,44 @@ class SGLangParams(BaseModel):
     `max_tokens` (the output still validates against the caller's schema)."""
     registry: EngineRegistry = Field(default=ENGINES, exclude=True, repr=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _plugin_kwargs(cls, data: Any) -> Any:
+        """For a non-local backend: unknown keywords go to `backend_kwargs`, and `base_url`/
+        `api_key` default to their environment variables."""
+        if not isinstance(data, dict) or data.get("backend", "local") == "local":
+            return data
+        data = dict(data)
+        extra = {k: data.pop(k) for k in list(data) if k not in cls.model_fields}
+        if extra:
+            data["backend_kwargs"] = {**extra, **dict(data.get("backend_kwargs") or {})}
+        if isinstance(data.get("backend"), str):
+            data.setdefault("base_url", os.environ.get(BASE_URL_ENV))
+            data.setdefault("api_key", os.environ.get(API_KEY_ENV))
+        return data
+
     @property
     def model_name(self) -> str:
+        if self.model is None and self.backend != "local":
+            return backend_model_name(self.client().backend)
         return model_display_name(self.model)
 
+    def plugin_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of a named plugin backend's factory."""
+        kwargs = dict(self.backend_kwargs)
+        if self.base_url is not None:
+            kwargs.setdefault("base_url", self.base_url)
+        if self.api_key is not None:
+            kwargs.setdefault("api_key", self.api_key.get_secret_value())
+        return kwargs
+
     def client(self, model: str | None = None) -> EngineClient:
-        """The client of the shared engine of `model` (default: this instance's model)."""
+        """The client of the shared backend (for `local`: of the engine of `model`, default
+        this instance's model)."""
         chosen = self.model if model is None else model
-        return self.registry.client(chosen, self.engine_kwargs)
+        if self.backend == "local":
+            return self.registry.client(chosen, self.engine_kwargs)
+        return self.registry.client(chosen, None, self.backend, self.plugin_kwargs())
 
     def sampling_params(self, stop: list[str] | None, kwargs: Mapping[str, Any]) -> dict:
         """SGLang sampling params from the settings, `stop` and per-call `kwargs` (which may

@@ -23,7 +23,7 @@ _CURRENT: ContextVar[BatchSubmission | None] = ContextVar("sgl_batch_submission"
 
 
 def _key(client: EngineClient, request: Request) -> tuple:
-    return id(client.engine), request.prompt, json.dumps(request.params, sort_keys=True)
+    return id(client.backend), request.prompt, json.dumps(request.params, sort_keys=True)
 
 
 class BatchSubmission:

@@ -94,8 +94,10 @@ class FlashInferAttentionBackend:
     def _wait_for_last_plan(self) -> None:
         self._planned.synchronize()
 
-    def graph_decode_wrapper(self, batch_size: int, max_kv: int) -> Any:
-        """A decode wrapper with fixed buffers, for capture in a CUDA graph of `batch_size`."""
+    def graph_decode_wrapper(self, batch_size: int, kv_indices: torch.Tensor) -> Any:
+        """A decode wrapper with fixed buffers, for capture in a CUDA graph of `batch_size`.
+        `kv_indices` (int32, on the device) may be shared by the wrappers of several graphs:
+        plans and replays are ordered on one stream."""
         return self.fi.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace,
             "NHD",
@@ -104,7 +106,7 @@ class FlashInferAttentionBackend:
             paged_kv_indptr_buffer=torch.zeros(
                 batch_size + 1, dtype=torch.int32, device=self.device
             ),
-            paged_kv_indices_buffer=torch.zeros(max_kv, dtype=torch.int32, device=self.device),
+            paged_kv_indices_buffer=kv_indices,
             paged_kv_last_page_len_buffer=torch.ones(
                 batch_size, dtype=torch.int32, device=self.device
             ),

@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sgl_engine.distributed.group import TPGroup
+from sgl_engine.distributed.layers import ColumnParallelLinear, RowParallelLinear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -64,10 +67,12 @@ class RotaryEmbedding(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    """gate/up merged and column-parallel, down row-parallel: one all-reduce under TP."""
+
+    def __init__(self, hidden: int, intermediate: int, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = ColumnParallelLinear(hidden, [intermediate, intermediate], tp=tp)
+        self.down_proj = RowParallelLinear(intermediate, hidden, tp=tp)
 
     def forward(self, x: torch.Tensor, ops: Any) -> torch.Tensor:
         return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))

@@ -9,6 +9,14 @@ import torch
 from torch import nn
 
 from sgl_engine.attention.base import AttentionBackend
+from sgl_engine.distributed.group import TPGroup
+from sgl_engine.distributed.layers import (
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    load_full,
+)
 from sgl_engine.forward_batch import ForwardBatch
 from sgl_engine.kv_cache import KVPool
 from sgl_engine.models.layers import RMSNorm, RotaryEmbedding, SwiGLU
@@ -17,16 +25,19 @@ from sgl_engine.models.ops import TorchOps
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    """Under TP each rank holds its share of the query and KV heads (and of the KV pool)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.layer = layer
-        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        size = tp.size if tp is not None else 1
+        self.nh, self.nkv, self.hd = cfg.num_heads // size, cfg.num_kv_heads // size, cfg.head_dim
         self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
         self.scale = self.hd**-0.5
-        self.qkv_proj = nn.Linear(
-            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.attention_bias, tp
         )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp=tp)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -60,10 +71,10 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.self_attn = Attention(cfg, layer, tp)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -79,16 +90,20 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """`forward` returns the final hidden states [T, H]; `logits` projects selected rows."""
+    """`forward` returns the final hidden states [T, H]; `logits` projects selected rows.
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    With `tp`, this is one rank's shard: every rank runs `forward` and `logits` on the same
+    batch in lockstep (they contain the group's collectives) and gets the same full results.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope = RotaryEmbedding(cfg.hf_config, cfg.head_dim, max_positions)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.ops: Any = TorchOps()
@@ -106,21 +121,16 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into our (fused qkv / gate_up) parameters."""
+        """Copy HF-named tensors into our (merged qkv / gate_up, maybe sharded) parameters."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, w in weights:
-            target, offset = _map_name(name, self.cfg)
+            target, shard = _map_name(name, self.cfg)
             if target is None:
                 continue
             if target not in params:
                 raise ValueError(f"unexpected weight {name!r}")
-            p = params[target]
-            with torch.no_grad():
-                if offset is None:
-                    p.copy_(w.to(p.dtype))
-                else:
-                    p[offset : offset + w.shape[0]].copy_(w.to(p.dtype))
+            load_full(self, target, w, shard)
             loaded.add(name)
         _check_complete(loaded, self.cfg)
 
@@ -131,17 +141,12 @@ def _map_name(name: str, cfg: ModelConfig) -> tuple[str | None, int | None]:
     name = name.removeprefix("model.")
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
         return None, None
-    q, kv, inter = (
-        cfg.num_heads * cfg.head_dim,
-        cfg.num_kv_heads * cfg.head_dim,
-        cfg.intermediate_size,
-    )
     fused = {
         "self_attn.q_proj.": ("self_attn.qkv_proj.", 0),
-        "self_attn.k_proj.": ("self_attn.qkv_proj.", q),
-        "self_attn.v_proj.": ("self_attn.qkv_proj.", q + kv),
+        "self_attn.k_proj.": ("self_attn.qkv_proj.", 1),
+        "self_attn.v_proj.": ("self_attn.qkv_proj.", 2),
         "mlp.gate_proj.": ("mlp.gate_up_proj.", 0),
-        "mlp.up_proj.": ("mlp.gate_up_proj.", inter),
+        "mlp.up_proj.": ("mlp.gate_up_proj.", 1),
     }
     for src, (dst, off) in fused.items():
         if src in name:

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from sgl_engine.distributed.group import TPGroup
+from sgl_engine.distributed.layers import full_shape, load_full
 from sgl_engine.models.layers import RotaryEmbedding
 from sgl_engine.models.llama import LlamaForCausalLM
 from sgl_engine.models.model_config import ModelConfig
@@ -49,11 +51,13 @@ def build_model(
     max_positions: int,
     random_weights: bool = False,
     ops: str = "auto",
+    tp: TPGroup | None = None,
 ) -> LlamaForCausalLM:
-    """Allocate directly on `device` in `dtype` (no fp32 copy of big models), then fill weights."""
+    """Allocate directly on `device` in `dtype` (no fp32 copy of big models), then fill weights
+    (with `tp`, only this rank's shard is kept; random weights are the same at every tp_size)."""
     cfg = ModelConfig.from_hf(hf_config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions)
+        model = LlamaForCausalLM(cfg, max_positions, tp)
     model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -67,12 +71,16 @@ def build_model(
 
 
 def _init_random(model: torch.nn.Module, std: float = 0.02) -> None:
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    """Draw every parameter at its full shape, in order, from a generator seeded alike in every
+    process, and keep this rank's slice: the same weights at every tp_size and every time."""
+    gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.fill_(1.0)
-            elif p.device.type == "cpu":
-                p.normal_(0.0, std, generator=gen)
-            else:
-                p.normal_(0.0, std)
+                continue
+            if p.device not in gens:
+                gens[p.device] = torch.Generator(device=p.device).manual_seed(0)
+            full = torch.empty(full_shape(model, name), dtype=p.dtype, device=p.device)
+            full.normal_(0.0, std, generator=gens[p.device])
+            load_full(model, name, full)

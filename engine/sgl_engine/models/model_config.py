@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,4 +61,16 @@ class ModelConfig:
             qk_norm=arch == "qwen3",
             max_position_embeddings=getattr(hf, "max_position_embeddings", 4096),
             hf_config=hf,
+        )
+
+    def shard(self, tp_size: int) -> ModelConfig:
+        """One tensor-parallel rank's view: its share of the query and KV heads (for the KV
+        pool and the attention backend)."""
+        if tp_size == 1:
+            return self
+        for what, n in (("attention heads", self.num_heads), ("KV heads", self.num_kv_heads)):
+            if n % tp_size:
+                raise ValueError(f"{what} ({n}) are not divisible by tp_size ({tp_size})")
+        return dataclasses.replace(
+            self, num_heads=self.num_heads // tp_size, num_kv_heads=self.num_kv_heads // tp_size
         )

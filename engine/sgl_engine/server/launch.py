@@ -4,13 +4,26 @@ and the `serve` command-line arguments shared by `python -m sgl_engine.server` a
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import threading
 from typing import Any
 
-from sgl_engine.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+from sgl_engine.server.app import DEFAULT_MAX_BODY_BYTES, create_app, is_loopback
 
 API_KEY_ENV = "SGL_ADAPTERS_API_KEY"
+log = logging.getLogger(__name__)
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning `serve` logs at start when the API is reachable from other machines without
+    a key (see docs/SECURITY.md), or None."""
+    if api_key or is_loopback(host):
+        return None
+    return (
+        f"serving on {host} without an API key: anyone who can reach this address can use "
+        f"the model and flush its cache; set --api-key (or ${API_KEY_ENV}) or bind 127.0.0.1"
+    )
 
 
 class ServerThread:
@@ -79,6 +92,7 @@ def serve(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     served_model_name: str | None = None,
+    allowed_hosts: tuple[str, ...] = (),
     graceful_timeout: float = 30.0,
     log_level: str = "info",
     **engine_kwargs: Any,
@@ -89,9 +103,12 @@ def serve(
 
     from sgl_engine import Engine
 
+    warning = exposure_warning(host, api_key)
+    if warning:
+        log.warning(warning)
     engine = Engine(model, **engine_kwargs)
     try:
-        app = create_app(engine, api_key, max_body_bytes, served_model_name)
+        app = create_app(engine, api_key, max_body_bytes, served_model_name, allowed_hosts)
         uvicorn.run(
             app,
             host=host,
@@ -114,6 +131,7 @@ ENGINE_ARGS = (
     "chunked_prefill_size",
     "disable_radix_cache",
     "overlap_schedule",
+    "tp_size",
 )
 """The `EngineConfig` fields `serve` takes from the command line (flags with dashes)."""
 
@@ -126,7 +144,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--api-key", default=None, help=f"require this Bearer key (default: ${API_KEY_ENV})"
     )
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument(
+        "--served-model-name", default=None, help="the model name in /v1/models and responses"
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="without an API key, Host names served besides loopback (comma-separated; * = any)",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--max-total-tokens", type=int, default=None)
@@ -141,6 +166,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         action=argparse.BooleanOptionalAction,
         default=None,
         help="launch each decode step before reading the last one back (default: on CUDA)",
+    )
+    parser.add_argument(
+        "--tp",
+        "--tp-size",
+        dest="tp_size",
+        type=int,
+        default=None,
+        help="tensor parallel over this many GPUs (or CPU processes), one process per rank",
     )
     parser.add_argument("--graceful-timeout", type=float, default=30.0)
     parser.add_argument("--log-level", default="info")
@@ -158,6 +191,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_body_bytes=args.max_body_bytes,
         served_model_name=args.served_model_name,
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
         graceful_timeout=args.graceful_timeout,
         log_level=args.log_level,
         **engine_kwargs,

@@ -14,9 +14,8 @@ from typing import Any
 
 import jinja2
 from sgl_plugins.backend import BackendBase, StreamChunk
+from sgl_plugins.graph import CallGraph, Leaf, LeafResult, Usage
 from sgl_plugins.hookspecs import hookimpl
-
-from sgl_adapters.graph import CallGraph, Leaf, LeafResult, Usage
 
 PLAIN_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

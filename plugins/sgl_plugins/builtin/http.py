@@ -15,7 +15,6 @@ import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
-from sgl_adapters.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.backend import (
     BackendBase,
     ContinuationScore,
@@ -25,6 +24,7 @@ from sgl_plugins.backend import (
     single_leaf_graph,
     stream_chunk_from_sglang,
 )
+from sgl_plugins.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.hookspecs import hookimpl
 
 DEFAULT_URL = "http://127.0.0.1:30000"
@@ -125,9 +125,11 @@ class HttpBackend(BackendBase):
         chat_template: str | None = None,
         timeout: float = 600.0,
         name: str = "http",
+        verify: Any = True,
     ) -> None:
         """`tokenizer`: an HF tokenizer, a name/folder to load one from, or None (then the
-        server's tokenizer folder is used when it exists here)."""
+        server's tokenizer folder is used when it exists here). `verify`: httpx's TLS
+        verification of blocking calls (a bool or a CA bundle path)."""
         import httpx
 
         self.name = name
@@ -135,11 +137,17 @@ class HttpBackend(BackendBase):
         self.chat_template = chat_template
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = timeout
-        self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout)
+        self._client = httpx.Client(
+            base_url=self.base_url, headers=self._headers, timeout=timeout, verify=verify
+        )
+        self._api_key = api_key
         self.model_info = self._get_json("/get_model_info")
         self._tokenizer = self._load_tokenizer(tokenizer)
+        self._chat_backend: Any = None
         if self._tokenizer is not None:
             self.capabilities = CAPABILITIES | {"chat_template"}
+        else:
+            self.capabilities = CAPABILITIES | {"chat"}
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -156,6 +164,37 @@ class HttpBackend(BackendBase):
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    @property
+    def model_name(self) -> str:
+        info = self.model_info
+        return str(info.get("served_model_name") or info.get("model_path") or self.base_url)
+
+    def _chats(self) -> Any:
+        """Chats without a local tokenizer go to the server's /v1/chat/completions, which
+        renders the template (ours and SGLang's both serve it; constraints in the body)."""
+        if self._chat_backend is None:
+            from sgl_plugins.builtin.openai_compat import OpenAIBackend
+
+            self._chat_backend = OpenAIBackend(
+                self.model_name,
+                base_url=self.base_url + "/v1",
+                api_key=self._api_key,
+                timeout=self._timeout,
+                name=self.name,
+                sglang_constraints=True,
+            )
+        return self._chat_backend
+
+    def chat(self, messages, sampling_params=None, *, tools=None, **leaf) -> LeafResult:
+        if self._tokenizer is not None:
+            return super().chat(messages, sampling_params, tools=tools, **leaf)
+        return self._chats().chat(messages, sampling_params, tools=tools, **leaf)
+
+    def stream_chat(self, messages, sampling_params=None, *, tools=None, **leaf):
+        if self._tokenizer is not None:
+            return super().stream_chat(messages, sampling_params, tools=tools, **leaf)
+        return self._chats().stream_chat(messages, sampling_params, tools=tools, **leaf)
 
     def apply_chat_template(
         self,
@@ -205,6 +244,7 @@ class HttpBackend(BackendBase):
             "return_logprob": [leaf.return_logprob for leaf in leaves],
             "logprob_start_len": [leaf.logprob_start_len for leaf in leaves],
             "top_logprobs_num": [leaf.top_logprobs_num for leaf in leaves],
+            "return_text_in_logprobs": any(leaf.return_text_in_logprobs for leaf in leaves),
         }
 
     @staticmethod
@@ -216,7 +256,12 @@ class HttpBackend(BackendBase):
 
     def _stream_body(self, prompt, sampling_params, leaf: dict) -> dict[str, Any]:
         body = self._batch_body(single_leaf_graph(prompt, sampling_params, **leaf))
-        return {**{k: v[0] for k, v in body.items()}, "stream": True}
+        texts = body.pop("return_text_in_logprobs")
+        return {
+            **{k: v[0] for k, v in body.items()},
+            "return_text_in_logprobs": texts,
+            "stream": True,
+        }
 
     # -- the Backend protocol -----------------------------------------------------------------
 
@@ -299,8 +344,14 @@ class HttpBackend(BackendBase):
     def flush_cache(self) -> bool:
         return self._client.post("/flush_cache").status_code == 200
 
+    def server_info(self) -> dict[str, Any]:
+        """The server's /get_server_info (SGLang's shape)."""
+        return self._get_json("/get_server_info")
+
     def close(self) -> None:
         self._client.close()
+        if self._chat_backend is not None:
+            self._chat_backend.close()
 
 
 @hookimpl

@@ -17,7 +17,6 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sgl_adapters.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.backend import (
     CAPABILITIES,
     BackendBase,
@@ -28,6 +27,7 @@ from sgl_plugins.backend import (
     single_leaf_graph,
     stream_chunk_from_sglang,
 )
+from sgl_plugins.graph import CallGraph, Leaf, LeafResult, common_prefix_len
 from sgl_plugins.hookspecs import hookimpl
 
 CHATML_TEMPLATE = (
@@ -161,13 +161,13 @@ class LocalBackend(BackendBase):
         if not len(graph):
             return []
         outs = self.engine.generate(**self._batch_request(graph))
-        return self._results(graph.leaves, outs)
+        return self._results(graph.leaves, self._with_texts(graph.leaves, outs))
 
     async def arun_graph(self, graph: CallGraph) -> list[LeafResult]:
         if not len(graph):
             return []
         outs = await self.engine.async_generate(**self._batch_request(graph))
-        return self._results(graph.leaves, outs)
+        return self._results(graph.leaves, self._with_texts(graph.leaves, outs))
 
     def stream(
         self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
@@ -220,6 +220,13 @@ class LocalBackend(BackendBase):
     def metrics(self) -> dict[str, Any]:
         return dict(self.engine.metrics())
 
+    def flush_cache(self) -> bool:
+        return bool(self.engine.flush_cache())
+
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.engine, "model_path", None) or "")
+
     def close(self) -> None:
         if self._closed:
             return
@@ -241,6 +248,17 @@ class LocalBackend(BackendBase):
         if index is not None:
             request = {k: v[index] for k, v in request.items()}
         return request
+
+    def _with_texts(self, leaves: Sequence[Leaf], outs: Any) -> Any:
+        """Fill each logprob entry's text for leaves that asked (return_text_in_logprobs)."""
+        for leaf, out in zip(leaves, outs, strict=False):
+            if not leaf.return_text_in_logprobs:
+                continue
+            meta = out.get("meta_info", {})
+            for key in ("input_token_logprobs", "output_token_logprobs"):
+                if meta.get(key):
+                    meta[key] = [[e[0], e[1], self.tokenizer.decode([e[1]])] for e in meta[key]]
+        return outs
 
     @staticmethod
     def _results(leaves: Sequence[Leaf], outs: Any) -> list[LeafResult]:

@@ -1,0 +1,274 @@
+"""Rank 0's side of tensor parallelism: start the follower ranks, lead them, watch them, stop them.
+
+The engine process is rank 0: it keeps the scheduler, the radix cache and the sampler, and holds
+shard 0 of the model. Ranks 1..N-1 are processes started with torch.multiprocessing (spawn);
+each runs `worker.follow` and does, step by step, what rank 0's plan says. A rank that dies is
+noticed by a watchdog thread: the other followers are stopped and every later (and the current)
+forward pass raises `TensorParallelError` naming the rank, which fails those requests; the
+engine then only has to be shut down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing.connection
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from sgl_engine.config import EngineConfig
+from sgl_engine.distributed.group import TPGroup, destroy_group, init_group
+from sgl_engine.forward_batch import ForwardMode
+
+log = logging.getLogger(__name__)
+
+STOP, HEARTBEAT = "stop", "heartbeat"
+HEARTBEAT_S = 30.0
+JOIN_S = 10.0
+
+
+class TensorParallelError(RuntimeError):
+    """A tensor-parallel rank died or the group broke; this engine cannot serve any more."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a follower rank needs to build its shard of the model runner."""
+
+    config: EngineConfig
+    model_path: str | None
+    hf_config: Any
+    context_length: int
+    random_weights: bool
+    init_method: str
+
+    def device(self, rank: int) -> torch.device:
+        from sgl_engine.model_runner import pick_device
+
+        base = pick_device(self.config.device)
+        if base.type != "cuda":
+            return base
+        return torch.device("cuda", (base.index or 0) + rank)
+
+
+@dataclass
+class StepPlan:
+    """One forward pass as the followers need it: the sequences without their sampling specs,
+    which rows rank 0 samples (the logits all-gather), and how many input ids follow on the
+    device group (a decode step launched from the previous step's ids), if any."""
+
+    mode: ForwardMode
+    seqs: list[Any]
+    sampled: list[int]
+    device_ids: int = 0
+
+
+class TensorParallel:
+    """Starts ranks 1..tp_size-1 and joins the group as rank 0.
+
+    `publish` is called from the engine's scheduler thread only; a heartbeat thread keeps idle
+    followers from timing out on the control group; a watchdog thread waits on the followers'
+    process sentinels. `shutdown` stops all of them and leaves no process behind.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_path: str | None,
+        hf_config: Any,
+        context_length: int,
+        random_weights: bool,
+    ) -> None:
+        from sgl_engine.distributed.worker import worker_main
+
+        self.size = config.tp_size
+        self._tmp = tempfile.mkdtemp(prefix="sgl-tp-")
+        spec = WorkerSpec(
+            config, model_path, hf_config, context_length, random_weights, f"file://{self._tmp}/rdv"
+        )
+        self.failure: str | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._last_sent = time.monotonic()
+        self.ctx = mp.start_processes(
+            worker_main, (spec,), nprocs=self.size - 1, join=False, daemon=True
+        )
+        self.procs = list(self.ctx.processes)
+        self._watchdog = threading.Thread(target=self._watch, name="sgl-tp-watchdog", daemon=True)
+        self._watchdog.start()
+        try:
+            self.group = self._rendezvous(spec)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._heartbeat = threading.Thread(target=self._beat, name="sgl-tp-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _rendezvous(self, spec: WorkerSpec) -> TPGroup:
+        """Join the group, giving up as soon as a follower dies before it got there."""
+        box: dict[str, Any] = {}
+
+        def join() -> None:
+            try:
+                box["group"] = init_group(
+                    0, self.size, spec.init_method, spec.device(0), spec.config.tp_timeout_s
+                )
+            except BaseException as exc:  # noqa: BLE001 -- handed to the caller
+                box["error"] = exc
+
+        thread = threading.Thread(target=join, name="sgl-tp-rendezvous", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            if self.failure is not None:
+                raise TensorParallelError(self.failure)
+        if "error" in box:
+            raise box["error"]
+        return box["group"]
+
+    # ---- leading the followers -----------------------------------------------------------
+    def publish(self, plan: StepPlan, input_ids: torch.Tensor | None = None) -> None:
+        """Send a step's plan (and its device input ids) to the followers; scheduler thread."""
+        if self.failure is not None:
+            raise TensorParallelError(self.failure)
+        with self._lock:
+            self.group.broadcast_object(plan)
+            self._last_sent = time.monotonic()
+        if input_ids is not None:
+            self.group.broadcast_tensor(input_ids.contiguous())
+
+    @staticmethod
+    def plan(mode: ForwardMode, seqs: list[Any], input_ids: torch.Tensor | None) -> StepPlan:
+        return StepPlan(
+            mode,
+            [dataclasses.replace(s, sample=None) for s in seqs],
+            [i for i, s in enumerate(seqs) if s.sample is not None],
+            0 if input_ids is None else int(input_ids.numel()),
+        )
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Turn an error of a step whose group lost a rank into `TensorParallelError`."""
+        if self.failure is not None:
+            raise TensorParallelError(self.failure)
+        try:
+            yield
+        except Exception as exc:
+            deadline = time.monotonic() + 1.0
+            while self.failure is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if self.failure is None:
+                raise
+            raise TensorParallelError(self.failure) from exc
+
+    def _beat(self) -> None:
+        while not self._stopping.wait(HEARTBEAT_S / 3):
+            with self._lock:
+                if self._stopping.is_set() or self.failure is not None:
+                    return
+                if time.monotonic() - self._last_sent < HEARTBEAT_S:
+                    continue
+                try:
+                    self.group.broadcast_object(HEARTBEAT)
+                except Exception:  # noqa: BLE001 -- the watchdog reports the failure
+                    return
+                self._last_sent = time.monotonic()
+
+    # ---- watching them -------------------------------------------------------------------
+    def _watch(self) -> None:
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs, start=1)}
+        ready = multiprocessing.connection.wait(list(sentinels))
+        if self._stopping.is_set():
+            return
+        rank = sentinels[ready[0]]
+        proc = self.procs[rank - 1]
+        proc.join(1.0)
+        self.failure = f"tensor-parallel rank {rank} (pid {proc.pid}) {_describe(proc.exitcode)}"
+        error = self._worker_error(rank)
+        if error:
+            self.failure += f": {error}"
+        self.failure += "; this engine cannot serve any more requests, shut it down"
+        log.error("%s", self.failure)
+        self._abort()
+
+    def _worker_error(self, rank: int) -> str:
+        """The last line of the traceback the worker left behind, if it raised."""
+        try:
+            with open(self.ctx.error_files[rank - 1], "rb") as fh:
+                import pickle
+
+                text = pickle.load(fh)
+        except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError):
+            return ""
+        lines = [line for line in str(text).splitlines() if line.strip()]
+        return lines[-1].strip() if lines else ""
+
+    def _abort(self) -> None:
+        """Stop the surviving followers (they cannot go on without the dead rank) and break a
+        collective rank 0 may be blocked in (NCCL does not notice a dead peer by itself)."""
+        if self.group_is_nccl():
+            from torch.distributed.distributed_c10d import _abort_process_group
+
+            with contextlib.suppress(Exception):
+                _abort_process_group(self.group.device_group)
+        self._stop_procs(grace=2.0)
+
+    def group_is_nccl(self) -> bool:
+        group = getattr(self, "group", None)
+        if group is None:
+            return False
+        import torch.distributed as dist
+
+        return dist.get_backend(group.device_group) == "nccl"
+
+    def _stop_procs(self, grace: float) -> None:
+        for p in self.procs:
+            p.join(grace)
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(grace)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+    # ---- stopping ------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Tell the followers to stop, wait for them (kill those that do not), leave the group."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self.failure is None and getattr(self, "group", None) is not None:
+            with self._lock:
+                try:
+                    self.group.broadcast_object(STOP)
+                except Exception:  # noqa: BLE001 -- they are killed below
+                    log.warning("could not tell the tensor-parallel ranks to stop")
+        self._stop_procs(grace=JOIN_S)
+        if getattr(self, "_heartbeat", None) is not None:
+            self._heartbeat.join(JOIN_S)
+        destroy_group()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+
+def _describe(code: int | None) -> str:
+    if code is None:
+        return "stopped responding"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"

@@ -1,0 +1,89 @@
+"""The tensor-parallel process group of one rank: collectives on activations, control broadcasts.
+
+Two torch.distributed groups over the same ranks: the default group (gloo, on the CPU) carries
+the step plans rank 0 broadcasts to the followers; `device_group` (NCCL on CUDA, gloo on the
+CPU) carries the all-reduces and all-gathers of the model, with a timeout so that a stuck rank
+raises instead of hanging the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+CONTROL_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+@dataclass
+class TPGroup:
+    """One rank's view of the group. Holds process groups only; no model state."""
+
+    rank: int
+    size: int
+    device_group: Any = None
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the ranks, in place; returns it."""
+        dist.all_reduce(x, group=self.device_group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's `x` along the last dimension (rank order)."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.device_group)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` into every rank's `x` (same shape and dtype everywhere), on the device."""
+        dist.broadcast(x, src=0, group=self.device_group)
+        return x
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Rank 0's `obj` (picklable) to every rank, over the CPU control group."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def min_int(self, value: int) -> int:
+        """The smallest of every rank's `value` (the control group, on the CPU)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+
+def init_group(
+    rank: int, size: int, init_method: str, device: torch.device, timeout_s: float
+) -> TPGroup:
+    """Join the group (every rank calls this with the same arguments but `rank`)."""
+    if dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is already initialised in this process: one tensor-parallel "
+            "engine per process (shut the other one down first)"
+        )
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=size, timeout=CONTROL_TIMEOUT
+    )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    device_group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return TPGroup(rank, size, device_group)
+
+
+def destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_range(total: int, rank: int, size: int, what: str) -> tuple[int, int]:
+    """[start, end) of rank's equal share of `total` (which must divide evenly)."""
+    if total % size:
+        raise ValueError(f"{what} ({total}) is not divisible by tp_size ({size})")
+    n = total // size
+    return rank * n, (rank + 1) * n

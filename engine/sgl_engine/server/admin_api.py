@@ -1,0 +1,126 @@
+"""SGLang's auxiliary native routes that its clients (and our `http` backend) use:
+/get_server_info, /tokenize, /detokenize, /abort_request, and the OpenAI /v1/models/{id}."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from sgl_engine.server.app import ServerState, error_response
+
+router = APIRouter()
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.sgl
+
+
+class TokenizeRequest(BaseModel):
+    prompt: str | list[str]
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int] | list[list[int]]
+    model: str | None = None
+
+
+class AbortRequest(BaseModel):
+    rid: str | list[str] = ""
+    abort_all: bool = False
+
+
+def _config(engine: Any) -> dict[str, Any]:
+    config = getattr(engine, "config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        return {}
+    return {
+        k: v if isinstance(v, str | int | float | bool | None) else str(v)
+        for k, v in dataclasses.asdict(config).items()
+    }
+
+
+@router.get("/get_server_info")
+async def get_server_info(request: Request) -> dict:
+    """The engine's settings and live counters, in SGLang's shape (server args flattened,
+    `internal_states` holding the scheduler's metrics)."""
+    s = _state(request)
+    eng = s.engine
+    path = str(eng.model_path) if eng.model_path else None
+    values = await asyncio.to_thread(eng.metrics)
+    return {
+        **_config(eng),
+        "model_path": path,
+        "tokenizer_path": str(getattr(eng.config, "tokenizer_path", None) or path),
+        "served_model_name": s.model_name,
+        "context_length": eng.context_length,
+        "chat_template": getattr(eng.tokenizer, "chat_template", None),
+        "internal_states": [values],
+        "version": "sgl-adapters",
+    }
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+    """{"tokens", "count", "max_model_len"}; a list of prompts gives lists."""
+    eng = _state(request).engine
+    tok = eng.tokenizer
+
+    def encode(text: str) -> list[int]:
+        return tok.encode(text, add_special_tokens=body.add_special_tokens)
+
+    if isinstance(body.prompt, str):
+        tokens: Any = encode(body.prompt)
+        count: Any = len(tokens)
+    else:
+        tokens = [encode(p) for p in body.prompt]
+        count = [len(t) for t in tokens]
+    return {"tokens": tokens, "count": count, "max_model_len": eng.context_length}
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
+    tok = _state(request).engine.tokenizer
+    vocab = len(tok)
+    batch = body.tokens and isinstance(body.tokens[0], list)
+    seqs = body.tokens if batch else [body.tokens]
+    bad = [t for seq in seqs for t in seq if not 0 <= t < vocab]
+    if bad:
+        return error_response(
+            f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", 400, "tokens"
+        )
+    texts = [tok.decode(seq) for seq in seqs]
+    return {"text": texts if batch else texts[0]}
+
+
+@router.post("/abort_request")
+async def abort_request(body: AbortRequest, request: Request) -> dict:
+    """Abort the request(s) with these ids (queued or running; unknown ids are ignored).
+    `abort_all` is refused: the engine keeps no list of foreign requests to abort."""
+    if body.abort_all:
+        return error_response("abort_all is not supported; give rid", 400, "abort_all")
+    eng = _state(request).engine
+    rids = [body.rid] if isinstance(body.rid, str) else body.rid
+    for rid in rids:
+        if rid:
+            eng.abort(rid)
+    return {"aborted": [r for r in rids if r]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> Any:
+    s = _state(request)
+    if model_id != s.model_name:
+        return error_response(f"model {model_id!r} not found", 404, "model")
+    return {
+        "id": s.model_name,
+        "object": "model",
+        "created": s.created,
+        "owned_by": "sgl-adapters",
+        "max_model_len": s.engine.context_length,
+    }

@@ -1,0 +1,259 @@
+"""The `ray` backend: engine replicas as Ray actors behind a cache- and graph-aware router.
+
+Ray is imported when a backend is built, never at import time. The router runs in the caller's
+process (`sgl_plugins.routing`); each routing unit (a group of leaves sharing a CallGraph node,
+or one leaf with the non-graph policies) goes to one replica, and the leaves a replica gets
+from one graph travel as one sub-graph, so it prefills their shared nodes once.
+
+Replica failure: a replica whose actor dies is removed from the router (and its part of the
+prefix tree forgotten); the leaves it had in flight are routed again and re-run on the live
+replicas (generation restarts from the prompt, so no partial output is lost or duplicated). A
+stream that already yielded chunks cannot be resumed and fails with `ReplicaDiedError`. When
+no replica is left, calls fail with `NoReplicaError`. Dead replicas are not restarted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from sgl_plugins.backend import (
+    CAPABILITIES,
+    BackendBase,
+    ContinuationScore,
+    StreamChunk,
+)
+from sgl_plugins.builtin.ray.replica_set import ReplicaPool
+from sgl_plugins.routing import Decision, Router, RouterConfig, Unit, graph_units, subgraph
+
+NUMERIC_RATIOS = ("hit_rate", "kv_usage")
+
+
+class ReplicaDiedError(RuntimeError):
+    """A replica died while streaming to the caller; the partial output cannot be resumed."""
+
+
+class RayBackend(BackendBase):
+    """`replicas` engine actors of (model_path, engine_kwargs), routed by `policy` (one of
+    `sgl_plugins.routing.POLICIES`). Thread-safe: the router locks; Ray handles are shared.
+
+    `ray_init`: keyword arguments for `ray.init` when Ray is not initialised yet (default: a
+    local cluster without dashboard). `replica_options`: Ray actor options per replica
+    (default one CPU, one GPU when engine_kwargs ask for device="cuda"). `max_concurrency`:
+    calls a replica serves at once (its engine batches them).
+    """
+
+    capabilities = CAPABILITIES
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        model: str | None = None,
+        replicas: int = 2,
+        engine_kwargs: Mapping[str, Any] | None = None,
+        policy: str = "graph_aware",
+        router_config: RouterConfig | None = None,
+        replica_options: Mapping[str, Any] | None = None,
+        max_concurrency: int = 256,
+        ray_init: Mapping[str, Any] | None = None,
+        chat_template: str | None = None,
+        pool: ReplicaPool | None = None,
+        name: str = "ray",
+        **engine_config: Any,
+    ) -> None:
+        """Get the replica set of these arguments from `pool` (a private one when None);
+        `model` is an alias of `model_path`, extra keywords are engine config."""
+        if model is not None and model_path is not None and model != model_path:
+            raise ValueError("give model_path or model, not both")
+        self.name = name
+        self.model_name = model_path if model_path is not None else model
+        self.chat_template = chat_template
+        self._closed = False
+        self._lock = threading.Lock()
+        self._pool = pool if pool is not None else ReplicaPool()
+        self._key, self.replica_set = self._pool.acquire(
+            model_path if model_path is not None else model,
+            num_replicas=replicas,
+            engine_kwargs={**dict(engine_kwargs or {}), **engine_config},
+            router_config=router_config or RouterConfig(policy=policy),
+            replica_options=replica_options,
+            max_concurrency=max_concurrency,
+            ray_init=ray_init,
+        )
+        self._ray = self.replica_set.ray
+
+    @property
+    def router(self) -> Router:
+        return self.replica_set.router
+
+    @property
+    def replicas(self) -> list[Any]:
+        """The Ray actor handles, by replica index."""
+        return self.replica_set.replicas
+
+    # -- the Backend protocol ---------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.replica_set.tokenizer
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages,
+            chat_template=self.chat_template,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+
+    def run_graph(self, graph: Any) -> list[Any]:
+        if not len(graph):
+            return []
+        units = graph_units(graph, self.tokenizer, grouped=self.router.config.graph_aware)
+        results: dict[int, Any] = {}
+        pending = units
+        while pending:
+            pending = self._run_units(graph, pending, results)
+        return [results[leaf.id] for leaf in graph.leaves]
+
+    def stream(
+        self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
+    ) -> Iterator[StreamChunk]:
+        key = self._tokens(prompt)
+        while True:
+            decision = self.router.route(key, (key,))
+            actor = self.replicas[decision.replica]
+            sent = 0
+            try:
+                for ref in actor.stream.options(num_returns="streaming").remote(
+                    prompt, sampling_params, leaf
+                ):
+                    chunk = self._ray.get(ref)
+                    sent += 1
+                    yield dataclasses.replace(
+                        chunk, meta_info={**chunk.meta_info, "replica": decision.replica}
+                    )
+                return
+            except self._ray.exceptions.RayActorError as exc:
+                self._lost(decision.replica)
+                if sent:
+                    raise ReplicaDiedError(
+                        f"replica {decision.replica} of backend {self.name!r} died after "
+                        f"streaming {sent} chunk(s); a stream cannot be resumed elsewhere"
+                    ) from exc
+            finally:
+                self.router.release(decision.replica)
+
+    def score(self, prefix: str, continuations: Sequence[str]) -> list[ContinuationScore]:
+        if not continuations:
+            return []
+        key = self._tokens(prefix)
+        return self._routed_call(key, lambda actor: actor.score.remote(prefix, continuations))
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters summed over the live replicas (ratios recomputed), each replica's own
+        counters under "replicas", and the router's state under "router"."""
+        ray = self._ray
+        live = list(self.router.live)
+        per = dict(
+            zip(live, ray.get([self.replicas[r].metrics.remote() for r in live]), strict=True)
+        )
+        total: dict[str, Any] = {}
+        for metrics in per.values():
+            for key, value in metrics.items():
+                if isinstance(value, int | float) and key not in NUMERIC_RATIOS:
+                    total[key] = total.get(key, 0) + value
+        prompt = total.get("prompt_tokens", 0)
+        total["hit_rate"] = total.get("cached_tokens", 0) / prompt if prompt else 0.0
+        kv_total = total.get("kv_total", 0)
+        total["kv_usage"] = total.get("kv_used", 0) / kv_total if kv_total else 0.0
+        total["replicas"] = per
+        total["router"] = self.router.stats()
+        return total
+
+    def close(self) -> None:
+        """Drop this backend's reference to its replica set (the last one stops the engines
+        and kills the actors; Ray itself stays up). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._pool.release(self._key)
+
+    # -- routing and failure ------------------------------------------------------------------
+
+    def _run_units(self, graph: Any, units: Sequence[Unit], results: dict[int, Any]) -> list[Unit]:
+        """Route `units`, run one sub-graph per replica, store results by leaf id; returns the
+        units of replicas that died (to route again)."""
+        by_replica: dict[int, list[Unit]] = {}
+        for unit in units:
+            decision: Decision = self.router.route(unit.key, unit.prompts, len(unit.leaves))
+            by_replica.setdefault(decision.replica, []).append(unit)
+        calls = []
+        for replica, group in by_replica.items():
+            leaf_ids = sorted(i for unit in group for i in unit.leaves)
+            sub, original = subgraph(graph, leaf_ids)
+            calls.append((replica, group, original, self.replicas[replica].run_graph.remote(sub)))
+        retry: list[Unit] = []
+        for replica, group, original, ref in calls:
+            weight = sum(len(u.leaves) for u in group)
+            try:
+                outs = self._ray.get(ref)
+            except self._ray.exceptions.RayActorError:
+                self._lost(replica)
+                retry.extend(group)
+                continue
+            finally:
+                self.router.release(replica, weight)
+            for leaf_id, out in zip(original, outs, strict=True):
+                leaf = graph.leaf(leaf_id)
+                results[leaf_id] = dataclasses.replace(
+                    out,
+                    leaf_id=leaf_id,
+                    metadata=leaf.metadata,
+                    meta_info={**out.meta_info, "replica": replica},
+                )
+        return retry
+
+    def _routed_call(self, key: Sequence[int], call: Any) -> Any:
+        while True:
+            decision = self.router.route(key, (key,))
+            try:
+                return self._ray.get(call(self.replicas[decision.replica]))
+            except self._ray.exceptions.RayActorError:
+                self._lost(decision.replica)
+            finally:
+                self.router.release(decision.replica)
+
+    def _lost(self, replica: int) -> None:
+        self.router.remove(replica)
+
+    def _tokens(self, prompt: str | Sequence[int]) -> tuple[int, ...]:
+        if isinstance(prompt, str):
+            return tuple(self.tokenizer.encode(prompt))
+        return tuple(int(t) for t in prompt)
+
+
+class RayBackendFactory:
+    """The `ray` factory: every backend it builds shares its `ReplicaPool`, so equal arguments
+    share one replica set; `close()` shuts the pool down."""
+
+    def __init__(self, pool: ReplicaPool | None = None) -> None:
+        self.pool = pool if pool is not None else ReplicaPool()
+
+    def __call__(
+        self, model_path: str | None = None, *, model: str | None = None, **kwargs: Any
+    ) -> RayBackend:
+        kwargs.setdefault("pool", self.pool)
+        return RayBackend(model_path, model=model, **kwargs)
+
+    def close(self) -> None:
+        self.pool.close()

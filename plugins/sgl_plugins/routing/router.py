@@ -1,0 +1,150 @@
+"""Routing requests over replicas: round-robin, least-loaded, cache-aware and graph-aware.
+
+The cache-aware rule is sgl-router's: while the load is balanced, send a request to the replica
+whose approximate prefix tree matches the longest part of its prompt (when the match is a large
+enough fraction), else to the replica holding the least cache (the most room); when the load is
+imbalanced, to the least loaded replica. Graph-aware routing is cache-aware routing whose unit
+is a group of leaves sharing a CallGraph node (see `groups.py`): the whole group goes to one
+replica, so its shared prefix is prefilled once in the cluster.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sgl_plugins.routing.prefix_tree import PrefixTree
+
+POLICIES = ("round_robin", "least_loaded", "cache_aware", "graph_aware")
+
+
+class NoReplicaError(RuntimeError):
+    """Every replica has been removed (died); nothing can be routed."""
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """`cache_threshold`: the matched fraction of a prompt above which the cache decides.
+    The load is imbalanced when max - min > `balance_abs_threshold` and max >
+    `balance_rel_threshold` * min (loads count leaves in flight). `max_tree_tokens`: each
+    replica's share of the approximate tree (about its KV capacity); 0 means unbounded."""
+
+    policy: str = "graph_aware"
+    cache_threshold: float = 0.5
+    balance_abs_threshold: int = 32
+    balance_rel_threshold: float = 1.5
+    max_tree_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {self.policy!r}; one of {POLICIES}")
+
+    @property
+    def graph_aware(self) -> bool:
+        return self.policy == "graph_aware"
+
+    @property
+    def cache_aware(self) -> bool:
+        return self.policy in ("cache_aware", "graph_aware")
+
+
+@dataclass(frozen=True)
+class Decision:
+    replica: int
+    matched_tokens: int  # of the routing key, per the approximate tree (0 unless cache-aware)
+    reason: str  # "round_robin" | "least_loaded" | "cache" | "room" | "balance"
+
+
+class Router:
+    """Picks a replica for each routing unit and tracks in-flight load per replica.
+
+    Thread-safe: `route`, `release`, `remove` and `stats` take one lock; they mutate the loads,
+    the counters and the prefix tree.
+    """
+
+    def __init__(self, num_replicas: int, config: RouterConfig | None = None) -> None:
+        if num_replicas < 1:
+            raise ValueError("a router needs at least one replica")
+        self.config = config or RouterConfig()
+        self.tree = PrefixTree()
+        self.loads = [0] * num_replicas
+        self.live = list(range(num_replicas))
+        self.reasons: dict[str, int] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.loads)
+
+    def route(
+        self, key: Sequence[int], prompts: Iterable[Sequence[int]] = (), weight: int = 1
+    ) -> Decision:
+        """Choose a replica for a unit whose shared prompt prefix is `key`; record `prompts`
+        (the full prompts sent) as held by it and add `weight` to its load."""
+        with self._lock:
+            if not self.live:
+                raise NoReplicaError("no live replica left to route to")
+            decision = self._choose(key)
+            replica = decision.replica
+            self.loads[replica] += weight
+            self.reasons[decision.reason] = self.reasons.get(decision.reason, 0) + 1
+            if self.config.cache_aware:
+                for prompt in prompts or (key,):
+                    self.tree.insert(prompt, replica)
+                if self.config.max_tree_tokens:
+                    self.tree.evict(replica, int(self.config.max_tree_tokens * 0.9))
+            return decision
+
+    def release(self, replica: int, weight: int = 1) -> None:
+        """`weight` leaves routed to `replica` have finished (or failed)."""
+        with self._lock:
+            self.loads[replica] = max(0, self.loads[replica] - weight)
+
+    def remove(self, replica: int) -> None:
+        """Stop routing to `replica` (it died) and forget what it held."""
+        with self._lock:
+            if replica in self.live:
+                self.live.remove(replica)
+            self.tree.remove_tenant(replica)
+            self.loads[replica] = 0
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "policy": self.config.policy,
+                "live_replicas": list(self.live),
+                "in_flight": list(self.loads),
+                "tree_tokens": [self.tree.size(r) for r in range(self.num_replicas)],
+                "decisions": dict(self.reasons),
+            }
+
+    def _choose(self, key: Sequence[int]) -> Decision:
+        policy = self.config.policy
+        if policy == "round_robin":
+            replica = self.live[self._next % len(self.live)]
+            self._next += 1
+            return Decision(replica, 0, "round_robin")
+        if policy == "least_loaded":
+            return Decision(self._least_loaded(self.live), 0, "least_loaded")
+        if self._imbalanced():
+            return Decision(self._least_loaded(self.live), 0, "balance")
+        matches = self.tree.match(key) if key else {}
+        live_matches = {r: n for r, n in matches.items() if r in self.live}
+        if live_matches:
+            best = max(live_matches.values())
+            if best > self.config.cache_threshold * len(key):
+                tied = [r for r, n in live_matches.items() if n == best]
+                return Decision(self._least_loaded(tied), best, "cache")
+        room = min(self.live, key=lambda r: (self.tree.size(r), self.loads[r], r))
+        return Decision(room, live_matches.get(room, 0), "room")
+
+    def _imbalanced(self) -> bool:
+        loads = [self.loads[r] for r in self.live]
+        high, low = max(loads), min(loads)
+        cfg = self.config
+        return high - low > cfg.balance_abs_threshold and high > cfg.balance_rel_threshold * low
+
+    def _least_loaded(self, replicas: Sequence[int]) -> int:
+        return min(replicas, key=lambda r: (self.loads[r], r))

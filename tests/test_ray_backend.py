@@ -1,0 +1,217 @@
+"""The `ray` backend on a local Ray cluster (2 CPUs, no dashboard) with 2 replicas of a tiny
+random model: the Backend protocol, graph-aware placement of shared prefixes, and a replica
+killed mid-request. One cluster and one backend for the module (starting them is most of its
+time); the kill test runs last."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from sgl_plugins.backend import Backend  # noqa: E402
+from sgl_plugins.graph import CallGraph  # noqa: E402
+from sgl_plugins.manager import PluginManager, get_backend  # noqa: E402
+
+GREEDY = {"max_new_tokens": 6, "temperature": 0}
+ENGINE = {"device": "cpu", "max_total_tokens": 4096}
+PREFIX = (
+    "The quick brown fox jumps over the lazy dog. A radix tree shares prefixes between keys. "
+    "Question: What is the capital of France? Answer:"
+)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def manager():
+    pm = PluginManager({}, entry_points=lambda: []).load()
+    yield pm
+    pm.close()
+
+
+@pytest.fixture(scope="module")
+def ray_kwargs(tiny_model):
+    return {"replicas": 2, "model_path": tiny_model, "engine_kwargs": ENGINE}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from sgl_engine.testing import make_tiny_model_dir
+
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("ray") / "llama"))
+
+
+@pytest.fixture(scope="module")
+def backend(cluster, ray_kwargs):
+    """From the process-wide plugin manager, so front doors asking for "ray" with the same
+    arguments share these two actors."""
+    b = get_backend("ray", **ray_kwargs)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def local(manager, tiny_model):
+    b = manager.get_backend("local", model_path=tiny_model, **ENGINE)
+    yield b
+    b.close()
+
+
+def counters(backend) -> tuple[int, int]:
+    m = backend.metrics()
+    return m["prefill_tokens"], m["cached_tokens"]
+
+
+def test_the_protocol_through_ray_matches_the_local_engine(backend, local):
+    assert isinstance(backend, Backend) and backend.name == "ray"
+    prompts = ["Question: What is two plus two?", "Large language models", "0123456789 abc"]
+    graph = CallGraph.from_prompts(prompts, backend.tokenizer, GREEDY)
+    ours = backend.run_graph(graph)
+    ref = local.run_graph(CallGraph.from_prompts(prompts, local.tokenizer, GREEDY))
+    assert [r.output_ids for r in ours] == [r.output_ids for r in ref]
+    assert [r.leaf_id for r in ours] == [0, 1, 2]
+    one = backend.generate(prompts[0], GREEDY)
+    assert one.output_ids == ref[0].output_ids and one.usage.cached_tokens > 0
+    chunks = list(backend.stream(prompts[1], GREEDY))
+    assert "".join(c.delta for c in chunks) == ref[1].text and chunks[-1].finish_reason
+    assert backend.score("Question: What", [" is", " was"]) == local.score(
+        "Question: What", [" is", " was"]
+    )
+    chat = [{"role": "user", "content": "hi"}]
+    assert backend.apply_chat_template(chat) == local.apply_chat_template(chat)
+    m = backend.metrics()
+    assert set(m["replicas"]) == {0, 1} and m["router"]["policy"] == "graph_aware"
+    assert m["prompt_tokens"] == sum(r["prompt_tokens"] for r in m["replicas"].values())
+
+
+def test_async_graph_and_stream(backend, local):
+    prompts = ["A radix tree", "A radix forest"]
+
+    async def main():
+        ours = await backend.arun_graph(CallGraph.from_prompts(prompts, None, GREEDY))
+        text = "".join([c.delta async for c in backend.astream(prompts[0], GREEDY)])
+        return ours, text
+
+    ours, text = asyncio.run(main())
+    ref = local.run_graph(CallGraph.from_prompts(prompts, None, GREEDY))
+    assert [r.text for r in ours] == [r.text for r in ref] and text == ref[0].text
+
+
+def test_a_batch_sharing_a_prefix_lands_on_one_replica_and_prefills_it_once(backend):
+    suffixes = [f" {name}" for name in ("Paris", "Rome", "Berlin", "Madrid", "Oslo", "Bern")]
+    tok = backend.tokenizer
+    graph = CallGraph.from_prompts([PREFIX + s for s in suffixes], tok, GREEDY)
+    before = counters(backend)
+    results = backend.run_graph(graph)
+    replicas = {r.meta_info["replica"] for r in results}
+    assert len(replicas) == 1
+    prefill = counters(backend)[0] - before[0]
+    prompt_lens = [len(tok.encode(PREFIX + s)) for s in suffixes]
+    shared = graph.shared_prefixes()[0].num_tokens
+    assert prefill == shared + sum(n - shared for n in prompt_lens)  # the prefix once, cold
+    (home,) = replicas
+    again = backend.run_graph(CallGraph.from_prompts([PREFIX + " Lima"], tok, GREEDY))
+    assert again[0].meta_info["replica"] == home and again[0].usage.cached_tokens >= shared - 1
+    other = backend.run_graph(
+        CallGraph.from_prompts(["0123456789 " * 6 + s for s in suffixes[:3]], tok, GREEDY)
+    )
+    assert {r.meta_info["replica"] for r in other} == {1 - home}  # the replica with more room
+
+
+def prompt_tokens(backend) -> dict[int, int]:
+    return {r: m["prompt_tokens"] for r, m in backend.metrics()["replicas"].items()}
+
+
+def grown(before: dict[int, int], after: dict[int, int]) -> set[int]:
+    return {r for r in after if after[r] > before.get(r, 0)}
+
+
+def test_front_doors_run_through_the_ray_backend(backend, ray_kwargs):
+    """ChatSGLang, the DSPy LM and an SGLang program name the "ray" backend; they get the
+    shared replica set, and a batch (or fork) sharing a prefix runs on one replica."""
+    import sgl_adapters.lang as sgl
+    from sgl_adapters.dspy import LM
+    from sgl_adapters.langchain import ChatSGLang
+
+    chat = ChatSGLang(backend="ray", backend_kwargs=ray_kwargs, max_tokens=4)
+    assert chat.client().backend.replica_set is backend.replica_set
+    before = prompt_tokens(backend)
+    replies = chat.batch([PREFIX + f" {city}?" for city in ("Paris", "Rome", "Oslo")])
+    assert len(replies) == 3 and all(isinstance(r.content, str) for r in replies)
+    assert len(grown(before, prompt_tokens(backend))) == 1
+
+    lm = LM(backend="ray", backend_kwargs=ray_kwargs, max_tokens=4, temperature=0.0, cache=False)
+    before = prompt_tokens(backend)
+    (text,) = lm("Tell me about cats.")
+    assert isinstance(text, str) and grown(before, prompt_tokens(backend))
+
+    @sgl.function
+    def fan_out(s):
+        s += PREFIX
+        forks = s.fork(3)
+        for i, f in enumerate(forks):
+            f += f" {i}" + sgl.gen("answer", max_tokens=3)
+        forks.join()
+
+    runtime = sgl.Runtime(backend="ray", **ray_kwargs)
+    assert runtime.backend.replica_set is backend.replica_set
+    before = prompt_tokens(backend)
+    state = fan_out.run(backend=runtime, temperature=0)
+    assert len(grown(before, prompt_tokens(backend))) == 1
+    assert state.text().startswith(PREFIX)
+    runtime.shutdown()
+
+
+def test_round_robin_spreads_the_same_batch(backend):
+    from sgl_plugins.routing import Router, RouterConfig
+
+    graph = CallGraph.from_prompts([PREFIX + f" {i}" for i in range(4)], backend.tokenizer)
+    graph_aware = backend.router
+    backend.replica_set.router = Router(2, RouterConfig(policy="round_robin"))
+    try:
+        results = backend.run_graph(graph)
+    finally:
+        backend.replica_set.router = graph_aware
+    assert [r.meta_info["replica"] for r in results] == [0, 1, 0, 1]
+
+
+def test_a_killed_replica_does_not_lose_other_requests(backend):
+    long = {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}
+    prompts = [f"{word} is the question number {i}" for i, word in enumerate("ABCDEFGH")]
+    graph = CallGraph.from_prompts(prompts, backend.tokenizer, long)
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["results"] = backend.run_graph(graph)
+        except BaseException as exc:  # noqa: BLE001 -- asserted below
+            out["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    victim = backend.replicas[0]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ray.get(victim.metrics.remote())["running"] > 0:
+            break
+        time.sleep(0.05)
+    ray.kill(victim)
+    worker.join(timeout=120)
+    assert "error" not in out, out.get("error")
+    results = out["results"]
+    assert all(r.finish_reason == "length" and len(r.output_ids) == 120 for r in results)
+    assert {r.meta_info["replica"] for r in results} == {1}  # replica 0's leaves were re-run
+    assert backend.router.live == [1]
+    after = backend.generate("Still serving?", GREEDY)
+    assert after.meta_info["replica"] == 1 and after.error is None
+    assert set(backend.metrics()["replicas"]) == {1}

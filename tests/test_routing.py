@@ -1,0 +1,162 @@
+"""The router's approximate prefix tree, the routing policies and CallGraph routing units
+(pure Python, no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sgl_plugins.graph import CallGraph
+from sgl_plugins.routing import (
+    NoReplicaError,
+    PrefixTree,
+    Router,
+    RouterConfig,
+    graph_units,
+    prompt_units,
+    subgraph,
+)
+
+
+def brute_match(held: dict[int, list[tuple[int, ...]]], tokens: tuple[int, ...]) -> dict:
+    out = {}
+    for tenant, seqs in held.items():
+        best = 0
+        for seq in seqs:
+            n = 0
+            while n < min(len(seq), len(tokens)) and seq[n] == tokens[n]:
+                n += 1
+            best = max(best, n)
+        if best:
+            out[tenant] = best
+    return out
+
+
+seqs = st.lists(st.integers(0, 3), min_size=1, max_size=12).map(tuple)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), seqs), min_size=1, max_size=25), seqs)
+def test_match_agrees_with_brute_force(inserts, query):
+    tree = PrefixTree()
+    held: dict[int, list[tuple[int, ...]]] = {}
+    for tenant, seq in inserts:
+        tree.insert(seq, tenant)
+        held.setdefault(tenant, []).append(seq)
+        tree.check_integrity()
+    assert tree.match(query) == brute_match(held, query)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), seqs), min_size=1, max_size=25), st.integers(0, 20))
+def test_evict_bounds_a_tenant_and_keeps_the_others(inserts, limit):
+    tree = PrefixTree()
+    for tenant, seq in inserts:
+        tree.insert(seq, tenant)
+    before = {t: tree.size(t) for t in (1, 2)}
+    other = [(t, s) for t, s in inserts if t != 0]
+    tree.evict(0, limit)
+    tree.check_integrity()
+    assert tree.size(0) <= limit
+    assert {t: tree.size(t) for t in (1, 2)} == before
+    for _, seq in other:
+        assert tree.match(seq).get(1, 0) + tree.match(seq).get(2, 0) >= 0
+    tree.remove_tenant(0)
+    tree.check_integrity()
+    assert tree.size(0) == 0 and all(0 not in tree.match(s) for _, s in inserts)
+
+
+def test_evict_drops_the_least_recently_routed_first():
+    tree = PrefixTree()
+    tree.insert((1, 2, 3, 4), 0)
+    tree.insert((5, 6, 7, 8), 0)
+    tree.insert((1, 2, 3, 4, 9), 0)  # touches the first prompt again
+    assert tree.evict(0, 5) == 4
+    assert tree.match((5, 6, 7, 8)) == {} and tree.match((1, 2, 3, 4, 9)) == {0: 5}
+
+
+def test_round_robin_and_least_loaded_ignore_the_cache():
+    rr = Router(3, RouterConfig(policy="round_robin"))
+    assert [rr.route((1, 2, 3)).replica for _ in range(4)] == [0, 1, 2, 0]
+    ll = Router(3, RouterConfig(policy="least_loaded"))
+    picks = [ll.route((1, 2, 3)).replica for _ in range(3)]
+    assert sorted(picks) == [0, 1, 2]
+    ll.release(1)
+    assert ll.route((9,)).replica == 1
+
+
+def test_cache_aware_follows_the_prefix_until_the_load_is_imbalanced():
+    router = Router(2, RouterConfig(policy="cache_aware", balance_abs_threshold=4))
+    prefix = tuple(range(100))
+    first = router.route(prefix + (1000,))
+    assert first.reason == "room"
+    other = router.route((7, 7, 7))  # no match: goes to the replica with the most room
+    assert other.replica != first.replica and other.reason == "room"
+    router.release(other.replica)
+    hits = [router.route(prefix + (1001 + i,)) for i in range(4)]
+    assert all(d.replica == first.replica and d.reason == "cache" for d in hits)
+    assert hits[0].matched_tokens == 100
+    spill = router.route(prefix + (2000,))  # 5 in flight vs 0: balance wins
+    assert spill.replica == other.replica and spill.reason == "balance"
+
+
+def test_a_removed_replica_gets_nothing_and_loses_its_tree():
+    router = Router(2, RouterConfig(policy="graph_aware"))
+    router.route((1, 2, 3, 4))
+    router.remove(0)
+    assert router.tree.size(0) == 0
+    assert {router.route((1, 2, 3, 4)).replica for _ in range(3)} == {1}
+    router.remove(1)
+    with pytest.raises(NoReplicaError):
+        router.route((1,))
+
+
+def test_bad_policy_is_rejected():
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        RouterConfig(policy="random")
+
+
+def shared_graph() -> CallGraph:
+    prompts = [(1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 7), (1, 2, 3, 8), (9, 9, 9), (9, 9, 8), (5,)]
+    return CallGraph.from_prompts(prompts, None, {"max_new_tokens": 1})
+
+
+def test_graph_units_group_leaves_under_shared_nodes():
+    units = graph_units(shared_graph())
+    assert [u.leaves for u in units] == [(0, 1, 2), (3, 4), (5,)]
+    assert [u.key for u in units] == [(1, 2, 3), (9, 9), (5,)]
+    assert units[0].prompts == ((1, 2, 3, 4, 5, 6), (1, 2, 3, 4, 7), (1, 2, 3, 8))
+    per_leaf = graph_units(shared_graph(), grouped=False)
+    assert [u.leaves for u in per_leaf] == [(i,) for i in range(6)]
+    assert per_leaf[3].key == (9, 9, 9)
+
+
+def test_prompt_units_group_a_plain_batch():
+    units = prompt_units([(1, 2, 3), (4,), (1, 2, 5)])
+    assert [(u.leaves, u.key) for u in units] == [((0, 2), (1, 2)), ((1,), (4,))]
+
+
+def test_subgraph_keeps_shared_nodes_and_leaf_options():
+    graph = CallGraph()
+    node = graph.add_node(graph.root, token_ids=(1, 2, 3))
+    graph.add_leaf(graph.add_node(node, token_ids=(4,)), {"max_new_tokens": 2}, regex="a+")
+    graph.add_leaf(graph.add_node(node, token_ids=(5,)), metadata={"k": 1})
+    graph.add_leaf(graph.add_node(graph.root, token_ids=(7,)))
+    sub, original = subgraph(graph, [1, 0])
+    assert original == [1, 0]
+    assert [sub.prompt_ids(leaf.node) for leaf in sub.leaves] == [[1, 2, 3, 5], [1, 2, 3, 4]]
+    assert sub.leaves[0].metadata == {"k": 1} and sub.leaves[1].regex == "a+"
+    assert len(sub.nodes) == 4  # root, the shared node and two suffixes
+
+
+def test_loading_the_plugins_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from sgl_plugins.manager import PluginManager; "
+        "pm = PluginManager({}, entry_points=lambda: []).load(); "
+        "assert 'ray' in pm.backends() and not pm.errors; "
+        "assert 'ray' not in sys.modules, 'ray was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,108 @@
+"""Tensor parallelism on the CPU (gloo): TP=2 equals TP=1, a dead rank fails its requests with a
+clear error, and shutdown leaves no process or process group behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch.distributed as dist
+
+GREEDY = {"temperature": 0.0, "ignore_eos": True}
+PROMPTS = [
+    "The quick brown fox",
+    "The quick brown fox jumps over the lazy dog. A radix tree",
+    "Question: What is the capital of France? Answer:",
+    "0123456789 abcdef",
+]
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _run(eng) -> list[dict]:
+    params = [{**GREEDY, "max_new_tokens": 12 + i} for i in range(len(PROMPTS))]
+    outs = eng.generate(PROMPTS, params, return_logprob=True, logprob_start_len=0)
+    # a second round reuses the radix cache (prefix hits) and decodes a bigger batch
+    outs += eng.generate([p + " again" for p in PROMPTS], {**GREEDY, "max_new_tokens": 8})
+    return outs
+
+
+@pytest.mark.parametrize(
+    ("arch", "extra"),
+    [("llama", {"overlap_schedule": True}), ("qwen2", {"random_weights": True})],
+    ids=["llama-checkpoint-overlap", "qwen2-random-weights"],
+)
+def test_tp2_greedy_equals_tp1(tiny_model_dirs, make_engine, arch, extra):
+    """Sharded loading (llama, with the overlapped decode handing ids over on the device) and
+    sharded random init (qwen2, with q/k/v biases) both give TP=1's tokens and logprobs."""
+    from sgl_engine import Engine
+
+    path = tiny_model_dirs[arch]
+    ref = _run(make_engine(path, random_weights=extra.get("random_weights", False)))
+    eng = Engine(path, device="cpu", max_total_tokens=4096, tp_size=2, **extra)
+    try:
+        pids = eng.runner.driver.pids
+        assert len(pids) == 1 and dist.is_initialized()
+        got = _run(eng)
+        assert eng.metrics()["cached_tokens"] > 0
+        eng.check_invariants()
+    finally:
+        eng.shutdown()
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in ref]
+    for a, b in zip(got[: len(PROMPTS)], ref[: len(PROMPTS)], strict=True):
+        lp_a = [lp for lp, *_ in a["meta_info"]["input_token_logprobs"][1:]]
+        lp_b = [lp for lp, *_ in b["meta_info"]["input_token_logprobs"][1:]]
+        assert lp_a == pytest.approx(lp_b, abs=1e-4)
+    assert all(_gone(pid) for pid in pids)
+    assert not dist.is_initialized()
+
+
+def test_a_killed_rank_fails_its_requests_and_the_engine_shuts_down(tiny_llama):
+    from sgl_engine import Engine
+
+    eng = Engine(tiny_llama, device="cpu", max_total_tokens=4096, tp_size=2)
+    try:
+        (pid,) = eng.runner.driver.pids
+        stream = eng.generate("hi", {**GREEDY, "max_new_tokens": 100000}, stream=True)
+        first = next(stream)
+        assert first["meta_info"]["finish_reason"] is None
+        os.kill(pid, signal.SIGKILL)
+        last = list(stream)[-1]
+        reason = last["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort"
+        assert "tensor-parallel rank 1" in reason["message"]
+        assert "SIGKILL" in reason["message"]
+        later = eng.generate("hello", {**GREEDY, "max_new_tokens": 3})
+        assert later["meta_info"]["finish_reason"]["type"] == "abort"
+        assert "tensor-parallel rank 1" in later["meta_info"]["finish_reason"]["message"]
+        eng.check_invariants()
+    finally:
+        eng.shutdown()
+    assert _gone(pid)
+    assert not dist.is_initialized()
+
+
+def test_tp_size_must_divide_the_heads(tiny_llama):
+    from sgl_engine import Engine
+
+    with pytest.raises(ValueError, match="not divisible by tp_size"):
+        Engine(tiny_llama, device="cpu", tp_size=3)
+    assert not dist.is_initialized()
+
+
+def test_serve_takes_tp():
+    import argparse
+
+    from sgl_engine.server.launch import ENGINE_ARGS, add_serve_arguments
+
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args(["--tp", "2"])
+    assert args.tp_size == 2 and "tp_size" in ENGINE_ARGS
