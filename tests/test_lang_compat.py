@@ -434,6 +434,9 @@ def test_runtime_endpoint_access(rt):
     assert ep.get_model_name() == rt.get_model_name() == str(rt.engine.model_path)
     assert ep.get_server_info()["model_path"] == rt.get_model_name()
     assert ep.get_chat_template() is rt.chat_template
+    for name in ("url", "generate_url"):
+        with pytest.raises(AttributeError, match="in-process"):
+            getattr(rt, name)
 
     @sgl.function
     def prog(s):

@@ -27,6 +27,15 @@ class RuntimeAPI:
     request_stream: Any
     server_info: Any
 
+    @property
+    def url(self) -> str:
+        raise AttributeError(
+            "Runtime.url: this runtime is in-process and launches no HTTP server; serve a "
+            "model with `sgl-adapters serve` and connect with sgl.RuntimeEndpoint(url)"
+        )
+
+    generate_url = url
+
     def get_model_name(self) -> str:
         return str(self.server_info().get("model_path") or "")
 
