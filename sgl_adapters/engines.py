@@ -54,12 +54,13 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def _takes_model(manager: Any, name: str) -> bool:
+def factory_takes(manager: Any, name: str, parameter: str) -> bool:
+    """Whether backend `name`'s factory has a parameter called `parameter`."""
     spec = manager.backends().get(name)
     if spec is None:
         return False
     try:
-        return "model" in inspect.signature(spec.factory).parameters
+        return parameter in inspect.signature(spec.factory).parameters
     except (TypeError, ValueError):
         return False
 
@@ -101,7 +102,7 @@ class EngineRegistry:
             return self.backend(model, {**dict(engine_kwargs or {}), **dict(backend_kwargs or {})})
         kwargs = dict(backend_kwargs or {})
         if model is not None and "model" not in kwargs:
-            if not _takes_model(self.manager, backend):
+            if not factory_takes(self.manager, backend, "model"):
                 raise ValueError(
                     f"backend {backend!r} serves the model its factory was given; "
                     f"model={model!r} cannot be chosen per call"

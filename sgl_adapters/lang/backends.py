@@ -267,7 +267,7 @@ class Runtime(RuntimeAPI, BackendRuntime):
         return self.backend.engine
 
     def server_info(self) -> dict[str, Any]:
-        own = getattr(self.backend, "server_info", None)
+        own = getattr(self.backend, "get_server_info", None)
         if callable(own):
             return dict(own())
         return engine_server_info(self.engine)
@@ -322,7 +322,7 @@ class RuntimeEndpoint(BackendRuntime):
 
     def get_server_info(self) -> dict[str, Any]:
         """The server's /get_server_info (SGLang's route)."""
-        own = getattr(self.backend, "server_info", None)
+        own = getattr(self.backend, "get_server_info", None)
         if not callable(own):
             raise RuntimeError(f"backend {self.name!r} reports no server info")
         return dict(own())

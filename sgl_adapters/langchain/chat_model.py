@@ -88,7 +88,7 @@ class ChatSGLang(SGLangParams, BaseChatModel):
         tool_prompt = tools_mod.tool_system_prompt(bound) if bound else None
         chat = to_chat_dicts(messages, tool_prompt)
         prompt = render(chat, client.apply_chat_template) if client.renders_chat else None
-        name = self.model_name if model == self.model else model_display_name(model)
+        name = self.served_model_name(client, model)
         if isinstance(params.get("json_schema"), dict):
             params["json_schema"] = cap_strings(params["json_schema"], self.max_string_length)
         if not bound:

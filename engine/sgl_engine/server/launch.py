@@ -139,11 +139,16 @@ ENGINE_ARGS = (
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="HF folder or id (default: embedded SmolLM2)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--port", type=int, default=30000, help="TCP port (default 30000)")
     parser.add_argument(
         "--api-key", default=None, help=f"require this Bearer key (default: ${API_KEY_ENV})"
     )
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="reject request bodies larger than this with 413 (default %(default)s)",
+    )
     parser.add_argument(
         "--served-model-name", default=None, help="the model name in /v1/models and responses"
     )
@@ -152,15 +157,40 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default="",
         help="without an API key, Host names served besides loopback (comma-separated; * = any)",
     )
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--max-total-tokens", type=int, default=None)
-    parser.add_argument("--max-running-requests", type=int, default=None)
-    parser.add_argument("--attention-backend", choices=("auto", "torch", "flashinfer"))
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA)"
+    )
+    parser.add_argument(
+        "--max-total-tokens", type=int, default=None, help="KV cache size in tokens"
+    )
+    parser.add_argument(
+        "--max-running-requests", type=int, default=None, help="most requests in one batch"
+    )
+    parser.add_argument(
+        "--attention-backend",
+        choices=("auto", "torch", "flashinfer"),
+        help="attention kernels (default auto: flashinfer on CUDA when installed)",
+    )
     parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="0 turns graphs off")
-    parser.add_argument("--mem-fraction-static", type=float, default=None)
-    parser.add_argument("--chunked-prefill-size", type=int, default=None)
-    parser.add_argument("--disable-radix-cache", action="store_true", default=None)
+    parser.add_argument(
+        "--mem-fraction-static",
+        type=float,
+        default=None,
+        help="fraction of GPU memory for weights and KV cache",
+    )
+    parser.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=None,
+        help="longest prefill chunk per forward pass, in tokens",
+    )
+    parser.add_argument(
+        "--disable-radix-cache",
+        action="store_true",
+        default=None,
+        help="do not reuse KV across requests (for comparisons)",
+    )
     parser.add_argument(
         "--overlap-schedule",
         action=argparse.BooleanOptionalAction,
@@ -175,8 +205,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=None,
         help="tensor parallel over this many GPUs (or CPU processes), one process per rank",
     )
-    parser.add_argument("--graceful-timeout", type=float, default=30.0)
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let running requests finish on shutdown (default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", help="uvicorn log level (default %(default)s)"
+    )
     return parser
 
 
