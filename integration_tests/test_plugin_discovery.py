@@ -51,12 +51,28 @@ def make_broken_plugin(root: Path) -> Path:
     return pkg
 
 
+def site_packages(python: Path | str) -> Path:
+    out = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=clean_env(),
+    )
+    return Path(out.stdout.strip())
+
+
 @pytest.fixture(scope="module")
 def env_dir(tmp_path_factory):
+    """A venv that sees exactly this test run's packages (never the base interpreter's) plus,
+    installed into it: sgl-adapters, the example plugin and a broken plugin."""
     root = tmp_path_factory.mktemp("plugin-venv")
-    # without its own pip: the outer pip and setuptools (system site) install into the venv
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(root / "venv")
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(root / "venv")
     bindir = root / "venv" / ("Scripts" if sys.platform == "win32" else "bin")
+    # The running env's site-packages (pip, setuptools, the project's dependencies, all from
+    # the lock) come after the venv's own, so what is installed here wins.
+    inherit = f"import site; site.addsitedir({str(site_packages(sys.executable))!r})\n"
+    (site_packages(bindir / "python") / "_sgl_test_inherit.pth").write_text(inherit)
     pip = [str(bindir / "python"), "-m", "pip", "install", "-q", "--no-deps"]
     pip += ["--no-build-isolation", "--no-index"]
     for target in (REPO, EXAMPLE, make_broken_plugin(root)):
@@ -91,7 +107,7 @@ LIST = """
 def test_entry_points_are_discovered_with_their_origin(env_dir):
     data = run_py(env_dir, LIST)
     by_name = {p["name"]: p for p in data["plugins"]}
-    assert set(by_name) == {"local", "http", "openai", "ray", "reverse"}
+    assert set(by_name) == {"local", "http", "openai", "ray", "families", "reverse"}
     assert data["backends"] == ["http", "local", "openai", "ray", "reverse"]
     reverse = by_name["reverse"]
     assert reverse["distribution"] == "sgl-adapters-example-plugin"
@@ -169,3 +185,27 @@ def test_cli_lists_plugins_and_reports_the_broken_one(env_dir):
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
     assert [p["name"] for p in data["plugins"]] == ["local", "reverse"] and data["errors"] == []
+
+
+def test_front_doors_drive_the_example_plugin_by_name(env_dir):
+    """LangChain and DSPy reach the installed plugin through its entry point, by name only."""
+    data = run_py(
+        env_dir,
+        """
+        import json, warnings
+        warnings.simplefilter("ignore")
+        from sgl_adapters.langchain import ChatSGLang, SGLang
+        from sgl_adapters.dspy import LM
+        chat = ChatSGLang(backend="reverse", max_tokens=64)
+        msg = chat.invoke("abc")
+        streamed = "".join(c.content for c in chat.stream("abc"))
+        llm = SGLang(backend="reverse", max_tokens=64)
+        lm = LM(backend="reverse", cache=False)
+        (dspy_out,) = lm(messages=[{"role": "user", "content": "xyz"}])
+        print(json.dumps({"chat": msg.content, "stream": streamed, "llm": llm.invoke("abc"),
+                          "dspy": dspy_out, "usage": msg.usage_metadata["input_tokens"]}))
+        """,
+    )
+    assert data["llm"] == "cba"
+    assert data["chat"] == data["stream"] and "cba" in data["chat"]
+    assert "zyx" in data["dspy"] and data["usage"] > 0

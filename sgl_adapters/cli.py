@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ def run_plugins(args: argparse.Namespace) -> int:
             )
         )
         return 1 if errors else 0
-    rows = [("NAME", "VERSION", "DISTRIBUTION", "MODULE", "BACKENDS", "CHAT TEMPLATES")]
+    rows = [("NAME", "VERSION", "DISTRIBUTION", "MODULE", "BACKENDS", "CHAT TEMPLATES", "FAMILIES")]
     for p in plugins:
         rows.append(
             (
@@ -53,6 +54,7 @@ def run_plugins(args: argparse.Namespace) -> int:
                 p.module,
                 ",".join(p.backends) or "-",
                 ",".join(p.chat_templates) or "-",
+                ",".join(p.model_families) or "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -78,8 +80,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from sgl_engine.server.launch import serve_from_args
+    from sgl_plugins.manager import get_plugin_manager
 
-    serve_from_args(args)
+    serve_from_args(args, families=get_plugin_manager().model_families())
     return 0
 
 
@@ -102,15 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="SGLang-style engine and structured generation behind LangChain, DSPy "
         "and SGLang programs.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in COMMANDS:
         add_command(subparsers)
     return parser
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sgl-adapters")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`sgl-adapters plugins --json | head`): stop quietly. Point
+        # stdout at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from sgl_engine.errors import InvalidRequestError
-from sgl_engine.server.app import ServerState
+from sgl_engine.sampling_params import MAX_N
+from sgl_engine.server.app import MAX_SEQUENCES_PER_REQUEST, ServerState
 from sgl_engine.server.formats import raise_if_rejected
 from sgl_engine.server.metrics import prometheus_text
 from sgl_engine.server.protocol import GenerateRequest
@@ -46,7 +47,14 @@ def _rids(body: GenerateRequest) -> tuple[Any, list[str]]:
     used = []
     for r, p in zip(rids, per, strict=False):
         n = (p or {}).get("n", 1) if isinstance(p, dict) else 1
+        n = n if type(n) is int and 1 <= n <= MAX_N else 1  # else the engine refuses it
         used += [r] if n == 1 else [f"{r}-{k}" for k in range(n)]
+    if len(used) > MAX_SEQUENCES_PER_REQUEST:
+        raise InvalidRequestError(
+            f"{len(used)} sequences (prompts times n) in one request; the limit is "
+            f"{MAX_SEQUENCES_PER_REQUEST}",
+            "text" if body.text is not None else "input_ids",
+        )
     return rid, used
 
 
@@ -68,6 +76,7 @@ def _with_token_text(tok: Any, out: dict) -> dict:
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request) -> Any:
     eng = _state(request).engine
+    body.check_unicode()
     if body.text is not None and body.input_ids is not None:
         raise InvalidRequestError("give either text or input_ids, not both", "text")
     rid, used = _rids(body)
@@ -119,17 +128,16 @@ async def health_generate(request: Request) -> Response:
 async def get_model_info(request: Request) -> dict:
     s = _state(request)
     eng = s.engine
-    path = str(eng.model_path) if eng.model_path else None
     return {
-        "model_path": path,
-        "tokenizer_path": str(getattr(eng.config, "tokenizer_path", None) or path),
+        "model_path": s.model_name,
+        "tokenizer_path": s.model_name,
         "served_model_name": s.model_name,
         "is_generation": True,
         "context_length": eng.context_length,
     }
 
 
-@router.api_route("/flush_cache", methods=["GET", "POST"])
+@router.post("/flush_cache")
 async def flush_cache(request: Request) -> PlainTextResponse:
     ok = await asyncio.to_thread(_state(request).engine.flush_cache)
     if ok:
