@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 
 from sgl_engine.config import EngineConfig
 from sgl_engine.distributed.group import TPGroup, destroy_group, init_group
+from sgl_engine.errors import EngineUnavailableError
 from sgl_engine.forward_batch import ForwardMode
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ HEARTBEAT_S = 30.0
 JOIN_S = 10.0
 
 
-class TensorParallelError(RuntimeError):
+class TensorParallelError(EngineUnavailableError):
     """A tensor-parallel rank died or the group broke; this engine cannot serve any more."""
 
 
