@@ -511,3 +511,18 @@ def test_gen_int_and_gen_string_take_sglang_positional_order(rt):
         r"(True|False)",
         r"\"[\w\d\s]*\"",
     )
+
+
+def test_run_stream_runs_the_body_in_its_own_thread(rt):
+    seen = []
+
+    @sgl.function
+    def prog(s):
+        seen.append(threading.current_thread())
+        s += "A" + sgl.gen("x", max_tokens=3)
+        s += "|" + s["x"] + sgl.gen("y", max_tokens=3)  # the body reads its own variable
+
+    state = prog.run(backend=rt, stream=True, **GREEDY)
+    assert "".join(state.text_iter("y")) == state["y"]
+    assert seen and seen[0] is not threading.current_thread()
+    assert prog.run(backend=rt, **GREEDY)["y"] == state["y"]
