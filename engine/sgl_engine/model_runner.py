@@ -133,6 +133,7 @@ class ModelRunner:
             random_weights,
             config.fused_ops,
             tp,
+            config.decode_gemv,
         )
         mc = self.model_config.shard(tp.size if tp is not None else 1)
         self.num_slots = config.max_total_tokens or self._auto_pool_size(config, mc)
