@@ -153,3 +153,34 @@ def test_get_server_info_over_runtime_endpoint(rt, our_server):
         assert sgl.get_server_info(rt)["model_path"] == info["model_path"]
     finally:
         remote.shutdown()
+
+
+def test_text_async_iter_meta_over_runtime_endpoint(rt, our_server):
+    """Streaming with incremental logprobs gives the same pieces in-process and over HTTP."""
+    import asyncio
+
+    @sgl.function
+    def story(s):
+        s += "Once upon a time" + sgl.gen(
+            "x", max_tokens=10, return_logprob=True, return_text_in_logprobs=True
+        )
+
+    async def consume(state):
+        return [item async for item in state.text_async_iter("x", return_meta_data=True)]
+
+    remote = sgl.RuntimeEndpoint(our_server)
+    try:
+        results = []
+        for backend in (rt, remote):
+            state = story.run(backend=backend, stream=True, **GREEDY)
+            items = asyncio.run(consume(state))
+            entries = [e for _, m in items for e in m["output_token_logprobs"]]
+            assert "".join(t for t, _ in items) == state["x"]
+            assert [e[1] for e in entries] == [
+                e[1] for e in state.get_meta_info("x")["output_token_logprobs"]
+            ]
+            assert all(isinstance(e[2], str) for e in entries)
+            results.append((state["x"], [e[1] for e in entries]))
+        assert results[0] == results[1]
+    finally:
+        remote.shutdown()

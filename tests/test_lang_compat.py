@@ -457,8 +457,10 @@ def test_endpoint_chat_template_name_and_served_model(make_engine, tiny_llama):
         assert served.get_chat_template() is not templates.PLAIN
         with pytest.raises(ValueError, match="unknown chat template"):
             sgl.RuntimeEndpoint(url, chat_template_name="no-such-template")
-        with pytest.raises(RuntimeError, match="HTTP 404"):
+        with pytest.raises(RuntimeError, match="404"):
             served.get_server_info()  # the fake server lacks the route: a clear error
+        with pytest.raises(sgl.UnsupportedFeatureError, match="profiling"):
+            served.start_profile()
         for ep in (named, served):
             ep.shutdown()
     finally:
@@ -489,3 +491,38 @@ def test_template_stop_str_is_added_to_stops(rt, monkeypatch):
 
     prog.run(backend=rt, **GREEDY).sync()
     assert sent[-1]["sampling_params"]["stop"] == [".", "<|im_end|>"]
+
+
+def test_gen_int_and_gen_string_take_sglang_positional_order(rt):
+    @sgl.function
+    def prog(s):
+        s += "Number: " + sgl.gen_int("i", 4, None, None, None, None, 0.0)
+        s += "\nName: " + sgl.gen_string("t", 8, temperature=0.0, min_tokens=0)
+
+    state = prog.run(backend=rt)
+    assert state["i"].strip().lstrip("+-").isdigit()
+    assert state["t"].startswith('"')
+    assert state.get_meta_info("i")["completion_tokens"] <= 4
+    from sgl_adapters.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR
+
+    assert (REGEX_INT, REGEX_FLOAT, REGEX_BOOL, REGEX_STR) == (
+        r"[-+]?[0-9]+[ \n]*",
+        r"[-+]?[0-9]*\.?[0-9]+[ \n]*",
+        r"(True|False)",
+        r"\"[\w\d\s]*\"",
+    )
+
+
+def test_run_stream_runs_the_body_in_its_own_thread(rt):
+    seen = []
+
+    @sgl.function
+    def prog(s):
+        seen.append(threading.current_thread())
+        s += "A" + sgl.gen("x", max_tokens=3)
+        s += "|" + s["x"] + sgl.gen("y", max_tokens=3)  # the body reads its own variable
+
+    state = prog.run(backend=rt, stream=True, **GREEDY)
+    assert "".join(state.text_iter("y")) == state["y"]
+    assert seen and seen[0] is not threading.current_thread()
+    assert prog.run(backend=rt, **GREEDY)["y"] == state["y"]

@@ -137,14 +137,65 @@ def gen(
     return ir.Gen(name, params)
 
 
-def gen_int(name: str | None = None, **kwargs: Any) -> ir.Expr:
-    """`gen` of an integer (regex-constrained; the value is the digits as a string)."""
-    return gen(name, dtype=int, **kwargs)
+def separate_reasoning(expr: Any = None, model_type: str | None = None) -> ir.Expr:
+    """As SGLang's `sgl.separate_reasoning(sgl.gen("x"), model_type="qwen3")`: after `expr`
+    runs, `s["x"]` holds the answer and `s["x_reasoning_content"]` the reasoning (the
+    program text keeps both). `model_type` names a model family (e.g. "qwen3",
+    "deepseek-r1"); its reasoning markers are used (`<think>...</think>` by default)."""
+    inner = ir.as_expr(expr) if expr is not None else ir.ExprList()
+    name = getattr(inner, "name", None)
+    return ir.ExprList([inner, ir.SeparateReasoning(name, model_type)])
 
 
-def gen_string(name: str | None = None, **kwargs: Any) -> ir.Expr:
-    """`gen` of a double-quoted string."""
-    return gen(name, dtype=str, **kwargs)
+def gen_int(
+    name: str | None = None,
+    max_tokens: int | None = None,
+    n: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    stop_regex: str | Sequence[str] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    ignore_eos: bool | None = None,
+    return_logprob: bool | None = None,
+    logprob_start_len: int | None = None,
+    top_logprobs_num: int | None = None,
+    return_text_in_logprobs: bool | None = None,
+    **kwargs: Any,
+) -> ir.Expr:
+    """`gen` of an integer (regex-constrained; the value is the digits as a string). SGLang's
+    positional order; other `gen` keywords (e.g. `min_tokens`) pass through."""
+    args = dict(locals())
+    return gen(args.pop("name"), dtype=int, **args.pop("kwargs"), **args)
+
+
+def gen_string(
+    name: str | None = None,
+    max_tokens: int | None = None,
+    n: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    stop_regex: str | Sequence[str] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    ignore_eos: bool | None = None,
+    return_logprob: bool | None = None,
+    logprob_start_len: int | None = None,
+    top_logprobs_num: int | None = None,
+    return_text_in_logprobs: bool | None = None,
+    **kwargs: Any,
+) -> ir.Expr:
+    """`gen` of a double-quoted string (SGLang's positional order, like `gen_int`)."""
+    args = dict(locals())
+    return gen(args.pop("name"), dtype=str, **args.pop("kwargs"), **args)
 
 
 def select(

@@ -22,6 +22,7 @@ from sgl_adapters.lang import chat_template as templates
 from sgl_adapters.lang.choices import ChoicesDecision, ChoicesSamplingMethod, mean_logprob
 from sgl_adapters.lang.ir import GenParams
 from sgl_adapters.lang.runtime_api import RuntimeAPI, engine_server_info
+from sgl_adapters.lang.unsupported import UnsupportedFeatureError
 
 Json = dict[str, Any]
 
@@ -194,6 +195,7 @@ class BackendRuntime(LangBackend):
             "return_logprob": leaf.return_logprob,
             "logprob_start_len": leaf.logprob_start_len,
             "top_logprobs_num": leaf.top_logprobs_num,
+            "return_text_in_logprobs": leaf.return_text_in_logprobs,
         }
         target = prompt.token_ids if prompt.token_ids is not None else prompt.text
         for chunk in self.backend.stream(target, leaf.request_params(), **fields):
@@ -326,6 +328,14 @@ class RuntimeEndpoint(BackendRuntime):
         if not callable(own):
             raise RuntimeError(f"backend {self.name!r} reports no server info")
         return dict(own())
+
+    def start_profile(self) -> None:
+        raise UnsupportedFeatureError(
+            "RuntimeEndpoint.start_profile: profiling a server is not part of this client; "
+            "see benchmarks/profile_gpu.py"
+        )
+
+    stop_profile = start_profile
 
     def _server_info(self) -> dict[str, Any]:
         try:
