@@ -28,7 +28,6 @@ PARAMS = {
     "max_tokens": 64,
     "temperature": 0.0,
     "max_string_length": 40,
-    "tool_call_bias": 4.5,
     "engine_kwargs": ENGINE_KWARGS,
 }
 NO_IMAGES = "SmolLM2-135M-Instruct is a text-only model: no image inputs"

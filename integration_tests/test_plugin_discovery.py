@@ -107,7 +107,7 @@ LIST = """
 def test_entry_points_are_discovered_with_their_origin(env_dir):
     data = run_py(env_dir, LIST)
     by_name = {p["name"]: p for p in data["plugins"]}
-    assert set(by_name) == {"local", "http", "openai", "ray", "reverse"}
+    assert set(by_name) == {"local", "http", "openai", "ray", "families", "reverse"}
     assert data["backends"] == ["http", "local", "openai", "ray", "reverse"]
     reverse = by_name["reverse"]
     assert reverse["distribution"] == "sgl-adapters-example-plugin"

@@ -44,7 +44,7 @@ def run_plugins(args: argparse.Namespace) -> int:
             )
         )
         return 1 if errors else 0
-    rows = [("NAME", "VERSION", "DISTRIBUTION", "MODULE", "BACKENDS", "CHAT TEMPLATES")]
+    rows = [("NAME", "VERSION", "DISTRIBUTION", "MODULE", "BACKENDS", "CHAT TEMPLATES", "FAMILIES")]
     for p in plugins:
         rows.append(
             (
@@ -54,6 +54,7 @@ def run_plugins(args: argparse.Namespace) -> int:
                 p.module,
                 ",".join(p.backends) or "-",
                 ",".join(p.chat_templates) or "-",
+                ",".join(p.model_families) or "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -79,8 +80,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from sgl_engine.server.launch import serve_from_args
+    from sgl_plugins.manager import get_plugin_manager
 
-    serve_from_args(args)
+    serve_from_args(args, families=get_plugin_manager().model_families())
     return 0
 
 

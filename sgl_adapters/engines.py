@@ -216,8 +216,23 @@ class EngineClient:
         return self.tokenizer
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: Any = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: Any = None,
+        **template_kwargs: Any,
     ) -> str:
+        """The prompt text; `template_kwargs` (e.g. enable_thinking) go to the tokenizer's
+        chat template, rendered here through the backend's `tokenizer`."""
+        if template_kwargs:
+            tok = self.require_tokenizer("chat template variables")
+            return tok.apply_chat_template(
+                messages,
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **template_kwargs,
+            )
         try:
             return self.backend.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tools=tools

@@ -116,6 +116,8 @@ class ModelRunner:
         except BaseException:
             self.shutdown()
             raise
+        if self.driver is not None:
+            self.driver.ready()
 
     def _load(self, config, model_path, hf_config, context_length, random_weights, tp) -> None:
         self.tp = tp

@@ -57,7 +57,7 @@ async def get_server_info(request: Request) -> dict:
     tok = eng.tokenizer
     return {
         **_config(eng),
-        "model_path": s.model_name,  # the served name: no cache paths are exposed
+        "model_path": s.model_name,  # never the path in the cache (docs/SECURITY.md)
         "tokenizer_path": s.model_name,
         "served_model_name": s.model_name,
         "bos_token": getattr(tok, "bos_token", None),
@@ -81,10 +81,10 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         return tok.encode(text, add_special_tokens=body.add_special_tokens)
 
     if isinstance(body.prompt, str):
-        tokens: Any = encode(body.prompt)
+        tokens: Any = await asyncio.to_thread(encode, body.prompt)
         count: Any = len(tokens)
     else:
-        tokens = [encode(p) for p in body.prompt]
+        tokens = await asyncio.to_thread(lambda: [encode(p) for p in body.prompt])
         count = [len(t) for t in tokens]
     return {"tokens": tokens, "count": count, "max_model_len": eng.context_length}
 
@@ -122,8 +122,8 @@ async def abort_request(body: AbortRequest, request: Request) -> dict:
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> Any:
     s = _state(request)
-    if model_id != s.model_name:
-        return error_response(f"model {model_id!r} not found", 404, "model")
+    if model_id != s.model_name and model_id not in s.model_aliases:
+        return error_response(f"model {model_id!r} not found", 404, "model", "model_not_found")
     return {
         "id": s.model_name,
         "object": "model",

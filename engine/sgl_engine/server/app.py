@@ -36,6 +36,8 @@ class ServerState:
 
     engine: Any
     model_name: str
+    family: Any = None
+    """The model's `sgl_engine.families.ModelFamily` (tool-call format, reasoning markers)."""
     model_aliases: frozenset[str] = frozenset()
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -77,6 +79,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     model_name: str | None = None,
     allowed_hosts: tuple[str, ...] = (),
+    families: Any = None,
 ) -> FastAPI:
     """An app serving `engine` with the OpenAI API and SGLang's native API.
 
@@ -84,14 +87,20 @@ def create_app(
     /health. Without a key only requests whose Host header names a loopback address or one of
     `allowed_hosts` ("*" for any) are served (DNS rebinding cannot reach the API). Bodies
     larger than `max_body_bytes` get 413. `model_name` is the served name (default: see
-    `served_names`). The app never shuts the engine down: whoever made the engine owns it
-    (see `launch.serve`).
+    `served_names`). `families` (a `sgl_engine.families.FamilyRegistry`, default the
+    built-ins) picks the model's family. The app never shuts the engine down: whoever made the
+    engine owns it (see `launch.serve`).
     """
     from sgl_engine.server import admin_api, native_api, openai_api
 
     name, aliases = served_names(engine, model_name)
     app = FastAPI(title="sgl-adapters", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.sgl = ServerState(engine=engine, model_name=name, model_aliases=aliases)
+    from sgl_engine.families import family_of
+
+    family = family_of(engine, families)
+    app.state.sgl = ServerState(
+        engine=engine, model_name=name, model_aliases=aliases, family=family
+    )
     app.include_router(openai_api.router)
     app.include_router(native_api.router)
     app.include_router(admin_api.router)

@@ -95,6 +95,7 @@ def serve(
     allowed_hosts: tuple[str, ...] = (),
     graceful_timeout: float = 30.0,
     log_level: str = "info",
+    families: Any = None,
     **engine_kwargs: Any,
 ) -> None:
     """Load `model` (None: the embedded SmolLM2) and serve it until SIGINT/SIGTERM; then stop
@@ -108,7 +109,9 @@ def serve(
         log.warning(warning)
     engine = Engine(model, **engine_kwargs)
     try:
-        app = create_app(engine, api_key, max_body_bytes, served_model_name, allowed_hosts)
+        app = create_app(
+            engine, api_key, max_body_bytes, served_model_name, allowed_hosts, families
+        )
         uvicorn.run(
             app,
             host=host,
@@ -217,7 +220,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def serve_from_args(args: argparse.Namespace) -> None:
+def serve_from_args(args: argparse.Namespace, families: Any = None) -> None:
+    """`serve` with parsed flags; `families` as `create_app` takes them."""
     engine_kwargs = {
         key: getattr(args, key) for key in ENGINE_ARGS if getattr(args, key) is not None
     }
@@ -231,6 +235,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
         graceful_timeout=args.graceful_timeout,
         log_level=args.log_level,
+        families=families,
         **engine_kwargs,
     )
 

@@ -130,12 +130,14 @@ class HttpBackend(BackendBase):
         timeout: float = 600.0,
         name: str = "http",
         warm_prefixes: bool | None = None,
+        verify: Any = True,
     ) -> None:
         """`tokenizer`: an HF tokenizer, a name/folder to load one from, or None (then the
         server's tokenizer folder is used when it exists here). `warm_prefixes`: before a
         graph's leaves, prefill its shared prefixes (max_new_tokens=0, wave by wave) so a
         server that does not share prefixes inside one cold batch still prefills each once
-        (None: only when /get_server_info does not say `in_batch_prefix_dedup`)."""
+        (None: only when /get_server_info does not say `in_batch_prefix_dedup`). `verify`:
+        httpx's TLS verification of blocking calls (a bool or a CA bundle path)."""
         import httpx
 
         self.name = name
@@ -143,7 +145,9 @@ class HttpBackend(BackendBase):
         self.chat_template = chat_template
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = timeout
-        self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout)
+        self._client = httpx.Client(
+            base_url=self.base_url, headers=self._headers, timeout=timeout, verify=verify
+        )
         self._api_key = api_key
         self.model_info = self._get_json("/get_model_info")
         self.server_info = self._optional_json("/get_server_info")
@@ -383,6 +387,10 @@ class HttpBackend(BackendBase):
 
     def flush_cache(self) -> bool:
         return self._client.post("/flush_cache").status_code == 200
+
+    def get_server_info(self) -> dict[str, Any]:
+        """The server's /get_server_info now (`server_info` is the copy read at start)."""
+        return self._get_json("/get_server_info")
 
     def close(self) -> None:
         self._client.close()
