@@ -253,7 +253,7 @@ def test_http_batch_prefills_a_shared_prefix_once(warm, served, manager, registr
 def test_http_without_a_local_tokenizer_uses_the_servers(served, manager, registry):
     """Our server hides its paths: the http backend tokenizes through /tokenize and renders
     chats with the template from /get_server_info; prompts and answers equal local ones,
-    tool_choice "auto" (token scoring) included."""
+    tool calls included."""
     from sgl_plugins.builtin.remote_tokenizer import RemoteTokenizer
 
     eng, url = served
@@ -268,7 +268,7 @@ def test_http_without_a_local_tokenizer_uses_the_servers(served, manager, regist
         """Add two integers."""
         return a + b
 
-    local = chat("local", served, manager, registry, tool_call_bias=50.0).bind_tools([add])
-    remote = chat("http", served, manager, registry, tool_call_bias=50.0).bind_tools([add])
+    local = chat("local", served, manager, registry).bind_tools([add])
+    remote = chat("http", served, manager, registry).bind_tools([add])
     want, got = local.invoke("What is 2 + 3?"), remote.invoke("What is 2 + 3?")
     assert got.tool_calls == want.tool_calls and got.content == want.content
