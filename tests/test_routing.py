@@ -160,3 +160,11 @@ def test_loading_the_plugins_does_not_import_ray():
         "assert 'ray' not in sys.modules, 'ray was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_serve_takes_dp_and_a_router_policy():
+    from sgl_adapters.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--dp", "4", "--router-policy", "round_robin"])
+    assert args.dp == 4 and args.router_policy == "round_robin"
+    assert build_parser().parse_args(["serve"]).dp == 1

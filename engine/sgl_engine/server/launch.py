@@ -81,15 +81,19 @@ def serve(
     served_model_name: str | None = None,
     graceful_timeout: float = 30.0,
     log_level: str = "info",
+    engine: Any = None,
     **engine_kwargs: Any,
 ) -> None:
     """Load `model` (None: the embedded SmolLM2) and serve it until SIGINT/SIGTERM; then stop
-    accepting, let in-flight requests finish, and shut the engine down."""
+    accepting, let in-flight requests finish, and shut the engine down. `engine` (then owned
+    and shut down here too) serves instead: any object with the engine's interface, such as
+    the `ray` plugin's replicas behind `ReplicatedEngine`."""
     import uvicorn
 
-    from sgl_engine import Engine
+    if engine is None:
+        from sgl_engine import Engine
 
-    engine = Engine(model, **engine_kwargs)
+        engine = Engine(model, **engine_kwargs)
     try:
         app = create_app(engine, api_key, max_body_bytes, served_model_name)
         uvicorn.run(
@@ -156,10 +160,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def serve_from_args(args: argparse.Namespace) -> None:
-    engine_kwargs = {
-        key: getattr(args, key) for key in ENGINE_ARGS if getattr(args, key) is not None
-    }
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine config fields given on the command line."""
+    return {key: getattr(args, key) for key in ENGINE_ARGS if getattr(args, key) is not None}
+
+
+def serve_from_args(args: argparse.Namespace, engine: Any = None) -> None:
+    """Serve as the arguments say; `engine` (owned) replaces the one they would load."""
+    engine_kwargs = {} if engine is not None else engine_kwargs_from_args(args)
     serve(
         args.model,
         args.host,
@@ -169,6 +177,7 @@ def serve_from_args(args: argparse.Namespace) -> None:
         served_model_name=args.served_model_name,
         graceful_timeout=args.graceful_timeout,
         log_level=args.log_level,
+        engine=engine,
         **engine_kwargs,
     )
 

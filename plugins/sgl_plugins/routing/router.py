@@ -110,6 +110,12 @@ class Router:
             self.tree.remove_tenant(replica)
             self.loads[replica] = 0
 
+    def forget(self, replicas: Iterable[int]) -> None:
+        """Forget what `replicas` hold (their caches were flushed); they stay live."""
+        with self._lock:
+            for replica in replicas:
+                self.tree.remove_tenant(replica)
+
     def stats(self) -> dict[str, object]:
         with self._lock:
             return {
