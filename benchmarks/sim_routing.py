@@ -18,7 +18,8 @@ timed for `--utilisation` of the cluster when nothing is cached. A call's load (
 router) lasts from its routing until it finishes.
 
 Reported per (replicas, policy): cache hit rate (cached / prompt tokens), prefill tokens per
-call, load imbalance (max / mean work per replica; 1.0 is even) and mean latency.
+call, load imbalance (max / mean work per replica; 1.0 is even), the share of few-shot batches
+whose leaves landed on more than one replica, and mean latency.
 
     python benchmarks/sim_routing.py [--replicas 8 16 32 64 128 256] [--calls-per-replica 120]
 """
@@ -155,13 +156,15 @@ def simulate(events: list[Event], num_replicas: int, policy: str, args) -> dict:
     replicas = [SimReplica(args.kv_tokens) for _ in range(num_replicas)]
     finishing: list[tuple[float, int, int]] = []  # (finish time, replica, weight)
     latencies: list[float] = []
-    prefill = calls = 0
+    prefill = calls = split = batches = 0
     for event in events:
         while finishing and finishing[0][0] <= event.time:
             _, r, w = heapq.heappop(finishing)
             router.release(r, w)
+        placed = set()
         for unit in prompt_units(event.prompts, grouped=config.graph_aware):
             decision = router.route(unit.key, unit.prompts, len(unit.leaves))
+            placed.add(decision.replica)
             replica = replicas[decision.replica]
             uncached = sum(replica.run(event.prompts[i], event.outputs[i]) for i in unit.leaves)
             decode = sum(len(event.outputs[i]) for i in unit.leaves)
@@ -173,6 +176,9 @@ def simulate(events: list[Event], num_replicas: int, policy: str, args) -> dict:
             latencies.extend([replica.busy_until - event.time] * len(unit.leaves))
             prefill += uncached
             calls += len(unit.leaves)
+        if event.kind == "batch":
+            batches += 1
+            split += len(placed) > 1
     prompt = sum(r.prompt_tokens for r in replicas)
     works = [r.work for r in replicas]
     return {
@@ -183,6 +189,7 @@ def simulate(events: list[Event], num_replicas: int, policy: str, args) -> dict:
         "prefill_per_call": prefill / calls,
         "imbalance": max(works) / (sum(works) / len(works)),
         "latency": sum(latencies) / len(latencies),
+        "split_batches": split / batches if batches else 0.0,
     }
 
 
@@ -203,9 +210,9 @@ def main() -> None:
 
     print(
         "| replicas | policy | calls | hit rate | prefill tokens / call | load imbalance "
-        "(max/mean) | mean latency s | sim s |"
+        "(max/mean) | batches split | mean latency s | sim s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in args.replicas:
         raw, clocks = make_traffic(n, args)
         events = time_events(raw, clocks, n, args)
@@ -214,7 +221,8 @@ def main() -> None:
             r = simulate(events, n, policy, args)
             print(
                 f"| {n} | {policy} | {r['calls']:,} | {r['hit_rate']:.3f} | "
-                f"{r['prefill_per_call']:,.0f} | {r['imbalance']:.2f} | {r['latency']:.2f} | "
+                f"{r['prefill_per_call']:,.0f} | {r['imbalance']:.2f} | "
+                f"{r['split_batches']:.0%} | {r['latency']:.2f} | "
                 f"{time.perf_counter() - t0:.1f} |",
                 flush=True,
             )
