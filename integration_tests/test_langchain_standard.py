@@ -68,7 +68,6 @@ class TestChatSGLangUnit(_Features, ChatModelUnitTests):
         return {k: v for k, v in PARAMS.items() if k != "max_tokens"}
 
 
-@pytest.mark.asyncio
 class TestChatSGLangIntegration(_Features, ChatModelIntegrationTests):
     def invoke_with_cache_read_input(self, *, stream: bool = False) -> AIMessage:
         """A long shared system prompt sent twice: the second call reads it from the cache."""

@@ -51,12 +51,28 @@ def make_broken_plugin(root: Path) -> Path:
     return pkg
 
 
+def site_packages(python: Path | str) -> Path:
+    out = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=clean_env(),
+    )
+    return Path(out.stdout.strip())
+
+
 @pytest.fixture(scope="module")
 def env_dir(tmp_path_factory):
+    """A venv that sees exactly this test run's packages (never the base interpreter's) plus,
+    installed into it: sgl-adapters, the example plugin and a broken plugin."""
     root = tmp_path_factory.mktemp("plugin-venv")
-    # without its own pip: the outer pip and setuptools (system site) install into the venv
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(root / "venv")
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(root / "venv")
     bindir = root / "venv" / ("Scripts" if sys.platform == "win32" else "bin")
+    # The running env's site-packages (pip, setuptools, the project's dependencies, all from
+    # the lock) come after the venv's own, so what is installed here wins.
+    inherit = f"import site; site.addsitedir({str(site_packages(sys.executable))!r})\n"
+    (site_packages(bindir / "python") / "_sgl_test_inherit.pth").write_text(inherit)
     pip = [str(bindir / "python"), "-m", "pip", "install", "-q", "--no-deps"]
     pip += ["--no-build-isolation", "--no-index"]
     for target in (REPO, EXAMPLE, make_broken_plugin(root)):
@@ -91,8 +107,8 @@ LIST = """
 def test_entry_points_are_discovered_with_their_origin(env_dir):
     data = run_py(env_dir, LIST)
     by_name = {p["name"]: p for p in data["plugins"]}
-    assert set(by_name) == {"local", "http", "reverse"}
-    assert data["backends"] == ["http", "local", "reverse"]
+    assert set(by_name) == {"local", "http", "openai", "ray", "reverse"}
+    assert data["backends"] == ["http", "local", "openai", "ray", "reverse"]
     reverse = by_name["reverse"]
     assert reverse["distribution"] == "sgl-adapters-example-plugin"
     assert reverse["version"] == "0.1.0" and reverse["module"] == "sgl_example_plugin"
@@ -111,7 +127,7 @@ def test_allowlist_and_builtins_only(env_dir):
     only_reverse = run_py(env_dir, LIST, SGL_ADAPTERS_PLUGINS="reverse")
     assert only_reverse["backends"] == ["reverse"] and only_reverse["errors"] == []
     builtins = run_py(env_dir, LIST, SGL_ADAPTERS_LOAD_PLUGINS="0")
-    assert builtins["backends"] == ["http", "local"] and builtins["errors"] == []
+    assert builtins["backends"] == ["http", "local", "openai", "ray"] and builtins["errors"] == []
 
 
 def test_select_the_example_backend_by_name_and_run_a_graph(env_dir):

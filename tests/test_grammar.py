@@ -415,21 +415,27 @@ def test_forced_text_ending_inside_a_character_is_cut_at_the_boundary(compiler):
     assert matcher.jump_forward_string() == '"'
 
 
-def test_rejected_retokenisation_falls_back_or_skips(compiler, tok):
-    # The tokenizer encodes "<|im_end|>" text as the special token, which grammars reject.
+def test_forced_text_spelling_a_special_token_is_forced_as_text(compiler, tok):
+    # The tokenizer encodes "<|im_end|>" text as the special token (which ends the turn); a
+    # grammar literal spelling it is forced as ordinary characters, on every xgrammar release.
+    special = set(tok.all_special_ids)
     only_special = matcher_for(compiler, ebnf='root ::= "<|im_end|>x"')
-    before = allowed_ids(only_special)
-    assert jump_forward(only_special, tok, []) is None
-    assert allowed_ids(only_special) == before and only_special.rollback_limit() == 0
+    jump = jump_forward(only_special, tok, [])
+    assert jump.num_dropped == 0 and jump.text == "<|im_end|>x"
+    assert not special & set(jump.new_tokens)
+    assert tok.decode(list(jump.new_tokens)) == "<|im_end|>x"
+    assert only_special.can_finish()
 
     matcher = matcher_for(compiler, ebnf='root ::= "x" "ab<|im_end|>"')
     x = encode(tok, "x")
     assert matcher.accept_token(x[0])
     jump = jump_forward(matcher, tok, x)
-    assert jump.num_dropped == 0 and jump.text == "ab"
-    assert tok.decode(x + list(jump.new_tokens)) == "xab"
+    assert jump.text == "ab<|im_end|>" and not special & set(jump.new_tokens)
+    assert tok.decode(x[: len(x) - jump.num_dropped] + list(jump.new_tokens)) == "xab<|im_end|>"
     fresh = matcher_for(compiler, ebnf='root ::= "x" "ab<|im_end|>"')
-    assert all(fresh.accept_token(t) for t in x + list(jump.new_tokens))
+    assert all(
+        fresh.accept_token(t) for t in x[: len(x) - jump.num_dropped] + list(jump.new_tokens)
+    )
     assert allowed_ids(fresh) == allowed_ids(matcher)
 
 

@@ -99,20 +99,21 @@ def test_backend_members_list_the_protocol():
 
 
 def test_builtins_load_through_the_same_hooks():
-    from sgl_plugins.builtin import http, ray
+    from sgl_plugins.builtin import http, openai_compat, ray
 
     pm = PluginManager({}, entry_points=lambda: []).load()
     assert pm.errors == []
     assert pm.hooks.get_plugin("local") is local and pm.hooks.get_plugin("http") is http
     impls = [impl.plugin for impl in pm.hooks.hook.register_backends.get_hookimpls()]
-    assert sorted(impls, key=lambda m: m.__name__) == [http, local, ray]
+    assert sorted(impls, key=lambda m: m.__name__) == [http, local, openai_compat, ray]
     spec = pm.backends()["local"]
     assert isinstance(spec.factory, LocalBackendFactory) and "prefix_dedup" in spec.capabilities
-    assert set(pm.backends()) == {"local", "http", "ray"}
+    assert set(pm.backends()) == {"local", "http", "openai", "ray"}
     infos = pm.list_plugins()
     assert [(i.name, i.builtin, i.module) for i in infos] == [
         ("http", True, "sgl_plugins.builtin.http"),
         ("local", True, "sgl_plugins.builtin.local"),
+        ("openai", True, "sgl_plugins.builtin.openai_compat"),
         ("ray", True, "sgl_plugins.builtin.ray"),
     ]
     assert "chatml" in pm.chat_templates()
@@ -532,7 +533,7 @@ def test_cli_plugins_lists_what_is_loaded(monkeypatch, capsys):
     finally:
         get_plugin_manager.cache_clear()
     entries = {p["name"]: p for p in data["plugins"]}
-    assert set(entries) == {"local", "http", "ray"} and data["errors"] == []
+    assert set(entries) == {"local", "http", "openai", "ray"} and data["errors"] == []
     assert entries["local"]["backends"] == ["local"]
     assert entries["local"]["module"] == "sgl_plugins.builtin.local"
     assert table[0].split()[:4] == ["NAME", "VERSION", "DISTRIBUTION", "MODULE"]

@@ -18,7 +18,13 @@ def _engine_kwargs(monkeypatch, argv: list[str]) -> dict:
     monkeypatch.setattr(launch, "serve", fake_serve)
     parser = launch.add_serve_arguments(argparse.ArgumentParser())
     launch.serve_from_args(parser.parse_args(argv))
-    server_only = {"api_key", "max_body_bytes", "served_model_name", "graceful_timeout"}
+    server_only = {
+        "api_key",
+        "max_body_bytes",
+        "served_model_name",
+        "allowed_hosts",
+        "graceful_timeout",
+    }
     return {k: v for k, v in seen.items() if k not in server_only | {"log_level"}}
 
 

@@ -36,12 +36,18 @@ def _run(eng) -> list[dict]:
     return outs
 
 
-@pytest.mark.parametrize(("arch", "extra"), [("llama", {"overlap_schedule": True}), ("qwen2", {})])
+@pytest.mark.parametrize(
+    ("arch", "extra"),
+    [("llama", {"overlap_schedule": True}), ("qwen2", {"random_weights": True})],
+    ids=["llama-checkpoint-overlap", "qwen2-random-weights"],
+)
 def test_tp2_greedy_equals_tp1(tiny_model_dirs, make_engine, arch, extra):
-    path = tiny_model_dirs[arch]
+    """Sharded loading (llama, with the overlapped decode handing ids over on the device) and
+    sharded random init (qwen2, with q/k/v biases) both give TP=1's tokens and logprobs."""
     from sgl_engine import Engine
 
-    ref = _run(make_engine(path))
+    path = tiny_model_dirs[arch]
+    ref = _run(make_engine(path, random_weights=extra.get("random_weights", False)))
     eng = Engine(path, device="cpu", max_total_tokens=4096, tp_size=2, **extra)
     try:
         pids = eng.runner.driver.pids

@@ -13,9 +13,11 @@ class EngineConfig:
 
     `max_total_tokens` is the KV pool size in tokens (None: derived from free memory on CUDA,
     16384 on CPU). `chunked_prefill_size` caps the tokens of one prefill batch (a longer prompt
-    is prefilled in chunks); -1 turns chunking off. `in_batch_prefix_min` is the shared length
-    (tokens) above which a waiting request is held back one round so that another request of
-    the same round prefills the shared prefix once. `overlap_schedule` launches each plain
+    is prefilled in chunks; None: 4096 on CUDA, 1024 on CPU, where a chunk takes seconds and
+    short requests are admitted and decoded between the chunks of a long one); -1 turns
+    chunking off. `max_top_logprobs` caps a request's `top_logprobs_num`.
+    `in_batch_prefix_min` is the shared length (tokens) above which a waiting request is held
+    back one round so that another request of the same round prefills the shared prefix once. `overlap_schedule` launches each plain
     decode step before reading back the previous one's tokens (None: on CUDA only).
     `cuda_graph_max_bs` captures decode in CUDA graphs up to that batch size (flashinfer
     backend only; None: 64 when the backend is flashinfer, 0 = off). `tp_size` shards the model
@@ -33,7 +35,7 @@ class EngineConfig:
     mem_fraction_static: float = 0.8
     page_size: int = 1
     disable_radix_cache: bool = False
-    chunked_prefill_size: int = 4096
+    chunked_prefill_size: int | None = None
     max_running_requests: int = 256
     context_length: int | None = None
     schedule_policy: str = "lpm"
@@ -44,13 +46,17 @@ class EngineConfig:
     cuda_graph_max_bs: int | None = None
     overlap_schedule: bool | None = None
     served_model_name: str | None = None
+    max_top_logprobs: int = 20
     tp_size: int = 1
     tp_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
             raise ValueError("page_size must be >= 1")
-        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+        if self.max_top_logprobs < 0:
+            raise ValueError("max_top_logprobs must be >= 0")
+        size = self.chunked_prefill_size
+        if size is not None and (size == 0 or size < -1):
             raise ValueError("chunked_prefill_size must be positive or -1")
         if self.max_running_requests < 1:
             raise ValueError("max_running_requests must be >= 1")

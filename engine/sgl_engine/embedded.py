@@ -193,6 +193,10 @@ def ensure_converted(gguf_path: Path, name: str, cache: Path | None = None) -> P
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
         logger.info("converting %s once into %s", gguf_path, final)
+        _announce(
+            f"Converting {gguf_path.name} into a safetensors folder in {final.parent}; "
+            "this happens once, later runs load the converted folder."
+        )
         try:
             convert_gguf(gguf_path, tmp)
             if final.exists():
@@ -201,6 +205,12 @@ def ensure_converted(gguf_path: Path, name: str, cache: Path | None = None) -> P
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _announce(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def _is_complete(folder: Path) -> bool:
@@ -268,12 +278,13 @@ def read_llama_tensors(gguf_path: Path, config, hf_names: list[str]) -> dict:
     """
     import gguf
     import torch
+    from tqdm import tqdm
 
     reader = gguf.GGUFReader(str(gguf_path))
     by_name = {t.name: t for t in reader.tensors}
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tensors, used = {}, set()
-    for hf_name in hf_names:
+    for hf_name in tqdm(hf_names, desc=f"dequantising {gguf_path.name}", unit="tensor"):
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         base, _, suffix = hf_name.rpartition(".")

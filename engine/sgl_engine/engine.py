@@ -76,8 +76,10 @@ class Engine:
             self.context_length,
             self.runner.num_slots,
             self.grammar,
+            self.config.max_top_logprobs,
         )
         self._cv = threading.Condition()
+        self._chan_lock = threading.Lock()
         self._inbox: list[Callable[[], None]] = []
         self._channels: dict[str, _Channel] = {}
         self._stopping = False
@@ -133,8 +135,9 @@ class Engine:
         try:
             return self.scheduler.step()
         except Exception as exc:  # a bug must not kill the thread: fail the requests, go on
-            log.exception("scheduler step failed; aborting the requests in flight")
-            return self.scheduler.fail_all(f"internal error: {exc!r}")
+            reqs = self.scheduler.fail_all(f"internal error: {exc!r}")
+            log.exception("scheduler step failed; aborted requests %s", [r.rid for r in reqs])
+            return reqs
 
     def _post(self, command: Callable[[], None]) -> None:
         with self._cv:
@@ -178,13 +181,14 @@ class Engine:
 
     def _submit(self, reqs: list[Req], loop: asyncio.AbstractEventLoop | None) -> list[_Channel]:
         channels = []
-        for req in reqs:
-            if req.rid in self._channels:
-                raise InvalidRequestError(f"request id {req.rid!r} is already in use", "rid")
-        for req in reqs:
-            ch = _Channel(loop)
-            self._channels[req.rid] = ch
-            channels.append(ch)
+        with self._chan_lock:
+            for req in reqs:
+                if req.rid in self._channels:
+                    raise InvalidRequestError(f"request id {req.rid!r} is already in use", "rid")
+            for req in reqs:
+                ch = _Channel(loop)
+                self._channels[req.rid] = ch
+                channels.append(ch)
 
         def add() -> None:
             for req in reqs:
@@ -257,8 +261,13 @@ class Engine:
         stream: bool = False,
         rid: str | list[str] | None = None,
     ) -> dict | list[dict] | AsyncIterator[dict]:
-        """The asyncio twin of `generate`; with `stream=True` returns an async iterator."""
-        reqs, single = self.builder.build(
+        """The asyncio twin of `generate`; with `stream=True` returns an async iterator.
+
+        Validation and tokenising run in a worker thread, off the event loop. Cancelling the
+        awaiting task aborts the requests (their KV is freed) before the cancellation goes on.
+        """
+        reqs, single = await asyncio.to_thread(
+            self.builder.build,
             prompt,
             sampling_params,
             input_ids,
@@ -272,8 +281,21 @@ class Engine:
         if stream:
             return self._stream_async(reqs, loop)
         channels = self._submit(reqs, loop)
-        results = [await self._await(ch) for ch in channels]
+        try:
+            results = [await self._await(ch) for ch in channels]
+        except asyncio.CancelledError:
+            self._abort_live(reqs, channels)
+            raise
         return results[0] if single else results
+
+    def _abort_live(self, reqs: list[Req], channels: list[_Channel]) -> None:
+        """Abort the requests whose results have not been delivered to `channels` yet."""
+        for req, ch in zip(reqs, channels, strict=True):
+            if self._channels.get(req.rid) is ch:
+                try:
+                    self.abort(req.rid)
+                except RuntimeError:  # the engine is shutting down: it finishes them anyway
+                    pass
 
     @staticmethod
     async def _aitems(ch: _Channel) -> AsyncIterator[dict]:
@@ -333,6 +355,7 @@ class Engine:
             "forward_passes_saved": c.forward_passes_saved,
             "overlapped_passes": c.overlapped_passes,
             "retractions": c.retractions,
+            "internal_errors": c.internal_errors,
             "finished_requests": c.finished,
             "aborted_requests": c.aborted,
             "kv_total": total,

@@ -11,6 +11,50 @@ from sgl_engine.errors import InvalidRequestError
 from sgl_engine.request import Req, new_rid
 from sgl_engine.sampling_params import SamplingParams
 
+MAX_TOP_LOGPROBS = 20
+"""The default cap on `top_logprobs_num` (as OpenAI's `top_logprobs`); `EngineConfig` can raise it."""
+
+
+def check_text(name: str, text: str) -> None:
+    """Refuse a string that is not valid Unicode text (a lone UTF-16 surrogate such as
+    "\\ud800", which JSON can carry but no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(
+            f"{name} is not valid Unicode text: {exc.reason} at position {exc.start}", name
+        ) from None
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The longest vocabulary entry in characters: no token decodes to more, so a text of
+    `c` characters needs at least `c / max_token_chars` tokens (a cheap length check)."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError):
+        return 1 << 16
+    return max((len(t) for t in vocab), default=1) or 1
+
+
+def _check_int_arg(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an integer, got {type(value).__name__}", name)
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise InvalidRequestError(f"{name} must be {bound}, got {value}", name)
+    return value
+
+
+def _check_unique_rids(rids: list[str]) -> None:
+    """No rid twice in one call (the `{rid}-{k}` of n > 1 included): a second channel under
+    the same id would leave the first caller waiting forever."""
+    seen: set[str] = set()
+    for rid in rids:
+        check_text("rid", rid)
+        if rid in seen:
+            raise InvalidRequestError(f"request id {rid!r} appears twice in one call", "rid")
+        seen.add(rid)
+
 
 def _per_request(name: str, value: Any, n: int, scalar_types: tuple[type, ...]) -> list[Any]:
     if isinstance(value, list) and not isinstance(value, scalar_types):
@@ -30,12 +74,15 @@ class RequestBuilder:
         context_length: int,
         pool_size: int,
         grammar: Any = None,
+        max_top_logprobs: int = MAX_TOP_LOGPROBS,
     ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.pool_size = pool_size
         self.grammar = grammar
+        self.max_top_logprobs = max_top_logprobs
+        self.max_prompt_chars = min(context_length, pool_size) * max_token_chars(tokenizer) * 2
         self._tok_lock = threading.Lock()
 
     def build(
@@ -57,11 +104,16 @@ class RequestBuilder:
         starts = _per_request("logprob_start_len", logprob_start_len, n, (int,))
         tops = _per_request("top_logprobs_num", top_logprobs_num, n, (int,))
         rids = _per_request("rid", rid, n, (str,)) if rid is not None else [None] * n
+        for r in rids:
+            if r is not None and (not isinstance(r, str) or not r):
+                raise InvalidRequestError("rid must be a non-empty string", "rid")
         reqs: list[Req] = []
         for i in range(n):
             params = SamplingParams.from_dict(sps[i])
             params.validate_vocab(self.vocab_size)
             self._check_lengths(ids_list[i], params)
+            _check_int_arg("logprob_start_len", starts[i], -1, len(ids_list[i]))
+            _check_int_arg("top_logprobs_num", tops[i], 0, self.max_top_logprobs)
             for k in range(params.n):
                 p = (
                     params
@@ -74,6 +126,8 @@ class RequestBuilder:
                 )
         if stream and len(reqs) != 1:
             raise InvalidRequestError("stream=True takes a single request with n=1", "stream")
+        if rid is not None:
+            _check_unique_rids([r.rid for r in reqs])
         return reqs, single and len(reqs) == 1
 
     def _inputs(self, prompt: Any, input_ids: Any) -> tuple[list[list[int]], bool]:
@@ -86,6 +140,8 @@ class RequestBuilder:
                 raise InvalidRequestError("prompt must be a string or a list of strings", "prompt")
             if not texts or any(not t for t in texts):
                 raise InvalidRequestError("prompt must not be empty", "prompt")
+            for t in texts:
+                self.check_prompt_text(t)
             with self._tok_lock:
                 return [self.tokenizer.encode(t) for t in texts], single
         single = bool(input_ids) and all(isinstance(t, int) for t in input_ids)
@@ -97,6 +153,17 @@ class RequestBuilder:
         for ids in lists:
             self._check_ids(ids)
         return [list(ids) for ids in lists], single
+
+    def check_prompt_text(self, text: str, name: str = "prompt") -> None:
+        """Cheap checks before tokenising: valid Unicode, and not so long that it cannot fit
+        in the context whatever the tokenizer makes of it."""
+        check_text(name, text)
+        if len(text) > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"{name} has {len(text)} characters, more than a context of "
+                f"{self.context_length} tokens can hold",
+                name,
+            )
 
     def _check_ids(self, ids: Sequence[Any]) -> None:
         if not isinstance(ids, list) or not ids:

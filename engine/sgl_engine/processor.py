@@ -155,8 +155,17 @@ class RequestProcessor:
         if req.grammar is not None and req.grammar.is_terminated():
             req.finish = {"type": "stop", "matched": token if stops else None}
             return
-        if n_out >= p.max_new_tokens or req.seq_len >= self.context_length:
+        if n_out >= p.max_new_tokens:
             req.finish = {"type": "length", "matched": None}
+        elif req.seq_len >= self.context_length:
+            req.finish = {"type": "length", "matched": None, "message": self._clamped(p)}
+
+    def _clamped(self, p: Any) -> str:
+        """Why a request stopped short of max_new_tokens: the documented clamp."""
+        return (
+            f"max_new_tokens ({p.max_new_tokens}) was clamped: prompt and output reached the "
+            f"context length ({self.context_length} tokens)"
+        )
 
     # ---- results --------------------------------------------------------------------------
     def stream_text(self, req: Req) -> str:

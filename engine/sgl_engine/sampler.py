@@ -164,7 +164,8 @@ def constrain(
 def filter_probs(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Zero the probabilities that top-k, then top-p, then min-p exclude (HF warper semantics).
 
-    Top-p keeps the smallest most-likely set whose top-k-renormalised mass reaches top_p; min-p
+    Top-p keeps the smallest most-likely set whose top-k-renormalised mass reaches top_p (never
+    less than the most likely token, so a top_p that underflows to 0 still samples); min-p
     drops tokens below min_p times the most likely one. Equal probabilities rank by lower token
     id. When every row has a top_k of at most 1024, only those candidates are sorted. Returns a
     new unnormalised [S, V] tensor.
@@ -189,7 +190,8 @@ def filter_probs(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     sorted_probs = sorted_probs.masked_fill(position >= top_k, 0.0)
     cumulative = sorted_probs.cumsum(dim=-1)
     mass_before = cumulative - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p * cumulative[:, -1:], 0.0)
+    outside = (mass_before >= top_p * cumulative[:, -1:]) & (position > 0)
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
     sorted_probs = sorted_probs.masked_fill(sorted_probs < min_p * sorted_probs[:, :1], 0.0)
     return torch.zeros_like(probs).scatter_(1, order, sorted_probs)
 

@@ -12,6 +12,8 @@ from typing import Any
 from .errors import InvalidRequestError
 
 GREEDY_TEMPERATURE = 1e-5
+MAX_N = 128
+"""The most samples one request may ask for (OpenAI's cap on `n`)."""
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 _CONSTRAINTS = ("regex", "json_schema", "ebnf", "choices")
 
@@ -48,6 +50,16 @@ def _check_optional_str(name: str, value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise _fail(name, f"expected a string, got {type(value).__name__}")
     return value
+
+
+def _check_unicode(name: str, value: Any) -> None:
+    """Strings must be valid Unicode (a lone surrogate cannot be tokenised or compiled)."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, tuple) else ()
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _fail(name, f"not valid Unicode text ({exc.reason})") from None
 
 
 def _check_range(name: str, value: float, lo: float, hi: float, lo_open: bool = False) -> None:
@@ -150,6 +162,8 @@ class SamplingParams:
         _check_bool("spaces_between_special_tokens", self.spaces_between_special_tokens)
         _check_optional_str("regex", self.regex)
         _check_optional_str("ebnf", self.ebnf)
+        for name in ("stop", "choices", "regex", "ebnf", "json_schema"):
+            _check_unicode(name, getattr(self, name))
         given = [name for name in _CONSTRAINTS if getattr(self, name) is not None]
         if len(given) > 1:
             raise InvalidRequestError(
@@ -171,8 +185,8 @@ class SamplingParams:
             )
         if self.top_k == 0 or self.top_k < -1:
             raise _fail("top_k", f"must be -1 (disabled) or >= 1, got {self.top_k}")
-        if self.n < 1:
-            raise _fail("n", f"must be >= 1, got {self.n}")
+        if not 1 <= self.n <= MAX_N:
+            raise _fail("n", f"must be in [1, {MAX_N}], got {self.n}")
         if self.seed is not None:
             _check_int("seed", self.seed)
             if not _SEED_MIN <= self.seed <= _SEED_MAX:

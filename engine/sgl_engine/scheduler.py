@@ -6,6 +6,10 @@ its pending tokens: one after a sampled token, several after a jump-forward). Wh
 runs out, unlocked cache leaves are evicted first; then running requests are retracted back
 to the queue with their progress kept. Only the model runner touches tensors.
 
+Chunked prefill: while a long prompt is prefilled chunk by chunk, a chunk leaves half the
+budget to waiting requests that fit whole, and each chunk is followed by one run round of the
+running requests, so short requests are neither queued nor starved behind a long prompt.
+
 Overlap: while every running request is a plain decode (no grammar, penalties or pending
 min_new_tokens) and nothing waits for admission, a decode step is launched before the previous
 one's tokens are read back; it takes those tokens on the device, so the host work of one step
@@ -16,6 +20,7 @@ that token and its slot are dropped when N+1 lands.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 
@@ -28,6 +33,7 @@ from sgl_engine.radix_cache import RadixCache
 from sgl_engine.request import Req
 
 DECODE_RESERVE = 16
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Counters:
     sampled_tokens: int = 0
     forward_passes_saved: int = 0
     overlapped_passes: int = 0
+    internal_errors: int = 0
 
 
 @dataclass
@@ -81,6 +88,11 @@ class Scheduler:
         self.touched: list[Req] = []
         self.inflight: InFlight | None = None
         self.progressed = False
+        self.run_turn = False  # a chunk was prefilled: the running requests step next
+        size = config.chunked_prefill_size
+        self.chunk_budget = (
+            (4096 if runner.device.type == "cuda" else 1024) if size is None else size
+        )
         overlap = config.overlap_schedule
         self.overlap = runner.device.type == "cuda" if overlap is None else overlap
 
@@ -117,9 +129,11 @@ class Scheduler:
             else:
                 self._land(self.inflight)
         else:
-            batch = self._schedule_prefill()
+            batch = [] if self.run_turn and self.running else self._schedule_prefill()
+            self.run_turn = False
             if batch:
                 self._run(ForwardMode.EXTEND, batch, prefill=True)
+                self.run_turn = self.chunked is not None
             elif self.running:
                 self._run_running()
         touched, self.touched = self.touched, []
@@ -146,12 +160,13 @@ class Scheduler:
         return reqs, cached
 
     def _schedule_prefill(self) -> list[tuple[Req, int]]:
-        budget = self.config.chunked_prefill_size
-        budget = budget if budget > 0 else 1 << 62
+        budget = self.chunk_budget if self.chunk_budget > 0 else 1 << 62
         batch: list[tuple[Req, int]] = []
-        if self.chunked is not None:
+        carried = self.chunked is not None
+        if carried:
             req, self.chunked = self.chunked, None
-            n = min(req.seq_len - len(req.slots), budget)
+            share = budget // 2 if self.waiting else 0
+            n = min(req.seq_len - len(req.slots), budget - share)
             if self._reserve(n, batch):
                 batch.append((req, n))
                 budget -= n
@@ -183,6 +198,8 @@ class Scheduler:
                 and self._shares_pending_prefix(req, in_round, cached)
             ):
                 continue
+            if carried and req.seq_len - self._known_cached(req, cached) > budget:
+                continue  # one request is chunked at a time: beside it, only whole prompts
             n = self._admit(req, budget, batch)
             if n is None:
                 break
@@ -190,13 +207,25 @@ class Scheduler:
             batch.append((req, n))
             in_round.insert(req.fill_ids, req.fill_ids)
             budget -= n
+        if carried and budget > 0:
+            self._extend_chunk(batch, budget)
         return batch
+
+    def _known_cached(self, req: Req, cached: dict[int, int]) -> int:
+        known = cached.get(id(req))
+        return self._cached_len(req) if known is None else known
+
+    def _extend_chunk(self, batch: list[tuple[Req, int]], budget: int) -> None:
+        """Give the budget the waiting requests left unused back to the chunked request."""
+        req, n = batch[0]
+        extra = min(req.seq_len - len(req.slots) - n, budget)
+        if extra > 0 and self._reserve(extra, batch):
+            batch[0] = (req, n + extra)
 
     def _shares_pending_prefix(
         self, req: Req, in_round: RadixCache, cached: dict[int, int]
     ) -> bool:
-        known = cached.get(id(req))
-        cached_len = self._cached_len(req) if known is None else known
+        cached_len = self._known_cached(req, cached)
         shared = len(in_round.match_prefix(req.fill_ids[: self._prefix_limit(req)]).indices)
         return shared - cached_len >= self.config.in_batch_prefix_min
 
@@ -265,6 +294,7 @@ class Scheduler:
     def fail_all(self, message: str) -> list[Req]:
         """Abort every request (after an unexpected error in a step); the engine goes on."""
         reqs = list(self.waiting) + self.running + ([self.chunked] if self.chunked else [])
+        self.counters.internal_errors += 1
         self.waiting.clear()
         if self.inflight is not None:
             for s in self.inflight.seqs:
@@ -335,10 +365,14 @@ class Scheduler:
     def _fail_batch(
         self, batch: list[tuple[Req, int]], seqs: list[SeqInput], exc: Exception
     ) -> None:
+        rids = [req.rid for req, _ in batch]
+        log.error("forward pass failed; aborting requests %s", rids, exc_info=exc)
+        self.counters.internal_errors += 1
+        message = f"internal error in the forward pass ({type(exc).__name__}); see the server log"
         for (req, _), s in zip(batch, seqs, strict=True):
             self.allocator.free(s.new_slots)
             if not req.finished:
-                self._finish_abort(req, f"internal error in forward pass: {exc!r}")
+                self._finish_abort(req, message)
             self.running = [r for r in self.running if r is not req]
             if req not in self.touched:
                 self.touched.append(req)

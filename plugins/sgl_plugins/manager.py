@@ -40,6 +40,7 @@ DEFAULT_BACKEND = "local"
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("local", "sgl_plugins.builtin.local"),
     ("http", "sgl_plugins.builtin.http"),
+    ("openai", "sgl_plugins.builtin.openai_compat"),
     ("ray", "sgl_plugins.builtin.ray"),
 )
 HOOKS = ("register_backends", "register_chat_templates")

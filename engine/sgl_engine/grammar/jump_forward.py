@@ -9,6 +9,12 @@ windows that start or end inside a UTF-8 character, and tokenizers that add a pr
 Windows are tried from the largest down to 0 (plain `encode(forced)` appended); the first exact
 one wins. Tokens shared by the old and new tail are kept, so the result is
 `(k = tokens to drop, new tokens to append)` with `k` as small as the chosen window allows.
+
+Forced text is always encoded as ordinary text (`split_special_tokens=True`): a grammar literal
+that spells a special token (`"<|im_end|>"`) is forced as its characters, never as the special
+token, which would end the turn or change the template's structure. Whether a grammar matcher
+would accept the special token for that text differs between xgrammar releases; this rule does
+not depend on it.
 """
 
 from __future__ import annotations
@@ -103,7 +109,7 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

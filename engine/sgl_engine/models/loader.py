@@ -71,13 +71,16 @@ def build_model(
 
 
 def _init_random(model: torch.nn.Module, std: float = 0.02) -> None:
-    """Draw every parameter at its full shape, in order, and keep this rank's slice."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    """Draw every parameter at its full shape, in order, from a generator seeded alike in every
+    process, and keep this rank's slice: the same weights at every tp_size and every time."""
+    gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.fill_(1.0)
                 continue
+            if p.device not in gens:
+                gens[p.device] = torch.Generator(device=p.device).manual_seed(0)
             full = torch.empty(full_shape(model, name), dtype=p.dtype, device=p.device)
-            full.normal_(0.0, std, generator=gen if p.device.type == "cpu" else None)
+            full.normal_(0.0, std, generator=gens[p.device])
             load_full(model, name, full)

@@ -18,6 +18,14 @@ def finish_reason(meta: dict) -> tuple[str | None, int | str | None]:
     return reason.get("type"), reason.get("matched")
 
 
+def finish_message(meta: dict) -> str | None:
+    """Why a request ended early, when the engine says (an abort -- KV cache exhausted, an
+    internal error, a client abort -- or max tokens clamped to the context): the choice's
+    `finish_message`, beside `finish_reason` "abort" or "length"."""
+    reason = meta.get("finish_reason") or {}
+    return reason.get("message")
+
+
 def rejection(meta: dict) -> str | None:
     """The message when the engine refused the request itself (e.g. a bad constraint)."""
     reason = meta.get("finish_reason") or {}

@@ -4,13 +4,26 @@ and the `serve` command-line arguments shared by `python -m sgl_engine.server` a
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import threading
 from typing import Any
 
-from sgl_engine.server.app import DEFAULT_MAX_BODY_BYTES, create_app
+from sgl_engine.server.app import DEFAULT_MAX_BODY_BYTES, create_app, is_loopback
 
 API_KEY_ENV = "SGL_ADAPTERS_API_KEY"
+log = logging.getLogger(__name__)
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning `serve` logs at start when the API is reachable from other machines without
+    a key (see docs/SECURITY.md), or None."""
+    if api_key or is_loopback(host):
+        return None
+    return (
+        f"serving on {host} without an API key: anyone who can reach this address can use "
+        f"the model and flush its cache; set --api-key (or ${API_KEY_ENV}) or bind 127.0.0.1"
+    )
 
 
 class ServerThread:
@@ -79,6 +92,7 @@ def serve(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     served_model_name: str | None = None,
+    allowed_hosts: tuple[str, ...] = (),
     graceful_timeout: float = 30.0,
     log_level: str = "info",
     engine: Any = None,
@@ -90,12 +104,15 @@ def serve(
     the `ray` plugin's replicas behind `ReplicatedEngine`."""
     import uvicorn
 
+    warning = exposure_warning(host, api_key)
+    if warning:
+        log.warning(warning)
     if engine is None:
         from sgl_engine import Engine
 
         engine = Engine(model, **engine_kwargs)
     try:
-        app = create_app(engine, api_key, max_body_bytes, served_model_name)
+        app = create_app(engine, api_key, max_body_bytes, served_model_name, allowed_hosts)
         uvicorn.run(
             app,
             host=host,
@@ -126,21 +143,58 @@ ENGINE_ARGS = (
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="HF folder or id (default: embedded SmolLM2)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--port", type=int, default=30000, help="TCP port (default 30000)")
     parser.add_argument(
         "--api-key", default=None, help=f"require this Bearer key (default: ${API_KEY_ENV})"
     )
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--max-total-tokens", type=int, default=None)
-    parser.add_argument("--max-running-requests", type=int, default=None)
-    parser.add_argument("--attention-backend", choices=("auto", "torch", "flashinfer"))
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="reject request bodies larger than this with 413 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--served-model-name", default=None, help="the model name in /v1/models and responses"
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="without an API key, Host names served besides loopback (comma-separated; * = any)",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA)"
+    )
+    parser.add_argument(
+        "--max-total-tokens", type=int, default=None, help="KV cache size in tokens"
+    )
+    parser.add_argument(
+        "--max-running-requests", type=int, default=None, help="most requests in one batch"
+    )
+    parser.add_argument(
+        "--attention-backend",
+        choices=("auto", "torch", "flashinfer"),
+        help="attention kernels (default auto: flashinfer on CUDA when installed)",
+    )
     parser.add_argument("--cuda-graph-max-bs", type=int, default=None, help="0 turns graphs off")
-    parser.add_argument("--mem-fraction-static", type=float, default=None)
-    parser.add_argument("--chunked-prefill-size", type=int, default=None)
-    parser.add_argument("--disable-radix-cache", action="store_true", default=None)
+    parser.add_argument(
+        "--mem-fraction-static",
+        type=float,
+        default=None,
+        help="fraction of GPU memory for weights and KV cache",
+    )
+    parser.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=None,
+        help="longest prefill chunk per forward pass, in tokens",
+    )
+    parser.add_argument(
+        "--disable-radix-cache",
+        action="store_true",
+        default=None,
+        help="do not reuse KV across requests (for comparisons)",
+    )
     parser.add_argument(
         "--overlap-schedule",
         action=argparse.BooleanOptionalAction,
@@ -155,8 +209,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=None,
         help="tensor parallel over this many GPUs (or CPU processes), one process per rank",
     )
-    parser.add_argument("--graceful-timeout", type=float, default=30.0)
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let running requests finish on shutdown (default %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", help="uvicorn log level (default %(default)s)"
+    )
     return parser
 
 
@@ -175,6 +236,7 @@ def serve_from_args(args: argparse.Namespace, engine: Any = None) -> None:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         max_body_bytes=args.max_body_bytes,
         served_model_name=args.served_model_name,
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
         graceful_timeout=args.graceful_timeout,
         log_level=args.log_level,
         engine=engine,

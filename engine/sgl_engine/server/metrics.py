@@ -18,6 +18,7 @@ COUNTERS: dict[str, str] = {
     "retractions": "Requests retracted for lack of KV space",
     "finished_requests": "Requests finished",
     "aborted_requests": "Requests aborted",
+    "internal_errors": "Forward passes or scheduler steps that failed with an internal error",
 }
 
 GAUGES: dict[str, str] = {

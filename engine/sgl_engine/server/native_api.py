@@ -68,6 +68,7 @@ def _with_token_text(tok: Any, out: dict) -> dict:
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request) -> Any:
     eng = _state(request).engine
+    body.check_unicode()
     if body.text is not None and body.input_ids is not None:
         raise InvalidRequestError("give either text or input_ids, not both", "text")
     rid, used = _rids(body)
@@ -119,17 +120,16 @@ async def health_generate(request: Request) -> Response:
 async def get_model_info(request: Request) -> dict:
     s = _state(request)
     eng = s.engine
-    path = str(eng.model_path) if eng.model_path else None
     return {
-        "model_path": path,
-        "tokenizer_path": str(getattr(eng.config, "tokenizer_path", None) or path),
+        "model_path": s.model_name,
+        "tokenizer_path": s.model_name,
         "served_model_name": s.model_name,
         "is_generation": True,
         "context_length": eng.context_length,
     }
 
 
-@router.api_route("/flush_cache", methods=["GET", "POST"])
+@router.post("/flush_cache")
 async def flush_cache(request: Request) -> PlainTextResponse:
     ok = await asyncio.to_thread(_state(request).engine.flush_cache)
     if ok:

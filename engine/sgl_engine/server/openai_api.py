@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from sgl_engine.server.app import ServerState, error_body
 from sgl_engine.server.formats import (
     chat_logprobs,
     completion_logprobs,
+    finish_message,
     finish_reason,
     raise_if_rejected,
     rejection,
@@ -126,23 +128,35 @@ async def list_models(request: Request) -> dict:
 # ---- /v1/completions ----------------------------------------------------------------------------
 
 
-def _completion_prompts(prompt: Any, tokenizer: Any) -> list[list[int]]:
+def _check_prompt_chars(eng: Any, texts: list[str], field: str) -> None:
+    """The engine's cheap length check, before tokenising or rendering anything."""
+    check = getattr(getattr(eng, "builder", None), "check_prompt_text", None)
+    if check is not None:
+        check("".join(texts), field)
+
+
+def _completion_prompts(prompt: Any, eng: Any) -> list[list[int]]:
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise InvalidRequestError("prompt must not be empty", "prompt")
     if all(isinstance(p, int) for p in prompt):
         prompt = [prompt]
-    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    for p in prompt:
+        if isinstance(p, str):
+            _check_prompt_chars(eng, [p], "prompt")
+    return [eng.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     s = _state(request)
     eng = s.engine
+    s.check_model(body.model)
+    body.check_unicode()
     if body.suffix:
         raise InvalidRequestError("suffix is not supported", "suffix")
-    prompts = _completion_prompts(body.prompt, eng.tokenizer)
+    prompts = await asyncio.to_thread(_completion_prompts, body.prompt, eng)
     longest = max(len(p) for p in prompts)
     params = sampling_params(body, _max_tokens(body.max_tokens, longest, eng.context_length))
     want_lp = body.logprobs is not None
@@ -190,7 +204,13 @@ def _completion_choice(tok: Any, body: CompletionRequest, index: int, prompt, ou
         "logprobs": logprobs,
         "finish_reason": reason,
         "matched_stop": matched,
+        **_finish_message(meta),
     }
+
+
+def _finish_message(meta: dict) -> dict[str, str]:
+    message = finish_message(meta)
+    return {"finish_message": message} if message else {}
 
 
 async def _completion_events(
@@ -220,6 +240,7 @@ async def _completion_events(
         choice = {"index": index, "text": deltas(index, chunk["text"]), "logprobs": logprobs}
         if done:
             finals[index] = chunk
+            choice.update(_finish_message(meta))
         yield sse({**base, "choices": [{**choice, "finish_reason": reason}]})
     if body.stream_options and body.stream_options.include_usage:
         outs = [finals[i] for i in sorted(finals)]
@@ -231,7 +252,8 @@ async def _completion_events(
 
 
 def render_chat(eng: Any, body: ChatCompletionRequest) -> list[int]:
-    """The prompt token ids of a chat request, tools offered when the request has them."""
+    """The prompt token ids of a chat request, tools offered when the request has them.
+    Blocking (template rendering and tokenising): run it off the event loop."""
     messages = [
         tool_calls.message_for_template(m.model_dump(exclude_none=True)) for m in body.messages
     ]
@@ -254,7 +276,10 @@ def render_chat(eng: Any, body: ChatCompletionRequest) -> list[int]:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
     s = _state(request)
     eng = s.engine
-    ids = render_chat(eng, body)
+    s.check_model(body.model)
+    body.check_unicode()
+    _check_prompt_chars(eng, [_text_of(m.content) for m in body.messages], "messages")
+    ids = await asyncio.to_thread(render_chat, eng, body)
     requested = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
@@ -289,6 +314,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     }
 
 
+def _text_of(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content)
+    return content or ""
+
+
 def _message(body: ChatCompletionRequest, text: str, forced: bool) -> tuple[dict, bool]:
     """The assistant message for `text` and whether it holds tool calls."""
     calls: list[dict] = []
@@ -315,6 +346,7 @@ def _chat_choice(
         "logprobs": chat_logprobs(tok, meta) if body.logprobs else None,
         "finish_reason": "tool_calls" if has_calls and reason == "stop" else reason,
         "matched_stop": matched,
+        **_finish_message(meta),
     }
 
 
@@ -357,6 +389,7 @@ async def _chat_events(
                 calls = message.get("tool_calls") or []
                 choice["delta"] = _tool_delta(message["content"] or "", calls, 0)
             reason = "tool_calls" if called and reason == "stop" else reason
+            choice.update(_finish_message(meta))
         if choice["delta"] or choice["logprobs"] or done:
             yield sse({**base, "choices": [{**choice, "finish_reason": reason}]})
     if body.stream_options and body.stream_options.include_usage:

@@ -8,11 +8,34 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sgl_engine.errors import InvalidRequestError
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    def check_unicode(self) -> None:
+        """Raise `InvalidRequestError` naming the first string (key or value) that is not valid
+        Unicode: JSON can carry a lone surrogate such as "\\ud800"; no tokenizer encodes it."""
+        _check_unicode(self.model_dump(exclude_none=True, by_alias=True), "")
+
+
+def _check_unicode(value: Any, path: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            where = path or "body"
+            raise InvalidRequestError(f"{where} is not valid Unicode text", where) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(str(key), path or "body")
+            _check_unicode(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{path}.{i}")
 
 
 class StreamOptions(_Body):
@@ -97,6 +120,25 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content: Any) -> Any:
+        for i, part in enumerate(content if isinstance(content, list) else []):
+            if part.get("type", "text") == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} is a text part whose 'text' is not a string")
+        return content
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls(cls, calls: Any) -> Any:
+        for i, call in enumerate(calls or []):
+            fn = call.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError(f"tool call {i}: 'function' must be an object with a 'name'")
+            if not isinstance(fn.get("arguments", ""), str | dict):
+                raise ValueError(f"tool call {i}: 'arguments' must be a JSON string or object")
+        return calls
 
 
 class ChatCompletionRequest(_OpenAIBase):

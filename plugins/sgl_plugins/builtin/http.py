@@ -136,10 +136,14 @@ class HttpBackend(BackendBase):
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = timeout
         self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout)
+        self._api_key = api_key
         self.model_info = self._get_json("/get_model_info")
         self._tokenizer = self._load_tokenizer(tokenizer)
+        self._chat_backend: Any = None
         if self._tokenizer is not None:
             self.capabilities = CAPABILITIES | {"chat_template"}
+        else:
+            self.capabilities = CAPABILITIES | {"chat"}
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -156,6 +160,37 @@ class HttpBackend(BackendBase):
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    @property
+    def model_name(self) -> str:
+        info = self.model_info
+        return str(info.get("served_model_name") or info.get("model_path") or self.base_url)
+
+    def _chats(self) -> Any:
+        """Chats without a local tokenizer go to the server's /v1/chat/completions, which
+        renders the template (ours and SGLang's both serve it; constraints in the body)."""
+        if self._chat_backend is None:
+            from sgl_plugins.builtin.openai_compat import OpenAIBackend
+
+            self._chat_backend = OpenAIBackend(
+                self.model_name,
+                base_url=self.base_url + "/v1",
+                api_key=self._api_key,
+                timeout=self._timeout,
+                name=self.name,
+                sglang_constraints=True,
+            )
+        return self._chat_backend
+
+    def chat(self, messages, sampling_params=None, *, tools=None, **leaf) -> LeafResult:
+        if self._tokenizer is not None:
+            return super().chat(messages, sampling_params, tools=tools, **leaf)
+        return self._chats().chat(messages, sampling_params, tools=tools, **leaf)
+
+    def stream_chat(self, messages, sampling_params=None, *, tools=None, **leaf):
+        if self._tokenizer is not None:
+            return super().stream_chat(messages, sampling_params, tools=tools, **leaf)
+        return self._chats().stream_chat(messages, sampling_params, tools=tools, **leaf)
 
     def apply_chat_template(
         self,
@@ -307,6 +342,8 @@ class HttpBackend(BackendBase):
 
     def close(self) -> None:
         self._client.close()
+        if self._chat_backend is not None:
+            self._chat_backend.close()
 
 
 @hookimpl
