@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from sgl_engine.radix_cache import RadixCache
 from sgl_plugins.routing import POLICIES, Router, RouterConfig, prompt_units
+from sgl_plugins.routing.router import BALANCES
 
 VOCAB = 32000
 
@@ -148,6 +149,7 @@ class SimReplica:
 def simulate(events: list[Event], num_replicas: int, policy: str, args) -> dict:
     config = RouterConfig(
         policy=policy,
+        balance=args.balance,
         balance_abs_threshold=args.balance_abs,
         balance_rel_threshold=args.balance_rel,
         max_tree_tokens=args.kv_tokens,
@@ -203,6 +205,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-s", type=float, default=20000.0)
     parser.add_argument("--decode-weight", type=float, default=10.0)
     parser.add_argument("--utilisation", type=float, default=0.7)
+    parser.add_argument("--balance", default="bounded", choices=BALANCES)
     parser.add_argument("--balance-abs", type=int, default=32)
     parser.add_argument("--balance-rel", type=float, default=1.5)
     parser.add_argument("--seed", type=int, default=0)

@@ -228,7 +228,7 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def serve_from_args(args: argparse.Namespace, engine: Any = None) -> None:
     """Serve as the arguments say; `engine` (owned) replaces the one they would load."""
-    engine_kwargs = {} if engine is not None else engine_kwargs_from_args(args)
+    engine_kwargs = {"engine": engine} if engine is not None else engine_kwargs_from_args(args)
     serve(
         args.model,
         args.host,
@@ -239,7 +239,6 @@ def serve_from_args(args: argparse.Namespace, engine: Any = None) -> None:
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
         graceful_timeout=args.graceful_timeout,
         log_level=args.log_level,
-        engine=engine,
         **engine_kwargs,
     )
 
