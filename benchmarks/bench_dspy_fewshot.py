@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, program: dspy.Module, disable_radix_cache: boo
         max_string_length=48,
     )
     adapter = dspy.JSONAdapter() if args.adapter == "json" else ChatAdapter()
-    engine = lm.engine.engine if hasattr(lm.engine, "plan") else lm.engine
+    engine = lm.engine.client.backend.engine if hasattr(lm.engine, "plan") else lm.engine
     try:
         with dspy.context(lm=lm, adapter=adapter):
             program(**examples(1)[0].inputs())

@@ -2,7 +2,8 @@
 
 DSPy's response cache is off (cache=False) so every call reaches the engine. Outputs of a 135M
 model are judged by shape and by parsing, not by wisdom; usage and cache counters are checked
-against the engine's own metrics.
+against the engine's own metrics. The tests taking `any_lm` run over the `local` backend and
+over the `http` backend (our server on the same engine, started by the test).
 """
 
 from __future__ import annotations
@@ -38,21 +39,31 @@ def registry():
     reg.close()
 
 
+LM_SETTINGS = {"cache": False, "temperature": 0.0, "max_tokens": 48, "max_string_length": 60}
+
+
 @pytest.fixture(scope="module")
 def lm(smollm2_path, registry):
-    return LM(
-        smollm2_path,
-        registry=registry,
-        engine_kwargs=ENGINE_KWARGS,
-        cache=False,
-        temperature=0.0,
-        max_tokens=48,
-        max_string_length=60,
-    )
+    return LM(smollm2_path, registry=registry, engine_kwargs=ENGINE_KWARGS, **LM_SETTINGS)
 
 
-def engine_of(lm):
-    return lm.engine.engine if hasattr(lm.engine, "plan") else lm.engine
+@pytest.fixture(scope="module")
+def engine(smollm2_path, registry):
+    """The engine every LM here runs on (the http one through our server)."""
+    return registry.get(smollm2_path, ENGINE_KWARGS)
+
+
+@pytest.fixture(scope="module")
+def http_lm(engine, registry):
+    from sgl_engine.server import ServerThread, create_app
+
+    with ServerThread(create_app(engine)) as srv:
+        yield LM(backend="http", base_url=srv.base_url, registry=registry, **LM_SETTINGS)
+
+
+@pytest.fixture(params=["local", "http"])
+def any_lm(request):
+    return request.getfixturevalue("lm" if request.param == "local" else "http_lm")
 
 
 class QA(dspy.Signature):
@@ -89,7 +100,8 @@ QUESTIONS = [
 ]
 
 
-def test_predict_answers_and_reports_usage(lm):
+def test_predict_answers_and_reports_usage(any_lm):
+    lm = any_lm
     with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
         pred = dspy.Predict(QA)(question="What is the capital of France?")
     assert "paris" in pred.answer.lower()
@@ -122,7 +134,8 @@ class DescribeCity(dspy.Signature):
     city: City = dspy.OutputField()
 
 
-def test_json_adapter_pydantic_output_parses_every_time(lm):
+def test_json_adapter_pydantic_output_parses_every_time(any_lm):
+    lm = any_lm
     predict = dspy.Predict(DescribeCity)
     examples = [
         dspy.Example(question=f"Tell me about {c}.").with_inputs("question")
@@ -153,8 +166,8 @@ def test_chat_adapter_formats_parse_with_demos(lm):
         assert entry["outputs"][0].startswith("[[ ## answer ## ]]\n")
 
 
-def test_few_shot_batch_of_16_reads_demos_from_the_radix_cache(lm):
-    engine = engine_of(lm)
+def test_few_shot_batch_of_16_reads_demos_from_the_radix_cache(any_lm, engine):
+    lm = any_lm
     program = dspy.LabeledFewShot(k=4).compile(dspy.Predict(QA), trainset=TRAIN)
     examples = [dspy.Example(question=q).with_inputs("question") for q in QUESTIONS]
     engine.flush_cache()
@@ -179,7 +192,8 @@ def test_n_choices(lm):
     assert all(isinstance(a, str) and a for a in pred.completions.answer)
 
 
-def test_save_and_load(lm, registry, tmp_path, monkeypatch):
+def test_save_and_load(any_lm, registry, tmp_path, monkeypatch):
+    lm = any_lm
     monkeypatch.setattr(lc_engines, "ENGINES", registry)
     program = dspy.LabeledFewShot(k=4).compile(dspy.ChainOfThought(QA), trainset=TRAIN)
     program.set_lm(lm)
@@ -190,5 +204,5 @@ def test_save_and_load(lm, registry, tmp_path, monkeypatch):
         loaded.load(tmp_path / "cot.json", allow_unsafe_lm_state=True)
         after = loaded(question="What color is the sky?")
     assert len(loaded.predict.demos) == 4
-    assert engine_of(loaded.predict.lm) is engine_of(lm)
+    assert loaded.predict.lm.engine.client.backend is lm.engine.client.backend
     assert (after.reasoning, after.answer) == (before.reasoning, before.answer)

@@ -29,13 +29,31 @@ def rt(smollm2_path):
     backend.shutdown()
 
 
+@pytest.fixture(scope="module")
+def http_rt(rt):
+    """The same engine behind our server, reached through the `http` backend."""
+    from sgl_engine.server import ServerThread, create_app
+
+    with ServerThread(create_app(rt.engine)) as srv:
+        remote = sgl.Runtime(backend="http", base_url=srv.base_url)
+        yield remote
+        remote.shutdown()
+
+
+@pytest.fixture(params=["local", "http"])
+def any_rt(request):
+    """The tests taking `any_rt` run over the `local` and the `http` backend."""
+    return request.getfixturevalue("rt" if request.param == "local" else "http_rt")
+
+
 @sgl.function
 def few_shot_qa(s, question):
     s += SHOTS + "Question: " + question + "\nAnswer:"
     s += sgl.gen("answer", max_tokens=8, stop="\n")
 
 
-def test_few_shot_qa_run_and_run_batch(rt):
+def test_few_shot_qa_run_and_run_batch(any_rt):
+    rt = any_rt
     state = few_shot_qa.run(question="What is the capital of France?", backend=rt, **GREEDY)
     assert state.error() is None
     assert "Paris" in state["answer"]
@@ -83,7 +101,9 @@ def test_multi_turn_chat_messages(rt):
         sgl.unconditional_likelihood_normalized,
     ],
 )
-def test_select_with_scores(rt, method):
+def test_select_with_scores(any_rt, method):
+    rt = any_rt
+
     @sgl.function
     def pick(s):
         s += SHOTS + "Question: What is the capital of France?\nAnswer:"
@@ -116,7 +136,8 @@ def test_fork_5_join(rt):
     assert state["summary"].strip()
 
 
-def test_regex_json_and_dtypes(rt):
+def test_regex_json_and_dtypes(any_rt):
+    rt = any_rt
     schema = {
         "type": "object",
         "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
@@ -142,7 +163,9 @@ def test_regex_json_and_dtypes(rt):
     assert state["wet"] in ("True", "False")
 
 
-def test_per_variable_streaming_and_min_tokens(rt):
+def test_per_variable_streaming_and_min_tokens(any_rt):
+    rt = any_rt
+
     @sgl.function
     def story(s):
         s += sgl.user("Write a sentence about the sea.")

@@ -1,9 +1,6 @@
-"""An agent loop on the embedded SmolLM2: tool call, ToolMessage, final answer.
-
-Every turn lets the model choose (tool_choice="auto": the log-probability of starting with a
-tool call, plus `tool_call_bias`, against the best plain-text start); a call is decoded under
-the tool grammar, so it is valid even from a 135M model. The loop stops on a text answer or
-after a step budget, when the model is asked to answer without tools.
+"""Agent loops on the embedded SmolLM2, with no bias knob: every turn decodes under the family's
+tool grammar (tool_choice "auto": plain text or well-formed calls), so whatever the 135M model
+chooses parses, and calls are valid against their tools' schemas.
 """
 
 from __future__ import annotations
@@ -15,49 +12,68 @@ from langchain_core.tools import tool
 from sgl_adapters.langchain import ChatSGLang
 
 PARAMS = {
-    "max_tokens": 48,
+    "max_tokens": 64,
     "max_string_length": 40,
-    "tool_call_bias": 4.5,
     "engine_kwargs": {"device": "cpu", "max_total_tokens": 32768},
 }
-CALLS: list[dict] = []
+CALLS: list[tuple[str, dict]] = []
 
 
 @tool
 def get_weather(location: str) -> str:
     """Get the current weather for a location."""
-    CALLS.append({"location": location})
+    CALLS.append(("get_weather", {"location": location}))
     return f"It's sunny in {location}."
 
 
-def _run_agent(model: ChatSGLang, question: str, max_steps: int = 3) -> list:
-    messages: list = [HumanMessage(question)]
-    for _ in range(max_steps):
-        reply = model.bind_tools([get_weather], tool_choice="auto").invoke(messages)
-        messages.append(reply)
-        if not reply.tool_calls:
-            return messages
-        for call in reply.tool_calls:
-            messages.append(get_weather.invoke(call))
-    messages.append(model.bind_tools([get_weather], tool_choice="none").invoke(messages))
-    return messages
+@tool
+def get_time(location: str) -> str:
+    """Get the current local time in a location."""
+    CALLS.append(("get_time", {"location": location}))
+    return f"It is 10:30 in {location}."
+
+
+def test_smollm2_is_detected_as_its_own_family():
+    model = ChatSGLang(**PARAMS)
+    assert model.model_family().name == "smollm2"
+    assert model.profile["tool_calling"] and model.profile["structured_output"]
+
+
+def test_create_agent_runs_a_two_tool_loop_to_a_final_answer():
+    from langchain.agents import create_agent
+
+    CALLS.clear()
+    agent = create_agent(ChatSGLang(**PARAMS), tools=[get_weather, get_time])
+    state = agent.invoke(
+        {"messages": [HumanMessage("What is the weather and the time in Paris?")]},
+        {"recursion_limit": 12},
+    )
+    messages = state["messages"]
+    called = [m for m in messages if isinstance(m, AIMessage) and m.tool_calls]
+    results = [m for m in messages if isinstance(m, ToolMessage)]
+    assert called and results, [m.pretty_repr() for m in messages]
+    names = {c["name"] for m in called for c in m.tool_calls}
+    assert names <= {"get_weather", "get_time"}
+    assert [name for name, _ in CALLS] == [c["name"] for m in called for c in m.tool_calls]
+    assert {r.tool_call_id for r in results} == {c["id"] for m in called for c in m.tool_calls}
+    final = messages[-1]
+    assert isinstance(final, AIMessage) and not final.tool_calls and final.text.strip()
+    assert "<tool_call>" not in final.text
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_agent_loop_calls_the_tool_then_answers(stream):
+def test_bound_model_calls_with_parallel_and_strict(stream):
     CALLS.clear()
     model = ChatSGLang(**PARAMS, streaming=stream)
-    messages = _run_agent(model, "What is the weather in San Francisco, CA?")
-    first = messages[1]
-    assert isinstance(first, AIMessage) and len(first.tool_calls) == 1
-    assert first.tool_calls[0]["name"] == "get_weather"
-    assert isinstance(first.tool_calls[0]["args"]["location"], str)
-    assert CALLS[0] == first.tool_calls[0]["args"]
-    result = messages[2]
-    assert isinstance(result, ToolMessage) and result.tool_call_id == first.tool_calls[0]["id"]
-    final = messages[-1]
-    assert isinstance(final, AIMessage) and not final.tool_calls
-    assert final.text.strip() and not final.text.lstrip().startswith("<")
-    assert len(messages) == 4, "the model should answer right after the tool result"
-    usage = final.usage_metadata
-    assert usage["input_token_details"]["cache_read"] > 0
+    bound = model.bind_tools(
+        [get_weather, get_time], tool_choice="any", parallel_tool_calls=True, strict=True
+    )
+    reply = bound.invoke("What is the weather and the time in San Francisco?")
+    assert reply.tool_calls and not reply.invalid_tool_calls
+    for call in reply.tool_calls:
+        assert call["name"] in ("get_weather", "get_time")
+        assert isinstance(call["args"]["location"], str)
+    assert reply.usage_metadata["input_tokens"] == model.get_num_tokens_from_messages(
+        [HumanMessage("What is the weather and the time in San Francisco?")],
+        tools=[get_weather, get_time],
+    )

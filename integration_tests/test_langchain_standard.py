@@ -1,18 +1,26 @@
-"""LangChain's own standard test suites (langchain-tests 1.1.9) against the embedded SmolLM2.
+"""LangChain's own standard test suites (langchain-tests 1.1.9) against the embedded SmolLM2,
+over the `local` backend (in-process) and over the `http` backend (our server, started by the
+test on the same engine, its URL read from $SGL_ADAPTERS_BASE_URL).
 
 Greedy decoding with small `max_tokens` keeps the integration suite fast on two CPU cores.
 Tool calling, tool choice, structured output, JSON mode and usage metadata (with cache_read)
-are on; only the modalities the text-only 135M model lacks are xfailed.
+are on; only the modalities the text-only 135M model lacks are xfailed. Skips that remain:
+model override (one embedded model; an http server serves one model), serialisation
+(`ChatSGLang` is not lc-serializable), init from env over `local` (nothing to read).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
+from sgl_adapters.engines import ENGINES
 from sgl_adapters.langchain import ChatSGLang
+from sgl_adapters.langchain.params import BASE_URL_ENV
 
 ENGINE_KWARGS = {"device": "cpu", "max_total_tokens": 32768}
 PARAMS = {
@@ -20,7 +28,6 @@ PARAMS = {
     "max_tokens": 64,
     "temperature": 0.0,
     "max_string_length": 40,
-    "tool_call_bias": 4.5,
     "engine_kwargs": ENGINE_KWARGS,
 }
 NO_IMAGES = "SmolLM2-135M-Instruct is a text-only model: no image inputs"
@@ -71,7 +78,7 @@ class TestChatSGLangUnit(_Features, ChatModelUnitTests):
 class TestChatSGLangIntegration(_Features, ChatModelIntegrationTests):
     def invoke_with_cache_read_input(self, *, stream: bool = False) -> AIMessage:
         """A long shared system prompt sent twice: the second call reads it from the cache."""
-        model = ChatSGLang(**{**PARAMS, "max_tokens": 8})
+        model = ChatSGLang(**{**self.chat_model_params, "max_tokens": 8})
         system = SystemMessage("You are a terse assistant. " * 40)
         model.invoke([system, HumanMessage("Say hi.")])
         messages = [system, HumanMessage("Say bye.")]
@@ -104,3 +111,45 @@ class TestChatSGLangIntegration(_Features, ChatModelIntegrationTests):
     @pytest.mark.xfail(reason=NO_PDF)
     def test_pdf_tool_message(self, model) -> None:
         super().test_pdf_tool_message(model)
+
+
+HTTP_PARAMS = {k: v for k, v in PARAMS.items() if k not in ("model", "engine_kwargs")}
+HTTP_PARAMS["backend"] = "http"
+
+
+@pytest.fixture(scope="class")
+def sglang_server():
+    """Our server on the embedded model's shared engine; its URL in $SGL_ADAPTERS_BASE_URL."""
+    from sgl_engine.server import ServerThread, create_app
+
+    engine = ENGINES.get(None, ENGINE_KWARGS)
+    with (
+        ServerThread(create_app(engine, model_name="SmolLM2-135M-Instruct")) as srv,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        mp.setenv(BASE_URL_ENV, srv.base_url)
+        yield srv.base_url
+
+
+class _OverHttp:
+    @property
+    def chat_model_params(self) -> dict:
+        return dict(HTTP_PARAMS)
+
+    @property
+    def init_from_env_params(self) -> tuple[dict, dict, dict]:
+        url = "http://127.0.0.1:30000"
+        return {BASE_URL_ENV: url}, {"backend": "http"}, {"base_url": url}
+
+
+class TestChatSGLangHttpUnit(_OverHttp, _Features, ChatModelUnitTests):
+    @property
+    def chat_model_params(self) -> dict:
+        return {k: v for k, v in HTTP_PARAMS.items() if k != "max_tokens"}
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("sglang_server")
+class TestChatSGLangHttpIntegration(_OverHttp, TestChatSGLangIntegration):
+    async def test_backend_is_http(self, model) -> None:
+        assert model.client().name == "http" and model.base_url == os.environ[BASE_URL_ENV]

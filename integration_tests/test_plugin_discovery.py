@@ -107,7 +107,7 @@ LIST = """
 def test_entry_points_are_discovered_with_their_origin(env_dir):
     data = run_py(env_dir, LIST)
     by_name = {p["name"]: p for p in data["plugins"]}
-    assert set(by_name) == {"local", "http", "openai", "ray", "reverse"}
+    assert set(by_name) == {"local", "http", "openai", "ray", "families", "reverse"}
     assert data["backends"] == ["http", "local", "openai", "ray", "reverse"]
     reverse = by_name["reverse"]
     assert reverse["distribution"] == "sgl-adapters-example-plugin"
@@ -185,3 +185,27 @@ def test_cli_lists_plugins_and_reports_the_broken_one(env_dir):
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
     assert [p["name"] for p in data["plugins"]] == ["local", "reverse"] and data["errors"] == []
+
+
+def test_front_doors_drive_the_example_plugin_by_name(env_dir):
+    """LangChain and DSPy reach the installed plugin through its entry point, by name only."""
+    data = run_py(
+        env_dir,
+        """
+        import json, warnings
+        warnings.simplefilter("ignore")
+        from sgl_adapters.langchain import ChatSGLang, SGLang
+        from sgl_adapters.dspy import LM
+        chat = ChatSGLang(backend="reverse", max_tokens=64)
+        msg = chat.invoke("abc")
+        streamed = "".join(c.content for c in chat.stream("abc"))
+        llm = SGLang(backend="reverse", max_tokens=64)
+        lm = LM(backend="reverse", cache=False)
+        (dspy_out,) = lm(messages=[{"role": "user", "content": "xyz"}])
+        print(json.dumps({"chat": msg.content, "stream": streamed, "llm": llm.invoke("abc"),
+                          "dspy": dspy_out, "usage": msg.usage_metadata["input_tokens"]}))
+        """,
+    )
+    assert data["llm"] == "cba"
+    assert data["chat"] == data["stream"] and "cba" in data["chat"]
+    assert "zyx" in data["dspy"] and data["usage"] > 0

@@ -44,7 +44,7 @@ def run_plugins(args: argparse.Namespace) -> int:
             )
         )
         return 1 if errors else 0
-    rows = [("NAME", "VERSION", "DISTRIBUTION", "MODULE", "BACKENDS", "CHAT TEMPLATES")]
+    rows = [("NAME", "VERSION", "DISTRIBUTION", "MODULE", "BACKENDS", "CHAT TEMPLATES", "FAMILIES")]
     for p in plugins:
         rows.append(
             (
@@ -54,6 +54,7 @@ def run_plugins(args: argparse.Namespace) -> int:
                 p.module,
                 ",".join(p.backends) or "-",
                 ",".join(p.chat_templates) or "-",
+                ",".join(p.model_families) or "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -92,6 +93,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from sgl_engine.server.launch import engine_kwargs_from_args, serve_from_args
+    from sgl_plugins.manager import get_plugin_manager
 
     if args.dp < 1:
         raise SystemExit("--dp must be >= 1")
@@ -106,7 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
             policy=args.router_policy,
         )
         engine = ReplicatedEngine(backend, owns_backend=True)
-    serve_from_args(args, engine)
+    serve_from_args(args, families=get_plugin_manager().model_families(), engine=engine)
     return 0
 
 

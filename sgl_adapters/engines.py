@@ -54,12 +54,13 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def _takes_model(manager: Any, name: str) -> bool:
+def factory_takes(manager: Any, name: str, parameter: str) -> bool:
+    """Whether backend `name`'s factory has a parameter called `parameter`."""
     spec = manager.backends().get(name)
     if spec is None:
         return False
     try:
-        return "model" in inspect.signature(spec.factory).parameters
+        return parameter in inspect.signature(spec.factory).parameters
     except (TypeError, ValueError):
         return False
 
@@ -101,7 +102,7 @@ class EngineRegistry:
             return self.backend(model, {**dict(engine_kwargs or {}), **dict(backend_kwargs or {})})
         kwargs = dict(backend_kwargs or {})
         if model is not None and "model" not in kwargs:
-            if not _takes_model(self.manager, backend):
+            if not factory_takes(self.manager, backend, "model"):
                 raise ValueError(
                     f"backend {backend!r} serves the model its factory was given; "
                     f"model={model!r} cannot be chosen per call"
@@ -214,8 +215,23 @@ class EngineClient:
         return self.tokenizer
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: Any = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: Any = None,
+        **template_kwargs: Any,
     ) -> str:
+        """The prompt text; `template_kwargs` (e.g. enable_thinking) go to the tokenizer's
+        chat template, rendered here through the backend's `tokenizer`."""
+        if template_kwargs:
+            tok = self.require_tokenizer("chat template variables")
+            return tok.apply_chat_template(
+                messages,
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **template_kwargs,
+            )
         try:
             return self.backend.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tools=tools

@@ -244,3 +244,25 @@ def test_streaming_never_leaks_a_stop(text, data):
         assert out == text
     else:
         assert text.startswith(out + found[1])
+
+
+def test_stop_regex_finds_the_first_match_and_holds_back_partial_matches():
+    m = StopMatcher((), [r"\d+\.", r"END"])
+    assert m and m.find("abc 12. x") == (4, "12.")
+    assert m.find("no match") is None
+    assert m.safe_len("value 12") == len("value ")  # "12" may still become "12."
+    assert m.safe_len("see EN") == len("see ")
+    assert m.safe_len("plain text") == len("plain text")
+    both = StopMatcher(["STOP"], [r"x{2}"])
+    assert both.find("aaxx STOP") == (2, "xx")
+    assert both.find("a STOP xx") == (2, "STOP")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="ab1.", max_size=30))
+def test_streamed_prefix_never_contains_a_stop_regex_match(text):
+    m = StopMatcher((), [r"1\.", r"bb"])
+    for end in range(len(text) + 1):
+        shown = text[: m.safe_len(text[:end])]
+        found = m.find(shown)
+        assert found is None

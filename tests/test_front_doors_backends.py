@@ -213,7 +213,38 @@ def test_tool_choice_auto_needs_token_scoring(served, manager, registry):
 
 def test_plugin_kwargs_and_env_base_url(monkeypatch, served, registry):
     monkeypatch.setenv("SGL_ADAPTERS_BASE_URL", served[1])
-    model = ChatSGLang(backend="http", registry=registry, timeout=30.0)
-    assert model.base_url == served[1] and model.backend_kwargs == {"timeout": 30.0}
-    assert model.model_name == "tiny"
-    assert model.invoke("hi", max_tokens=2).content is not None
+    model = ChatSGLang(backend="http", registry=registry, timeout=30.0, chat_template=None)
+    assert model.base_url == served[1] and model.backend_kwargs == {"chat_template": None}
+    assert model.plugin_kwargs()["timeout"] == 30.0
+    assert model.model_name == "http"  # no I/O; responses name the served model
+    assert model.invoke("hi", max_tokens=2).response_metadata["model_name"] == "tiny"
+
+
+@pytest.mark.parametrize("warm", [None, True])
+def test_http_batch_prefills_a_shared_prefix_once(warm, served, manager, registry):
+    """ChatSGLang.batch over http, cold cache: the server computes the shared prefix once
+    (in-batch dedup on our server; with `warm_prefixes` the prefix is prefilled first, as for
+    a server without in-batch dedup), and the leaves read it from the radix cache."""
+    eng, url = served
+    model = ChatSGLang(
+        backend="http",
+        base_url=url,
+        backend_kwargs={"warm_prefixes": warm},
+        registry=registry,
+        max_tokens=4,
+    )
+    backend = model.client().backend
+    assert backend.warm_prefixes is bool(warm)  # our server dedups in-batch: no warm-up
+    shared = "You are a radix-cache expert. Answer in one word. " * 6
+    prompts = [shared + f"Question {i}: what is {i} + {i}?" for i in range(8)]
+    assert eng.flush_cache()
+    before = eng.metrics()
+    outs = model.batch(prompts)
+    after = eng.metrics()
+    prompt_tokens = sum(o.usage_metadata["input_tokens"] for o in outs)
+    prefilled = after["prefill_tokens"] - before["prefill_tokens"]
+    cached = after["cached_tokens"] - before["cached_tokens"]
+    shared_len = len(eng.tokenizer.encode(shared))
+    assert prefilled <= prompt_tokens - 6 * shared_len  # the prefix is not computed 8 times
+    assert cached >= 7 * shared_len * 0.9
+    assert sum(o.usage_metadata["input_token_details"]["cache_read"] for o in outs) > 0

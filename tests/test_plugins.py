@@ -111,12 +111,33 @@ def test_builtins_load_through_the_same_hooks():
     assert set(pm.backends()) == {"local", "http", "openai", "ray"}
     infos = pm.list_plugins()
     assert [(i.name, i.builtin, i.module) for i in infos] == [
+        ("families", True, "sgl_plugins.builtin.families"),
         ("http", True, "sgl_plugins.builtin.http"),
         ("local", True, "sgl_plugins.builtin.local"),
         ("openai", True, "sgl_plugins.builtin.openai_compat"),
         ("ray", True, "sgl_plugins.builtin.ray"),
     ]
     assert "chatml" in pm.chat_templates()
+    assert {"qwen3", "llama3", "mistral", "smollm2", "hermes"} <= set(pm.model_families().names())
+
+
+def test_a_plugin_family_is_detected_before_the_builtins():
+    from sgl_engine.families import HERMES, ModelFamily
+
+    class Families:
+        @hookimpl
+        def register_model_families(self, register):
+            register(ModelFamily("acme", HERMES, template_markers=("<acme>",), priority=99))
+
+    pm = PluginManager({}, entry_points=lambda: []).load()
+    assert pm.register(Families(), "acme-plugin")
+    registry = pm.model_families()
+    assert registry.detect("<acme> <tool_call> <think>").name == "acme"
+    assert registry.detect("<tool_call> <think>").name == "qwen3"
+    infos = {i.name: i for i in pm.list_plugins()}
+    assert infos["acme-plugin"].model_families == ("acme",)
+    with pytest.warns(PluginLoadWarning, match="already registered by plugin 'acme-plugin'"):
+        assert not pm.register(Families(), "copy")
 
 
 @pytest.mark.parametrize(
@@ -533,8 +554,9 @@ def test_cli_plugins_lists_what_is_loaded(monkeypatch, capsys):
     finally:
         get_plugin_manager.cache_clear()
     entries = {p["name"]: p for p in data["plugins"]}
-    assert set(entries) == {"local", "http", "openai", "ray"} and data["errors"] == []
+    assert set(entries) == {"local", "http", "openai", "ray", "families"} and data["errors"] == []
     assert entries["local"]["backends"] == ["local"]
+    assert "qwen3" in entries["families"]["model_families"]
     assert entries["local"]["module"] == "sgl_plugins.builtin.local"
     assert table[0].split()[:4] == ["NAME", "VERSION", "DISTRIBUTION", "MODULE"]
     rows = {line.split()[0]: line for line in table[1:]}

@@ -256,3 +256,11 @@ def test_round_trip_through_dict(values):
     params = SamplingParams.from_dict(values)
     assert SamplingParams.from_dict(params.to_dict()) == params
     assert SamplingParams.from_dict(json.loads(json.dumps(params.to_dict()))) == params
+
+
+def test_stop_regex_is_normalised_and_validated():
+    assert SamplingParams(stop_regex=r"\d").stop_regex == (r"\d",)
+    assert SamplingParams.from_dict({"stop_regex": ["a+", "b"]}).stop_regex == ("a+", "b")
+    with pytest.raises(InvalidRequestError, match="stop_regex") as err:
+        SamplingParams(stop_regex="(")
+    assert err.value.field == "sampling_params.stop_regex"

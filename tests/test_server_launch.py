@@ -24,6 +24,7 @@ def _engine_kwargs(monkeypatch, argv: list[str]) -> dict:
         "served_model_name",
         "allowed_hosts",
         "graceful_timeout",
+        "families",
     }
     return {k: v for k, v in seen.items() if k not in server_only | {"log_level"}}
 

@@ -66,12 +66,23 @@ def test_tp2_greedy_equals_tp1(tiny_model_dirs, make_engine, arch, extra):
     assert not dist.is_initialized()
 
 
-def test_a_killed_rank_fails_its_requests_and_the_engine_shuts_down(tiny_llama):
-    from sgl_engine import Engine
+def test_a_killed_rank_fails_its_requests_and_the_engine_shuts_down(tiny_llama, monkeypatch):
+    import time
 
+    from sgl_engine import Engine
+    from sgl_engine.distributed import driver
+
+    monkeypatch.setattr(driver, "HEARTBEAT_S", 0.3)
     eng = Engine(tiny_llama, device="cpu", max_total_tokens=4096, tp_size=2)
     try:
         (pid,) = eng.runner.driver.pids
+        time.sleep(1.5)  # idle: the follower gets heartbeats on the control group, then a step
+        assert (
+            eng.generate("hi", {**GREEDY, "max_new_tokens": 4})["meta_info"]["finish_reason"][
+                "type"
+            ]
+            == "length"
+        )
         stream = eng.generate("hi", {**GREEDY, "max_new_tokens": 100000}, stream=True)
         first = next(stream)
         assert first["meta_info"]["finish_reason"] is None

@@ -23,6 +23,9 @@ class EngineConfig:
     backend only; None: 64 when the backend is flashinfer, 0 = off). `tp_size` shards the model
     over that many ranks (tensor parallelism: rank 0 in this process, the others in worker
     processes; NCCL on CUDA, gloo on the CPU); `tp_timeout_s` bounds each of their collectives.
+    `decode_gemv` picks the kernel of one-row (batch-1 decode) linear layers on CUDA: cuBLAS, or
+    the Triton matrix-vector kernel of models/gemv.py (faster on an H200; opt-in until the GPU
+    tests have run with it).
     """
 
     model_path: str | None = None
@@ -31,6 +34,7 @@ class EngineConfig:
     dtype: str = "auto"
     attention_backend: str = "auto"
     fused_ops: str = "auto"
+    decode_gemv: str = "cublas"
     max_total_tokens: int | None = None
     mem_fraction_static: float = 0.8
     page_size: int = 1
@@ -62,6 +66,8 @@ class EngineConfig:
             raise ValueError("max_running_requests must be >= 1")
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError("schedule_policy must be 'lpm' or 'fcfs'")
+        if self.decode_gemv not in ("cublas", "triton"):
+            raise ValueError("decode_gemv must be 'cublas' or 'triton'")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             raise ValueError("cuda_graph_max_bs must be >= 0 (0 turns CUDA graphs off)")
         if self.tp_size < 1:

@@ -88,8 +88,9 @@ class CudaGraphRunner:
         self.wrappers: dict[int, Any] = {}
         self.eager_fallbacks = 0
         self.mempool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.sizes):
-            self._capture(bs)
+        with torch.inference_mode():  # as the replays run: no autograd state on the pool
+            for bs in reversed(self.sizes):
+                self._capture(bs)
 
     def _static_batch(self, bs: int) -> ForwardBatch:
         zeros = torch.zeros(bs + 1, dtype=torch.int32, device=self.input_ids.device)

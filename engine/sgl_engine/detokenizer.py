@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import regex
+
 REPLACEMENT_CHAR = "\ufffd"
 CONTEXT_TOKENS = 5
 
@@ -71,23 +73,30 @@ class IncrementalDetokenizer:
 
 
 class StopMatcher:
-    """Stop-string detection over streamed text. Immutable after construction."""
+    """Stop-string and stop-regex detection over streamed text. Immutable after construction.
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    A stop regex (SGLang's `stop_regex`) ends generation where the text first matches it; the
+    match is trimmed like a stop string. Partial matches (the `regex` module's `partial=True`)
+    hold back streamed text that may still become a match.
+    """
+
+    def __init__(self, stops: Sequence[str], stop_regex: Sequence[str] = ()) -> None:
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         self.stops = tuple(dict.fromkeys(stops))
         self.max_len = max((len(s) for s in self.stops), default=0)
+        self.patterns = tuple(regex.compile(p) for p in dict.fromkeys(stop_regex))
 
     def __bool__(self) -> bool:
-        return bool(self.stops)
+        return bool(self.stops or self.patterns)
 
     def find(self, text: str, start: int = 0) -> tuple[int, str] | None:
         """The earliest stop occurring at or after `start - max_len + 1` as (index, stop).
 
         Pass as `start` the length of text already searched: a stop that began before it and
         ends after it is still found. Of stops at the same index the shortest wins (it ends
-        first). None if there is none.
+        first). Stop regexes are searched over the whole text (the matched text is the stop).
+        None if there is none.
         """
         lo = max(0, start - self.max_len + 1)
         best: tuple[int, str] | None = None
@@ -97,13 +106,20 @@ class StopMatcher:
                 continue
             if best is None or (index, len(stop)) < (best[0], len(best[1])):
                 best = (index, stop)
+        for pattern in self.patterns:
+            m = pattern.search(text)
+            if m is not None and (
+                best is None or (m.start(), len(m.group())) < (best[0], len(best[1]))
+            ):
+                best = (m.start(), m.group())
         return best
 
     def safe_len(self, text: str) -> int:
         """How much of `text` can be streamed without cutting into a stop that may yet complete.
 
         That is the smallest i where text[i:] starts with a stop or is a prefix of one: the
-        earlier of the first whole stop and the longest suffix that is a proper prefix of a stop.
+        earlier of the first whole stop and the longest suffix that is a proper prefix of a stop
+        (for a stop regex: where a partial match at the end of the text begins).
         """
         found = self.find(text)
         held = 0
@@ -112,4 +128,9 @@ class StopMatcher:
                 if text.endswith(stop[:k]):
                     held = k
                     break
-        return min(len(text) - held, found[0] if found is not None else len(text))
+        safe = min(len(text) - held, found[0] if found is not None else len(text))
+        for pattern in self.patterns:
+            m = pattern.search(text, partial=True)
+            if m is not None and m.partial:
+                safe = min(safe, m.start())
+        return safe

@@ -315,10 +315,19 @@ class Engine:
                 self.abort(reqs[0].rid)
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list | None = None,
+        **template_kwargs: Any,
     ) -> str:
+        """The prompt text; `template_kwargs` reach the template (e.g. `enable_thinking`)."""
         return self.tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **template_kwargs,
         )
 
     def abort(self, rid: str) -> None:

@@ -17,3 +17,8 @@ class InvalidRequestError(ValueError):
 
     def __reduce__(self):
         return (type(self), (self.message, self.field))
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine can run no forward pass any more (a tensor-parallel rank died, say); its
+    message is meant for the clients whose requests it fails."""

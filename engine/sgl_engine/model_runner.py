@@ -116,6 +116,8 @@ class ModelRunner:
         except BaseException:
             self.shutdown()
             raise
+        if self.driver is not None:
+            self.driver.ready()
 
     def _load(self, config, model_path, hf_config, context_length, random_weights, tp) -> None:
         self.tp = tp
@@ -133,6 +135,7 @@ class ModelRunner:
             random_weights,
             config.fused_ops,
             tp,
+            config.decode_gemv,
         )
         mc = self.model_config.shard(tp.size if tp is not None else 1)
         self.num_slots = config.max_total_tokens or self._auto_pool_size(config, mc)

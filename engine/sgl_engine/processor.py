@@ -36,7 +36,7 @@ class RequestProcessor:
 
     def prepare(self, req: Req) -> None:
         req.detok = self._detokenizer(req)
-        req.stop_matcher = StopMatcher(req.params.stop)
+        req.stop_matcher = StopMatcher(req.params.stop, req.params.stop_regex)
         req.generator = make_generator(req.params.seed, self.device)
 
     def _detokenizer(self, req: Req) -> IncrementalDetokenizer:

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+import regex
+
 from .errors import InvalidRequestError
 
 GREEDY_TEMPERATURE = 1e-5
@@ -50,6 +52,16 @@ def _check_optional_str(name: str, value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise _fail(name, f"expected a string, got {type(value).__name__}")
     return value
+
+
+def _check_stop_regex(patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        if not pattern:
+            raise _fail("stop_regex", "stop regexes must not be empty")
+        try:
+            regex.compile(pattern)
+        except regex.error as exc:
+            raise _fail("stop_regex", f"invalid regex {pattern!r}: {exc}") from exc
 
 
 def _check_unicode(name: str, value: Any) -> None:
@@ -128,6 +140,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    stop_regex: tuple[str, ...] = ()
     ignore_eos: bool = False
     no_stop_trim: bool = False
     skip_special_tokens: bool = True
@@ -145,6 +158,8 @@ class SamplingParams:
         if any(s == "" for s in self.stop):
             raise _fail("stop", "stop strings must not be empty")
         set_(self, "stop_token_ids", _as_int_tuple("stop_token_ids", self.stop_token_ids))
+        set_(self, "stop_regex", _as_str_tuple("stop_regex", self.stop_regex, allow_single=True))
+        _check_stop_regex(self.stop_regex)
         set_(self, "json_schema", _canonical_json_schema(self.json_schema))
         if self.choices is not None:
             set_(self, "choices", _as_str_tuple("choices", self.choices, allow_single=False))
@@ -162,7 +177,7 @@ class SamplingParams:
         _check_bool("spaces_between_special_tokens", self.spaces_between_special_tokens)
         _check_optional_str("regex", self.regex)
         _check_optional_str("ebnf", self.ebnf)
-        for name in ("stop", "choices", "regex", "ebnf", "json_schema"):
+        for name in ("stop", "stop_regex", "choices", "regex", "ebnf", "json_schema"):
             _check_unicode(name, getattr(self, name))
         given = [name for name in _CONSTRAINTS if getattr(self, name) is not None]
         if len(given) > 1:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from sgl_engine.allocator import SlotAllocator
 from sgl_engine.config import EngineConfig
+from sgl_engine.errors import EngineUnavailableError
 from sgl_engine.forward_batch import ForwardMode
 from sgl_engine.model_runner import Launched, ModelRunner, SeqInput, SeqOutput
 from sgl_engine.processor import RequestProcessor
@@ -369,6 +370,8 @@ class Scheduler:
         log.error("forward pass failed; aborting requests %s", rids, exc_info=exc)
         self.counters.internal_errors += 1
         message = f"internal error in the forward pass ({type(exc).__name__}); see the server log"
+        if isinstance(exc, EngineUnavailableError):
+            message = str(exc)
         for (req, _), s in zip(batch, seqs, strict=True):
             self.allocator.free(s.new_slots)
             if not req.finished:

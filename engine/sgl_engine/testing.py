@@ -79,14 +79,23 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
     return AutoConfig.for_model(arch, **common)
 
 
-def make_tiny_model_dir(path: str | Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Save a random `arch` model and the tiny tokenizer to `path`; returns the folder."""
+def make_tiny_model_dir(
+    path: str | Path,
+    arch: str = "llama",
+    seed: int = 0,
+    chat_template: str | None = None,
+    **overrides,
+) -> Path:
+    """Save a random `arch` model and the tiny tokenizer (with `chat_template` when given, else
+    ChatML) to `path`; returns the folder."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tiny_tokenizer()
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     config = tiny_config(arch, **overrides)
     config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Protocol
 import pluggy
 
 if TYPE_CHECKING:
+    from sgl_engine.families import ModelFamily
+
     from sgl_plugins.backend import Backend
 
 hookspec = pluggy.HookspecMarker("sgl_adapters")
@@ -35,6 +37,10 @@ class RegisterBackend(Protocol):
         *,
         description: str = ...,
     ) -> None: ...
+
+
+class RegisterModelFamily(Protocol):
+    def __call__(self, family: ModelFamily) -> None: ...
 
 
 class RegisterChatTemplate(Protocol):
@@ -59,5 +65,18 @@ def register_chat_templates(register: RegisterChatTemplate) -> None:
 
     `get_backend(..., chat_template=name)` replaces a registered name by its template before
     calling the factory, so any backend accepting `chat_template` can use it. Mutates only the
+    calling manager's registry, through `register`.
+    """
+
+
+@hookspec
+def register_model_families(register: RegisterModelFamily) -> None:
+    """Register model families: `register(family)` with an `sgl_engine.families.ModelFamily`
+    (its tool-call `ToolFormat`, optional `ReasoningFormat`, detection markers, tools prompt).
+
+    Names are unique across plugins; detection tries higher `priority` first, so a plugin
+    family can take precedence over a built-in one. The built-in families register through
+    this hook too (plugin `families`). `PluginManager.model_families()` returns them as one
+    `FamilyRegistry`, shared by the server, LangChain, DSPy and the DSL. Mutates only the
     calling manager's registry, through `register`.
     """

@@ -42,8 +42,9 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("http", "sgl_plugins.builtin.http"),
     ("openai", "sgl_plugins.builtin.openai_compat"),
     ("ray", "sgl_plugins.builtin.ray"),
+    ("families", "sgl_plugins.builtin.families"),
 )
-HOOKS = ("register_backends", "register_chat_templates")
+HOOKS = ("register_backends", "register_chat_templates", "register_model_families")
 BACKEND_MEMBERS = (
     "name",
     "capabilities",
@@ -98,6 +99,7 @@ class PluginInfo:
     builtin: bool
     backends: tuple[str, ...] = ()
     chat_templates: tuple[str, ...] = ()
+    model_families: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class _Origin:
 class _Registrations:
     backends: dict[str, BackendSpec] = field(default_factory=dict)
     templates: dict[str, ChatTemplateSpec] = field(default_factory=dict)
+    families: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
 
@@ -145,6 +148,8 @@ class PluginManager:
         self._builtins = tuple(builtins)
         self._backends: dict[str, BackendSpec] = {}
         self._templates: dict[str, ChatTemplateSpec] = {}
+        self._families: dict[str, Any] = {}
+        self._family_plugins: dict[str, str] = {}
         self._info: dict[str, PluginInfo] = {}
         self._lock = threading.RLock()
         self._loaded = False
@@ -204,6 +209,8 @@ class PluginManager:
                 return False
             self._backends.update(regs.backends)
             self._templates.update(regs.templates)
+            self._families.update(regs.families)
+            self._family_plugins.update(dict.fromkeys(regs.families, name))
             self._info[name] = PluginInfo(
                 name=name,
                 module=_module_name(plugin),
@@ -213,6 +220,7 @@ class PluginManager:
                 builtin=builtin,
                 backends=tuple(regs.backends),
                 chat_templates=tuple(regs.templates),
+                model_families=tuple(regs.families),
             )
             return True
 
@@ -225,6 +233,19 @@ class PluginManager:
     def chat_templates(self) -> dict[str, ChatTemplateSpec]:
         with self._lock:
             return dict(self._templates)
+
+    def model_families(self) -> Any:
+        """A new `sgl_engine.families.FamilyRegistry` of the registered families (the
+        built-in ones are always there, even when the allowlist leaves plugin `families` out)."""
+        from sgl_engine.families import BUILTIN_FAMILIES, FamilyRegistry
+
+        with self._lock:
+            families = list(self._families.values())
+        registry = FamilyRegistry(families)
+        for family in BUILTIN_FAMILIES:
+            if family.name not in registry.names():
+                registry.register(family)
+        return registry
 
     def list_plugins(self) -> list[PluginInfo]:
         """Loaded plugins, built-ins first, then by name."""
@@ -332,6 +353,7 @@ class PluginManager:
         callbacks = {
             "register_backends": functools.partial(self._register_backend, regs, name),
             "register_chat_templates": functools.partial(self._register_template, regs, name),
+            "register_model_families": functools.partial(self._register_family, regs, name),
         }
         for hook, callback in callbacks.items():
             self.hooks.subset_hook_caller(hook, others)(register=callback)
@@ -379,6 +401,23 @@ class PluginManager:
             regs.problems.append(problem)
             raise ValueError(problem)
         regs.templates[name] = ChatTemplateSpec(name, template, plugin, description)
+
+    def _register_family(self, regs: _Registrations, plugin: str, family: Any) -> None:
+        from sgl_engine.families import ModelFamily
+
+        name = getattr(family, "name", None)
+        problem = None
+        if not isinstance(family, ModelFamily):
+            problem = f"model family {family!r} is not an sgl_engine.families.ModelFamily"
+        elif name in self._families:
+            owner = self._family_plugins.get(name)
+            problem = f"model family {name!r} is already registered by plugin {owner!r}"
+        elif name in regs.families:
+            problem = f"model family {name!r} is registered twice"
+        if problem is not None:
+            regs.problems.append(problem)
+            raise ValueError(problem)
+        regs.families[name] = family
 
     @staticmethod
     def _check_name(kind: str, name: Any, existing: Mapping, pending: Mapping) -> str | None:

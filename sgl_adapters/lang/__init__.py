@@ -13,6 +13,7 @@ print(state["answer"])
 from __future__ import annotations
 
 from sgl_adapters.lang.api import (
+    Engine,
     assistant,
     assistant_begin,
     assistant_end,
@@ -22,6 +23,7 @@ from sgl_adapters.lang.api import (
     gen_int,
     gen_string,
     get_default_backend,
+    get_server_info,
     select,
     set_default_backend,
     system,
@@ -38,7 +40,11 @@ from sgl_adapters.lang.backends import (
     Runtime,
     RuntimeEndpoint,
 )
-from sgl_adapters.lang.chat_template import ChatTemplate
+from sgl_adapters.lang.chat_template import (
+    ChatTemplate,
+    get_chat_template,
+    get_chat_template_by_model_path,
+)
 from sgl_adapters.lang.choices import (
     ChoicesDecision,
     ChoicesSamplingMethod,
@@ -47,13 +53,28 @@ from sgl_adapters.lang.choices import (
     unconditional_likelihood_normalized,
 )
 from sgl_adapters.lang.function import SglFunction
+from sgl_adapters.lang.global_config import GlobalConfig, global_config
 from sgl_adapters.lang.interpreter import ProgramError, ProgramState, ProgramStateGroup
+from sgl_adapters.lang.unsupported import (
+    Anthropic,
+    LiteLLM,
+    UnsupportedFeatureError,
+    VertexAI,
+    image,
+    video,
+)
+
+__version__ = "0.5.0"  # the SGLang frontend API version this package follows
 
 __all__ = [
+    "Anthropic",
     "BackendRuntime",
     "ChatTemplate",
     "ChoicesDecision",
     "ChoicesSamplingMethod",
+    "Engine",
+    "GlobalConfig",
+    "LiteLLM",
     "LangBackend",
     "OpenAI",
     "ProgramError",
@@ -62,6 +83,9 @@ __all__ = [
     "Runtime",
     "RuntimeEndpoint",
     "SglFunction",
+    "UnsupportedFeatureError",
+    "VertexAI",
+    "__version__",
     "assistant",
     "assistant_begin",
     "assistant_end",
@@ -70,8 +94,13 @@ __all__ = [
     "gen",
     "gen_int",
     "gen_string",
+    "get_chat_template",
+    "get_chat_template_by_model_path",
     "get_default_backend",
+    "get_server_info",
+    "global_config",
     "greedy_token_selection",
+    "image",
     "select",
     "set_default_backend",
     "system",
@@ -82,4 +111,5 @@ __all__ = [
     "user",
     "user_begin",
     "user_end",
+    "video",
 ]

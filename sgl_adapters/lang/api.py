@@ -1,57 +1,64 @@
 """The public functions of the language: `function`, `gen`, `select`, roles, backends.
 
-`set_default_backend` is the one process-wide setting (as in SGLang): a lock-guarded slot
-read by `run`, `run_batch` and `trace` when no backend is passed.
+`set_default_backend` writes the one process-wide setting (as in SGLang):
+`global_config.default_backend`, read by `run`, `run_batch` and `trace` when no backend is
+passed.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from sgl_adapters.lang import ir
 from sgl_adapters.lang.choices import ChoicesSamplingMethod, token_length_normalized
 from sgl_adapters.lang.function import SglFunction
-
-
-class _DefaultBackend:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._backend: Any = None
-
-    def set(self, backend: Any) -> None:
-        with self._lock:
-            self._backend = backend
-
-    def get(self) -> Any:
-        with self._lock:
-            return self._backend
-
-
-_DEFAULT = _DefaultBackend()
+from sgl_adapters.lang.global_config import global_config
 
 
 def set_default_backend(backend: Any) -> None:
-    """Use `backend` for programs run without `backend=` (process-wide)."""
-    _DEFAULT.set(backend)
+    """Use `backend` for programs run without `backend=` (`global_config.default_backend`)."""
+    global_config.default_backend = backend
 
 
 def get_default_backend() -> Any:
-    return _DEFAULT.get()
+    return global_config.default_backend
 
 
-def flush_cache(backend: Any = None) -> bool:
-    """Drop the backend's prefix cache; False when there is no backend or it refused."""
-    backend = backend or get_default_backend()
+def _backend_or_default(backend: Any) -> Any:
+    backend = backend or global_config.default_backend
+    return getattr(backend, "endpoint", backend)
+
+
+def flush_cache(backend: Any = None, empty_cache: bool = True) -> bool:
+    """Drop the backend's prefix cache; False when there is no backend or it refused.
+    `empty_cache` (SGLang: also release cached GPU memory) is accepted; the engine keeps its
+    KV pool allocated either way."""
+    backend = _backend_or_default(backend)
     return False if backend is None else bool(backend.flush_cache())
 
 
-def function(func: Callable[..., Any] | None = None, **_: Any) -> Any:
-    """Decorator: `@sgl.function` or `@sgl.function()` makes an `SglFunction`."""
+def get_server_info(backend: Any = None) -> dict[str, Any] | None:
+    """The backend's server information (SGLang's /get_server_info shape); None without a
+    backend."""
+    backend = _backend_or_default(backend)
+    return None if backend is None else backend.get_server_info()
+
+
+def function(func: Callable[..., Any] | None = None, num_api_spec_tokens: int | None = None) -> Any:
+    """Decorator: `@sgl.function` or `@sgl.function(...)` makes an `SglFunction`.
+    `num_api_spec_tokens` (SGLang's speculative execution for paid chat APIs) is accepted and
+    has no effect: every `gen` here is its own call that extends the cached prefix."""
     if func is not None:
         return SglFunction(func)
     return SglFunction
+
+
+def Engine(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 -- SGLang's name
+    """SGLang's offline engine: here `sgl_engine.Engine` (same generate/async_generate shape)."""
+    from sgl_engine import Engine as _Engine
+
+    return _Engine(*args, **kwargs)
 
 
 def gen(
@@ -61,6 +68,7 @@ def gen(
     n: int | None = None,
     stop: str | Sequence[str] | None = None,
     stop_token_ids: Sequence[int] | None = None,
+    stop_regex: str | Sequence[str] | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     top_k: int | None = None,
@@ -90,6 +98,9 @@ def gen(
             choices_method or token_length_normalized,
         )
     ir.check_regex(regex)
+    stop_regex = ir.as_str_tuple(stop_regex)
+    for pattern in (stop_regex,) if isinstance(stop_regex, str) else stop_regex or ():
+        ir.check_regex(pattern)
     given = [
         k
         for k, v in (("dtype", dtype), ("regex", regex), ("json_schema", json_schema))
@@ -105,6 +116,7 @@ def gen(
         n=n,
         stop=stop if stop is None or isinstance(stop, str) else tuple(stop),
         stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids),
+        stop_regex=stop_regex,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
@@ -125,14 +137,55 @@ def gen(
     return ir.Gen(name, params)
 
 
-def gen_int(name: str | None = None, **kwargs: Any) -> ir.Expr:
-    """`gen` of an integer (regex-constrained; the value is the digits as a string)."""
-    return gen(name, dtype=int, **kwargs)
+def gen_int(
+    name: str | None = None,
+    max_tokens: int | None = None,
+    n: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    stop_regex: str | Sequence[str] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    ignore_eos: bool | None = None,
+    return_logprob: bool | None = None,
+    logprob_start_len: int | None = None,
+    top_logprobs_num: int | None = None,
+    return_text_in_logprobs: bool | None = None,
+    **kwargs: Any,
+) -> ir.Expr:
+    """`gen` of an integer (regex-constrained; the value is the digits as a string). SGLang's
+    positional order; other `gen` keywords (e.g. `min_tokens`) pass through."""
+    args = dict(locals())
+    return gen(args.pop("name"), dtype=int, **args.pop("kwargs"), **args)
 
 
-def gen_string(name: str | None = None, **kwargs: Any) -> ir.Expr:
-    """`gen` of a double-quoted string."""
-    return gen(name, dtype=str, **kwargs)
+def gen_string(
+    name: str | None = None,
+    max_tokens: int | None = None,
+    n: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    stop_token_ids: Sequence[int] | None = None,
+    stop_regex: str | Sequence[str] | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    frequency_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    ignore_eos: bool | None = None,
+    return_logprob: bool | None = None,
+    logprob_start_len: int | None = None,
+    top_logprobs_num: int | None = None,
+    return_text_in_logprobs: bool | None = None,
+    **kwargs: Any,
+) -> ir.Expr:
+    """`gen` of a double-quoted string (SGLang's positional order, like `gen_int`)."""
+    args = dict(locals())
+    return gen(args.pop("name"), dtype=str, **args.pop("kwargs"), **args)
 
 
 def select(

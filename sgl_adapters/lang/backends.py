@@ -21,6 +21,8 @@ from sgl_adapters.engines import as_dict, chunk_dict
 from sgl_adapters.lang import chat_template as templates
 from sgl_adapters.lang.choices import ChoicesDecision, ChoicesSamplingMethod, mean_logprob
 from sgl_adapters.lang.ir import GenParams
+from sgl_adapters.lang.runtime_api import RuntimeAPI, engine_server_info
+from sgl_adapters.lang.unsupported import UnsupportedFeatureError
 
 Json = dict[str, Any]
 
@@ -193,6 +195,7 @@ class BackendRuntime(LangBackend):
             "return_logprob": leaf.return_logprob,
             "logprob_start_len": leaf.logprob_start_len,
             "top_logprobs_num": leaf.top_logprobs_num,
+            "return_text_in_logprobs": leaf.return_text_in_logprobs,
         }
         target = prompt.token_ids if prompt.token_ids is not None else prompt.text
         for chunk in self.backend.stream(target, leaf.request_params(), **fields):
@@ -216,7 +219,7 @@ class BackendRuntime(LangBackend):
             self._owned = False
 
 
-class Runtime(BackendRuntime):
+class Runtime(RuntimeAPI, BackendRuntime):
     """`Runtime()` loads the embedded SmolLM2 in-process, `Runtime(model_path=...)` a local
     folder, `Runtime(engine=eng)` wraps an existing `sgl_engine.Engine` (not owned); other
     keyword arguments are engine config fields (device, max_total_tokens, ...).
@@ -232,13 +235,20 @@ class Runtime(BackendRuntime):
         model_path: str | None = None,
         *,
         engine: Any = None,
-        chat_template: templates.ChatTemplate | None = None,
+        chat_template: templates.ChatTemplate | str | None = None,
         backend: Any = None,
         backend_kwargs: dict[str, Any] | None = None,
+        log_level: str | None = None,
+        launch_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
+        """`log_level` and `launch_timeout` (SGLang's server-process options) are accepted
+        and unused: no server process is launched. `chat_template` may be a template or the
+        name of one of SGLang's (`sgl_adapters.lang.chat_template.NAMED`)."""
         from sgl_plugins.manager import get_backend
 
+        if isinstance(chat_template, str):
+            chat_template = templates.get_chat_template(chat_template)
         owned = True
         if backend is not None and not isinstance(backend, str):
             built, owned = backend, False
@@ -258,18 +268,29 @@ class Runtime(BackendRuntime):
         """The in-process engine of a `local` runtime (for users; programs never use it)."""
         return self.backend.engine
 
+    def server_info(self) -> dict[str, Any]:
+        own = getattr(self.backend, "get_server_info", None)
+        if callable(own):
+            return dict(own())
+        return engine_server_info(self.engine)
+
 
 class RuntimeEndpoint(BackendRuntime):
     """A server speaking SGLang's HTTP protocol (`/generate`, `/get_model_info`,
-    `/flush_cache`): our server or a real SGLang server, through the `http` backend plugin.
-    `tokenizer` (HF, or a folder) enables token-id select scoring and the model's chat
-    template (the server's tokenizer folder is used when it exists on this machine); without
-    one, `chat_template` or the plain template is used and `select` heals tokens by text."""
+    `/get_server_info`, `/flush_cache`): our server or a real SGLang server, through the
+    `http` backend plugin. `tokenizer` (HF, or a folder) enables token-id select scoring (the
+    server's tokenizer folder is used when it exists on this machine); without one `select`
+    heals tokens by text. The chat template is, first found: `chat_template`, SGLang's named
+    template `chat_template_name`, the tokenizer's, the served model's (the Jinja template its
+    /get_server_info reports, else looked up by model name as SGLang does). `verify` is
+    httpx's TLS verification (a CA bundle path or a bool)."""
 
     def __init__(
         self,
         base_url: str,
         api_key: str | None = None,
+        verify: str | bool | None = None,
+        chat_template_name: str | None = None,
         *,
         tokenizer: Any = None,
         chat_template: templates.ChatTemplate | None = None,
@@ -279,6 +300,8 @@ class RuntimeEndpoint(BackendRuntime):
     ) -> None:
         from sgl_plugins.manager import get_backend
 
+        if verify is not None:
+            backend_kwargs["verify"] = verify
         built = get_backend(
             backend,
             base_url=base_url,
@@ -287,13 +310,38 @@ class RuntimeEndpoint(BackendRuntime):
             timeout=timeout,
             **backend_kwargs,
         )
+        if chat_template is None and chat_template_name:
+            chat_template = templates.get_chat_template(chat_template_name)
         super().__init__(built, chat_template=chat_template)
         self._owned = True
         self.base_url = base_url.rstrip("/")
         self.model_info = getattr(built, "model_info", {})
+        if chat_template is None and self.tokenizer is None:
+            self.chat_template = templates.for_served_model(self.model_info, self._server_info)
 
     def get_model_name(self) -> str:
         return str(self.model_info.get("model_path", ""))
+
+    def get_server_info(self) -> dict[str, Any]:
+        """The server's /get_server_info (SGLang's route)."""
+        own = getattr(self.backend, "get_server_info", None)
+        if not callable(own):
+            raise RuntimeError(f"backend {self.name!r} reports no server info")
+        return dict(own())
+
+    def start_profile(self) -> None:
+        raise UnsupportedFeatureError(
+            "RuntimeEndpoint.start_profile: profiling a server is not part of this client; "
+            "see benchmarks/profile_gpu.py"
+        )
+
+    stop_profile = start_profile
+
+    def _server_info(self) -> dict[str, Any]:
+        try:
+            return self.get_server_info()
+        except Exception:  # noqa: BLE001 -- a server without the route: look up by name
+            return {}
 
 
 def OpenAI(  # noqa: N802 - SGLang's name for its OpenAI backend

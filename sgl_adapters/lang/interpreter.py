@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from sgl_adapters.lang import ir
+from sgl_adapters.lang import ir, logprobs
 from sgl_adapters.lang.chat_template import ChatTemplate
 
 _END = object()
@@ -50,6 +51,7 @@ class StreamExecutor:
         self.variables: dict[str, Any] = {}
         self.done: set[str] = set()
         self.meta_info: dict[str, Any] = {}
+        self.text_in_logprobs: set[str] = set()
         self.events: dict[str, threading.Event] = {}
         self.text_ = ""
         self.messages_: list[dict[str, str]] = []
@@ -58,6 +60,7 @@ class StreamExecutor:
         self.fork_start_text_pos = 0
         self.error_: BaseException | None = None
         self.finished = threading.Event()
+        self.ended = False
         self._cv = threading.Condition()
         self._queue: queue.Queue | None = None
         if use_thread:
@@ -69,6 +72,8 @@ class StreamExecutor:
     # -- the caller's side ---------------------------------------------------------------------
 
     def submit(self, expr: Any) -> None:
+        if self.ended:
+            raise ProgramError("this program has ended; run it again to add to it")
         expr = ir.as_expr(expr)
         for name in ir.variable_names(expr):
             self.events[name] = threading.Event()
@@ -83,6 +88,7 @@ class StreamExecutor:
 
     def end(self) -> None:
         """No more expressions will come; the worker exits once the queue is drained."""
+        self.ended = True
         if self._queue is None:
             self._finish()
         elif not self.finished.is_set():
@@ -226,27 +232,45 @@ class StreamExecutor:
         self.events[name].set()
         self._notify()
 
+    def _resolve(self, params: ir.GenParams) -> ir.GenParams:
+        """`params` over the program defaults, plus the chat template's stop strings."""
+        params = params.merged_over(self.defaults)
+        extra = self.chat_template.stop_str
+        if not extra:
+            return params
+        stop = params.stop
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return dataclasses.replace(params, stop=tuple(dict.fromkeys(stops + tuple(extra))))
+
     def _gen(self, expr: ir.Gen) -> None:
-        params = expr.params.merged_over(self.defaults)
+        params = self._resolve(expr.params)
         if self.stream and (params.n or 1) == 1:
             self._gen_stream(expr.name, params)
             return
         comp, meta = self.backend.generate(self.text_, params)
+        if params.return_text_in_logprobs:
+            tok = getattr(self.backend, "tokenizer", None)
+            fill = logprobs.fill_token_text
+            meta = [fill(m, tok) for m in meta] if isinstance(meta, list) else fill(meta, tok)
         self.text_ += comp[0] if isinstance(comp, list) else comp
         self._set_var(expr.name, comp, meta)
 
     def _gen_stream(self, name: str | None, params: ir.GenParams) -> None:
         if name is not None:
             self.variables[name] = ""
+            if params.return_text_in_logprobs:
+                self.text_in_logprobs.add(name)
         meta: Any = None
         for delta, chunk_meta in self.backend.generate_stream(self.text_, params):
             with self._cv:
                 self.text_ += delta
                 if name is not None:
                     self.variables[name] += delta
-                    self.meta_info[name] = meta = chunk_meta
+                    self.meta_info[name] = meta = logprobs.accumulate(meta, chunk_meta)
                 self._cv.notify_all()
         if name is not None:
+            if params.return_text_in_logprobs:
+                meta = logprobs.fill_token_text(meta, getattr(self.backend, "tokenizer", None))
             self._set_var(name, self.variables[name], meta)
 
     def _select(self, expr: ir.Select) -> None:
@@ -280,7 +304,16 @@ class StreamExecutor:
 
     def iter_text(self, name: str | None) -> Iterator[str]:
         """New text of variable `name` (or of the whole program) as it is produced."""
-        sent = 0
+        for out, _ in self.iter_text_meta(name):
+            if out:
+                yield out
+
+    def iter_text_meta(self, name: str | None) -> Iterator[tuple[str, Any]]:
+        """(new text, meta_info) of variable `name` as it is produced; each meta_info's output
+        logprob lists hold only the tokens new since the previous item (their running count
+        is `completion_tokens`). A last ("", meta_info) carries logprobs of tokens that added
+        no text (an end-of-sequence token). For the whole program (`name` None) meta is None."""
+        sent, sent_lps = 0, {}
 
         def current() -> str:
             if name is None:
@@ -303,13 +336,24 @@ class StreamExecutor:
             with self._cv:
                 self._cv.wait_for(lambda s=sent: ready(s), timeout=1.0)
                 out, finished = current()[sent:], done()
+                meta = None if name is None else self.meta_info.get(name)
             if out:
                 sent += len(out)
-                yield out
+                yield out, self._increment(name, meta, sent_lps)
             elif finished:
+                if name is not None and logprobs.has_unsent(meta, sent_lps):
+                    yield "", self._increment(name, meta, sent_lps)
                 break
         if name is None or name not in self.done:
             self.raise_error()
+
+    def _increment(self, name: str | None, meta: Any, sent: dict[str, int]) -> Any:
+        if not isinstance(meta, dict):
+            return meta
+        part = logprobs.increment(meta, sent)
+        if name not in self.text_in_logprobs:
+            return part
+        return logprobs.fill_token_text(part, getattr(self.backend, "tokenizer", None))
 
 
 class ProgramState:
@@ -346,12 +390,14 @@ class ProgramState:
         yield
         self.stream_executor.submit(ir.VarScopeEnd(name))
 
-    def fork(self, size: int = 1) -> ProgramStateGroup:
+    def fork(self, size: int = 1, position_ids_offset: Any = None) -> ProgramStateGroup:
+        """`size` branches from the text so far. `position_ids_offset` is accepted and, as
+        in SGLang's interpreter, not used."""
         children = self.stream_executor.fork(size)
         return ProgramStateGroup([ProgramState(c) for c in children], self)
 
     @contextlib.contextmanager
-    def copy(self) -> Iterator[ProgramState]:
+    def copy(self, position_ids_offset: Any = None) -> Iterator[ProgramState]:
         group = self.fork(1)
         try:
             yield group[0]
@@ -389,15 +435,34 @@ class ProgramState:
         else:
             yield self.get_var(var_name)
 
-    async def text_async_iter(self, var_name: str | None = None) -> AsyncIterator[str]:
-        """`text_iter` for asyncio callers (the blocking waits run in a worker thread)."""
-        it = self.text_iter(var_name)
+    async def text_async_iter(
+        self, var_name: str | None = None, return_meta_data: bool = False
+    ) -> AsyncIterator[Any]:
+        """`text_iter` for asyncio callers (the blocking waits run in a worker thread). With
+        `return_meta_data` and a `var_name`, items are (text, meta_info) whose output logprobs
+        are incremental (see `StreamExecutor.iter_text_meta`); without `stream=True` the one
+        item is (value, meta_info)."""
+        with_meta = return_meta_data and var_name is not None
+        if not self.stream_executor.stream:
+            it: Iterator[Any] = iter(self._final_items(var_name, with_meta))
+        elif with_meta:
+            it = self.stream_executor.iter_text_meta(var_name)
+        else:
+            it = self.text_iter(var_name)
         loop = asyncio.get_running_loop()
         while True:
             item = await loop.run_in_executor(None, next, it, _END)
             if item is _END:
                 return
             yield item
+
+    def _final_items(self, var_name: str | None, with_meta: bool) -> Iterator[Any]:
+        if var_name is None:
+            yield self.text()
+        elif with_meta:
+            yield self.get_var(var_name), self.get_meta_info(var_name)
+        else:
+            yield self.get_var(var_name)
 
     def __iadd__(self, other: Any) -> ProgramState:
         if other is None:
@@ -451,6 +516,14 @@ class ProgramStateGroup:
     def __getitem__(self, i: int) -> ProgramState:
         return self.states[i]
 
+    def __setitem__(self, i: int, value: ProgramState) -> None:
+        """What `forks[i] += expr` stores back: branch i itself (already extended)."""
+        if value is not self.states[i]:
+            raise TypeError(
+                "a fork group holds its own branches: `forks[i] += expr` extends branch i; "
+                "another state cannot be put in its place"
+            )
+
     def __len__(self) -> int:
         return len(self.states)
 
@@ -481,17 +554,34 @@ def run_program(
     use_thread: bool = True,
     executor_cls: type[StreamExecutor] = StreamExecutor,
 ) -> ProgramState:
-    """Run `func(s, *args, **kwargs)`; an exception it raises is recorded in the state."""
+    """Run `func(s, *args, **kwargs)`; an exception it raises is recorded in the state.
+    With `stream` the body runs in its own thread (as SGLang does), so the caller gets the
+    state at once even when the program reads its own variables."""
     executor = executor_cls(
         backend, defaults, backend.get_chat_template(), stream, use_thread=use_thread
     )
     state = ProgramState(executor)
-    try:
-        state.ret_value = func(state, *args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 -- surfaced by reads and state.error()
-        executor.set_error(exc)
-    finally:
-        executor.end()
-    if sync:
-        executor.sync()
+
+    def body() -> None:
+        try:
+            state.ret_value = func(state, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- surfaced by reads and state.error()
+            executor.set_error(exc)
+        finally:
+            executor.end()
+        if sync:
+            executor.sync()
+        _print_if_verbose(state)
+
+    if stream:
+        threading.Thread(target=body, name=f"sgl-stream-{executor.sid[:8]}", daemon=True).start()
+    else:
+        body()
     return state
+
+
+def _print_if_verbose(state: ProgramState) -> None:
+    from sgl_adapters.lang.global_config import global_config
+
+    if global_config.verbosity >= 2:
+        print(state.text())

@@ -27,6 +27,7 @@ _PARAM_NAMES = (
     "n",
     "stop",
     "stop_token_ids",
+    "stop_regex",
     "temperature",
     "top_p",
     "top_k",
@@ -36,6 +37,8 @@ _PARAM_NAMES = (
     "repetition_penalty",
     "ignore_eos",
     "seed",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
 )
 
 
@@ -52,6 +55,7 @@ class GenParams:
     n: int | None = None
     stop: str | tuple[str, ...] | None = None
     stop_token_ids: tuple[int, ...] | None = None
+    stop_regex: str | tuple[str, ...] | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -61,6 +65,8 @@ class GenParams:
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     seed: int | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
     return_logprob: bool | None = None
     logprob_start_len: int | None = None
     top_logprobs_num: int | None = None
@@ -83,8 +89,9 @@ class GenParams:
         params = {k: getattr(self, k) for k in _PARAM_NAMES if getattr(self, k) is not None}
         if isinstance(params.get("stop"), tuple):
             params["stop"] = list(params["stop"])
-        if "stop_token_ids" in params:
-            params["stop_token_ids"] = list(params["stop_token_ids"])
+        for key in ("stop_token_ids", "stop_regex"):
+            if isinstance(params.get(key), tuple):
+                params[key] = list(params[key])
         if self.dtype is not None:
             params["regex"] = _DTYPE_REGEX[self.dtype]
             if self.dtype in ("int", "float"):
@@ -105,6 +112,8 @@ class GenParams:
                 out["logprob_start_len"] = self.logprob_start_len
             if self.top_logprobs_num is not None:
                 out["top_logprobs_num"] = self.top_logprobs_num
+            if self.return_text_in_logprobs:
+                out["return_text_in_logprobs"] = True
         return out
 
 
@@ -115,6 +124,13 @@ def normalize_dtype(dtype: type | str | None) -> str | None:
     if name not in _DTYPE_REGEX:
         raise ValueError(f"invalid dtype {dtype!r}: use int, float, str or bool")
     return name
+
+
+def as_str_tuple(value: str | Sequence[str] | None) -> str | tuple[str, ...] | None:
+    """None, one string, or a tuple of them (empty: None)."""
+    if value is None or isinstance(value, str):
+        return value or None
+    return tuple(value) or None
 
 
 def check_regex(regex: str | None) -> None:

@@ -170,3 +170,30 @@ def warm_shared_prefixes(
             backend.cache_prefix(batch)
             warmed += len(batch)
     return warmed
+
+
+_ARG_MARK = "\ue000"
+
+
+def extract_prefix(
+    func: Callable[..., Any],
+    arg_names: Sequence[str],
+    bound: Mapping[str, Any],
+    backend: Any,
+) -> str:
+    """The text a program always starts with: what it adds before its first generation call
+    and before the first argument not in `bound` (traced with marker strings in their place;
+    a program that fails on a marker keeps the text before the failure)."""
+    kwargs = {n: bound.get(n, f"{_ARG_MARK}{n}{_ARG_MARK}") for n in arg_names}
+    recorder = TraceRecorder(backend)
+    state = run_program(
+        func,
+        recorder,
+        (),
+        kwargs,
+        ir.GenParams(),
+        use_thread=False,
+        executor_cls=TracingExecutor,
+    )
+    text = recorder.calls[0].prompt if recorder.calls else state.stream_executor.text_
+    return text.split(_ARG_MARK, 1)[0]

@@ -1,17 +1,11 @@
-"""LangChain messages -> chat-template messages -> one prompt string.
+"""LangChain messages -> OpenAI-shaped chat messages -> one prompt string.
 
-Tool traffic is rendered as text in one fixed format, whatever the template, because the
-grammar that decodes tool calls produces that same format:
-
-- an `AIMessage` with tool calls becomes an assistant turn ending in
-  `<tool_call>[{"name": ..., "arguments": {...}}]</tool_call>`;
-- a `ToolMessage` becomes a user turn `<tool_response>{"name": ..., "content": ...}</tool_response>`
-  (SmolLM2's template, like many small models', has no tool role);
-- bound tools are described in the system turn (see `tools.tool_system_prompt`).
-
-A template that refuses a message list (two turns of one role in a row, a system turn where
-none is allowed, strict alternation) gets the list merged: consecutive turns of one role are
-joined, then system text is folded into the first user turn.
+`to_openai_dicts` keeps tool traffic structured (assistant `tool_calls`, `tool` turns); the
+model family (`sgl_engine.families.prepare_chat`) then hands it to the chat template, or writes
+it as text in the family's format when the template cannot render it. A template that refuses
+a message list (two turns of one role in a row, a system turn where none is allowed, strict
+alternation) gets the list merged: consecutive turns of one role are joined, then system text
+is folded into the first user turn.
 """
 
 from __future__ import annotations
@@ -54,6 +48,37 @@ def format_tool_calls(calls: Sequence[dict]) -> str:
     """The text form of tool calls, as the tool grammar generates it (compact JSON)."""
     items = [{"name": c["name"], "arguments": c.get("args", {})} for c in calls]
     return TOOL_CALL_OPEN + json.dumps(items, ensure_ascii=False) + TOOL_CALL_CLOSE
+
+
+def to_openai_dicts(messages: Sequence[BaseMessage]) -> list[dict]:
+    """OpenAI-shaped messages: assistant tool calls as `tool_calls` (arguments as objects),
+    tool results as `tool` turns with their call id and name."""
+    out: list[dict] = []
+    for m in messages:
+        if isinstance(m, AIMessage) and m.tool_calls:
+            calls = [
+                {
+                    "id": c.get("id") or "",
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c.get("args", {})},
+                }
+                for c in m.tool_calls
+            ]
+            out.append(
+                {"role": "assistant", "content": content_text(m.content), "tool_calls": calls}
+            )
+        elif isinstance(m, ToolMessage):
+            out.append(
+                {
+                    "role": "tool",
+                    "content": content_text(m.content),
+                    "tool_call_id": m.tool_call_id,
+                    **({"name": m.name} if m.name else {}),
+                }
+            )
+        else:
+            out.append(_to_dict(m))
+    return out
 
 
 def to_chat_dicts(messages: Sequence[BaseMessage], tool_prompt: str | None = None) -> list[dict]:

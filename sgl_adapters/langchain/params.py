@@ -13,6 +13,7 @@ from sgl_adapters.engines import (
     EngineClient,
     EngineRegistry,
     backend_model_name,
+    factory_takes,
     model_display_name,
 )
 
@@ -54,6 +55,10 @@ class SGLangParams(BaseModel):
     backend_kwargs: dict[str, Any] = Field(default_factory=dict)
     base_url: str | None = None
     api_key: SecretStr | None = None
+    timeout: float | None = None
+    """Seconds per request, for plugin backends that take `timeout` (http, openai)."""
+    max_retries: int | None = None
+    """Retries, for plugin backends that take `max_retries` (openai); others do not retry."""
     model: str | None = None
     temperature: float = 0.0
     max_tokens: int = 256
@@ -84,9 +89,17 @@ class SGLangParams(BaseModel):
 
     @property
     def model_name(self) -> str:
+        """The model's name without any I/O: a plugin backend given no `model` is named by
+        its backend (responses carry the served model's name, see `served_model_name`)."""
         if self.model is None and self.backend != "local":
-            return backend_model_name(self.client().backend)
+            return self.backend if isinstance(self.backend, str) else str(self.backend.name)
         return model_display_name(self.model)
+
+    def served_model_name(self, client: EngineClient, model: str | None) -> str:
+        """The name reported in response metadata for a call on `client` with `model`."""
+        if model is None and self.backend != "local":
+            return backend_model_name(client.backend)
+        return model_display_name(model) if model != self.model else self.model_name
 
     def plugin_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of a named plugin backend's factory."""
@@ -95,7 +108,16 @@ class SGLangParams(BaseModel):
             kwargs.setdefault("base_url", self.base_url)
         if self.api_key is not None:
             kwargs.setdefault("api_key", self.api_key.get_secret_value())
+        optional = {"timeout": self.timeout, "max_retries": self.max_retries}
+        for key, value in optional.items():
+            if value is not None and key not in kwargs and self._factory_takes(key):
+                kwargs[key] = value
         return kwargs
+
+    def _factory_takes(self, key: str) -> bool:
+        if not isinstance(self.backend, str):
+            return False
+        return factory_takes(self.registry.manager, self.backend, key)
 
     def client(self, model: str | None = None) -> EngineClient:
         """The client of the shared backend (for `local`: of the engine of `model`, default

@@ -1,38 +1,33 @@
-"""Tool calls decoded under a grammar, and parsed back (whole or streamed).
+"""Tool calling and reasoning for `ChatSGLang`, through the model's family (sgl_engine.families).
 
-The model writes a call as `<tool_call>[{"name": "<tool>", "arguments": {...}}]</tool_call>`
-(the format SmolLM2 was tuned on). The grammar is EBNF built from xgrammar's JSON-schema
-grammar for `{"name": const, "arguments": <tool parameters>}` (anyOf over the allowed tools):
-a call is exactly one such block. tool_choice "auto" is settled before decoding: the model's
-log-probability of starting with `<tool_call>` (plus a bias) against its best plain-text first
-token (`prefers_call`); a text answer is decoded under `TEXT_GRAMMAR` (never starts with "<").
+The prompt offers tools through the model's own chat template (or the family's tools prompt);
+the answer decodes under the family's tool grammar: tool_choice None/"auto" admits text or one
+or more calls, "any"/"required"/True or a tool name only calls, "none"/False only text, and
+`parallel_tool_calls=False` at most one call. Every call's arguments follow its tool's JSON
+schema, so `strict` is always in effect. A `response_format` replaces the plain-text
+alternative by its JSON schema. Reasoning families decode a free `<think>` block first.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from langchain_core.messages.tool import (
-    ToolCall,
-    ToolCallChunk,
-    invalid_tool_call,
-    tool_call,
-    tool_call_chunk,
-)
+from langchain_core.messages.tool import ToolCall, ToolCallChunk, tool_call, tool_call_chunk
 from langchain_core.utils.function_calling import convert_to_openai_tool
+from sgl_engine.families import (
+    CallDelta,
+    ModelFamily,
+    ParsedCall,
+    constraint_ebnf,
+    tool_grammar,
+    with_reasoning,
+)
+from sgl_engine.families.grammar import merge, namespaced
 
-from sgl_adapters.langchain.messages import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-
-_TAIL = "}]" + TOOL_CALL_CLOSE
-_ARGS_KEY = '"arguments": '
-_NAME_RE = re.compile(r'^\[\{"name": "((?:[^"\\]|\\.)*)"')
-_LITERAL_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\[(?:[^\]\\]|\\.)*\]')
-_ROOT_RE = re.compile(r"(?<![\w-])root(?![\w-])")
+from sgl_adapters.json_schema import cap_strings
 
 
 def tool_specs(tools: Sequence[Any]) -> list[dict]:
@@ -48,199 +43,149 @@ def tool_specs(tools: Sequence[Any]) -> list[dict]:
     return specs
 
 
-def resolve_tool_choice(tool_choice: Any, specs: Sequence[dict]) -> tuple[bool, list[dict]]:
-    """(forced, allowed specs) for a LangChain `tool_choice`: None/"auto" lets the model choose,
-    "any"/"required"/True forces one of all tools, a name or {"function": {"name"}} forces that
-    tool, "none" allows no call."""
+def resolve_tool_choice(tool_choice: Any, specs: Sequence[dict]) -> tuple[str, list[dict]]:
+    """("auto" | "required" | "none", the specs a call may name) for a LangChain tool_choice."""
     if tool_choice in (None, "auto"):
-        return False, list(specs)
+        return "auto", list(specs)
     if tool_choice == "none" or tool_choice is False:
-        return False, []
+        return "none", list(specs)
     if tool_choice in ("any", "required", True):
-        return True, list(specs)
+        return "required", list(specs)
     name = tool_choice
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or tool_choice).get("name")
     chosen = [s for s in specs if s["name"] == name]
     if not chosen:
         raise ValueError(f"tool_choice {tool_choice!r} names no bound tool")
-    return True, chosen
+    return "required", chosen
 
 
-def tool_system_prompt(specs: Sequence[dict]) -> str:
-    """The system text SmolLM2-Instruct was tuned on for function calling: the task, the tools
-    in `<tools>`, and the `<tool_call>[...]</tool_call>` output format."""
-    listing = json.dumps(list(specs), ensure_ascii=False)
-    example = '{"name": "func_name1", "arguments": {"argument1": "value1", "argument2": "value2"}}'
-    return (
-        "You are an expert in composing functions. You are given a question and a set of "
-        "possible functions. \nBased on the question, you will need to make one or more "
-        "function/tool calls to achieve the purpose. \nIf none of the functions can be used, "
-        "point it out and refuse to answer. \nIf the given question lacks the parameters "
-        "required by the function, also point it out.\n\nYou have access to the following "
-        f"tools:\n<tools>{listing}</tools>\n\nThe output MUST strictly adhere to the "
-        "following format, and NO other text MUST be included.\nThe example format is as "
-        "follows. Please make sure the parameter type is correct. If no function call is "
-        "needed, please make the tool calls an empty list '[]'.\n"
-        f"{TOOL_CALL_OPEN}[\n{example},\n... (more tool calls as required)\n]{TOOL_CALL_CLOSE}"
+def response_format_schema(response_format: Any) -> dict | None:
+    """The JSON schema of an OpenAI-style `response_format` (json_schema / json_object /
+    text), or of a pydantic class / JSON schema dict given directly."""
+    if response_format is None:
+        return None
+    if isinstance(response_format, type) or (
+        isinstance(response_format, Mapping) and "type" not in response_format
+    ):
+        from langchain_core.utils.function_calling import convert_to_json_schema
+
+        return convert_to_json_schema(response_format)
+    if hasattr(response_format, "model_dump"):
+        response_format = response_format.model_dump(by_alias=True, exclude_none=True)
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") or {}
+        schema = spec.get("schema")
+        if schema is None:
+            raise ValueError("response_format json_schema needs json_schema.schema")
+        return dict(schema)
+    if kind in ("object", "array", "string", "number", "integer", "boolean"):
+        return dict(response_format)
+    raise ValueError(f"unsupported response_format type {kind!r}")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How one call decodes and reads back: the grammar (None: free) and what to parse."""
+
+    ebnf: str | None
+    parse_tools: bool
+    reasoning: bool
+    opened: bool | None
+
+
+def plan_decoding(
+    family: ModelFamily,
+    prompt: str,
+    params: dict,
+    specs: Sequence[dict] | None,
+    tool_choice: Any,
+    parallel: bool,
+    max_string_length: int | None,
+    auto_mode: str = "auto",
+) -> Decoding:
+    """The decoding of a call; moves any constraint in `params` into the grammar when tools or
+    reasoning need one grammar for everything (`params` is mutated)."""
+    opened = family.reasoning.opened_by(prompt) if family.reasoning else None
+    constraint = constraint_ebnf(params) if any(params.get(k) is not None for k in _KEYS) else None
+    ebnf = constraint
+    mode = "none"
+    if specs:
+        mode, allowed = resolve_tool_choice(tool_choice, specs)
+        if mode == "auto":
+            mode = auto_mode
+        capped = [
+            {**s, "parameters": cap_strings(s["parameters"], max_string_length)} for s in allowed
+        ]
+        ebnf = tool_grammar(family.tool_format, capped, mode, parallel)
+        if constraint is not None:
+            ebnf = _text_alternative(ebnf, constraint, mode)
+    if ebnf is None:
+        return Decoding(None, False, family.reasoning is not None, opened)
+    if family.reasoning is not None:
+        ebnf = with_reasoning(ebnf, family.reasoning, opened)
+    if ebnf is not constraint or family.reasoning is not None:
+        for key in _KEYS:
+            params.pop(key, None)
+        params["ebnf"] = ebnf
+    return Decoding(ebnf, mode != "none", family.reasoning is not None, opened)
+
+
+_KEYS = ("regex", "json_schema", "ebnf", "choices")
+
+
+def _text_alternative(tools_ebnf: str, answer: str, mode: str) -> str:
+    """A tool grammar whose plain-text answer is replaced by the grammar `answer`."""
+    body = namespaced(answer, "structured_answer")
+    if mode in ("required", "list"):
+        return tools_ebnf
+    lines = tools_ebnf.splitlines()
+    root = (
+        "root ::= structured_answer"
+        if mode == "none"
+        else "root ::= tool_calls | structured_answer"
     )
-
-
-TEXT_GRAMMAR = "root ::= [^<] [^\\0]*"
-"""A plain-text answer: non-empty and not starting with "<" (so never a tool-call tag)."""
-
-
-def probe_ids(tokenizer: Any, prompt: str) -> tuple[list[int], int]:
-    """Token ids of `prompt` followed by the tool-call tag, and where the tag's tokens start."""
-    base = tokenizer.encode(prompt)
-    full = tokenizer.encode(prompt + TOOL_CALL_OPEN)
-    start = 0
-    while start < min(len(base), len(full)) and base[start] == full[start]:
-        start += 1
-    return full, start
-
-
-def prefers_call(meta: Mapping[str, Any], tokenizer: Any, bias: float) -> bool:
-    """tool_choice "auto": whether the model's log-probability of starting its answer with the
-    tool-call tag, plus `bias` (nats), is at least that of its best plain-text first token.
-
-    `meta` is the engine's meta_info for `probe_ids` scored from the tag's start (input token
-    logprobs and top logprobs). A text start is a top token that is not special and does not
-    begin with "<"; when none is in the top list, the call wins."""
-    call = sum(e[0] for e in meta["input_token_logprobs"])
-    special = set(getattr(tokenizer, "all_special_ids", ()))
-    text = [
-        lp
-        for lp, tid, _ in meta["input_top_logprobs"][0] or ()
-        if tid not in special and not tokenizer.decode([tid]).lstrip().startswith("<")
-    ]
-    return not text or call + bias >= max(text)
-
-
-def call_schema(specs: Sequence[dict]) -> dict:
-    """JSON schema of one call to any of `specs`."""
-    options = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": s["name"]}, "arguments": s["parameters"]},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for s in specs
-    ]
-    return options[0] if len(options) == 1 else {"anyOf": options}
-
-
-def tool_grammar(specs: Sequence[dict], forced: bool) -> str:
-    """EBNF (root rule `root`) for one tool call, or (not forced) a call or plain text."""
-    import xgrammar as xgr
-
-    schema = json.dumps(call_schema(specs), ensure_ascii=False)
-    ebnf = str(xgr.Grammar.from_json_schema(schema, any_whitespace=False))
-    call_rules = _rename_root(ebnf, "tool_call_object")
-    block = f'tool_call_block ::= "{TOOL_CALL_OPEN}[" tool_call_object "]{TOOL_CALL_CLOSE}"'
-    root = "root ::= tool_call_block" if forced else "root ::= tool_call_block | text_answer"
-    text = "" if forced else "\ntext_answer" + TEXT_GRAMMAR.removeprefix("root")
-    return f"{root}\n{block}{text}\n{call_rules}\n"
-
-
-def _rename_root(ebnf: str, new: str) -> str:
-    out, pos = [], 0
-    for m in _LITERAL_RE.finditer(ebnf):
-        out.append(_ROOT_RE.sub(new, ebnf[pos : m.start()]))
-        out.append(m.group(0))
-        pos = m.end()
-    out.append(_ROOT_RE.sub(new, ebnf[pos:]))
-    return "".join(out)
+    rest = [line for line in lines[1:] if not line.startswith("plain_text ::=")]
+    return merge("\n".join([root, *rest]), body)
 
 
 def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def parse_output(text: str) -> tuple[str, list[ToolCall], list]:
-    """(content, tool calls, invalid tool calls) of a completion."""
-    stripped = text.lstrip()
-    if not stripped.startswith(TOOL_CALL_OPEN):
-        return text, [], []
-    body = stripped[len(TOOL_CALL_OPEN) :]
-    end = body.rfind(TOOL_CALL_CLOSE)
-    raw = body[:end] if end >= 0 else body
-    try:
-        items = json.JSONDecoder().raw_decode(raw)[0]
-        if isinstance(items, dict):
-            items = [items]
-        calls = [tool_call(name=i["name"], args=i["arguments"], id=new_call_id()) for i in items]
-        return "", calls, []
-    except (ValueError, KeyError, TypeError) as exc:
-        bad = invalid_tool_call(name=None, args=raw, id=new_call_id(), error=str(exc))
-        return "", [], [bad]
+def lc_tool_calls(calls: Sequence[ParsedCall]) -> list[ToolCall]:
+    return [tool_call(name=c.name, args=c.arguments, id=new_call_id()) for c in calls]
 
 
-@dataclass
-class ToolStreamParser:
-    """Turns cumulative completion text into content deltas or `tool_call_chunks`.
+class ChunkIds:
+    """Stable ids for streamed calls: one per call index (mutates only itself)."""
 
-    Mutates only itself. Until the first character decides, nothing is emitted; in a call,
-    the name is emitted once known, then the arguments text, holding back the length of the
-    closing `}]</tool_call>` until `finish`.
-    """
+    def __init__(self) -> None:
+        self.ids: dict[int, str] = {}
 
-    call_id: str = field(default_factory=new_call_id)
-    mode: str = ""
-    sent: int = 0
-    name_sent: bool = False
-
-    def feed(self, text: str) -> tuple[str, list[ToolCallChunk]]:
-        if not self.mode:
-            self.mode = _decide(text)
-        if self.mode == "call":
-            return "", self._call_chunks(text, final=False)
-        if self.mode == "text":
-            delta, self.sent = text[self.sent :], len(text)
-            return delta, []
-        return "", []
-
-    def finish(self, text: str) -> tuple[str, list[ToolCallChunk]]:
-        self.mode = self.mode or _decide(text) or "text"
-        if self.mode == "call":
-            return "", self._call_chunks(text, final=True)
-        delta, self.sent = text[self.sent :], len(text)
-        return delta, []
-
-    def _call_chunks(self, text: str, final: bool) -> list[ToolCallChunk]:
-        body = text.lstrip()[len(TOOL_CALL_OPEN) :]
-        chunks: list[ToolCallChunk] = []
-        if not self.name_sent:
-            m = _NAME_RE.match(body)
-            if m is None:
-                return chunks
-            name = json.loads(f'"{m.group(1)}"')
-            chunks.append(tool_call_chunk(name=name, args="", id=self.call_id, index=0))
-            self.name_sent = True
-        start = body.find(_ARGS_KEY)
-        if start < 0:
-            return chunks
-        args = body[start + len(_ARGS_KEY) :]
-        if final:
-            args = args[: -len(_TAIL)] if args.endswith(_TAIL) else args
-        else:
-            args = args[: max(0, len(args) - len(_TAIL))]
-        if len(args) > self.sent:
-            delta, self.sent = args[self.sent :], len(args)
-            if chunks:  # one chunk per step: the name's chunk carries the first arguments
-                chunks[0] = tool_call_chunk(
-                    name=chunks[0]["name"], args=delta, id=self.call_id, index=0
+    def chunks(self, deltas: Sequence[CallDelta]) -> list[ToolCallChunk]:
+        out: list[ToolCallChunk] = []
+        for d in deltas:
+            if d.name is not None:
+                self.ids[d.index] = new_call_id()
+                out.append(
+                    tool_call_chunk(
+                        name=d.name, args=d.arguments, id=self.ids[d.index], index=d.index
+                    )
+                )
+            elif out and out[-1]["index"] == d.index:
+                prev = out[-1]
+                out[-1] = tool_call_chunk(
+                    name=prev["name"],
+                    args=(prev["args"] or "") + d.arguments,
+                    id=prev["id"],
+                    index=d.index,
                 )
             else:
-                chunks.append(tool_call_chunk(name=None, args=delta, id=None, index=0))
-        return chunks
-
-
-def _decide(text: str) -> str:
-    """ "call" or "text" once the start of `text` tells, else ""."""
-    stripped = text.lstrip()
-    head = stripped[: len(TOOL_CALL_OPEN)]
-    if not TOOL_CALL_OPEN.startswith(head):
-        return "text"
-    return "call" if len(head) == len(TOOL_CALL_OPEN) else ""
+                out.append(tool_call_chunk(name=None, args=d.arguments, id=None, index=d.index))
+        return out

@@ -1,7 +1,7 @@
 """flashinfer paged attention: prefill over cached prefixes and decode, planned once per batch.
 
-The pool's per-layer buffers [slots + 1, Hkv, D] are viewed as pages of size 1
-([slots + 1, 1, Hkv, D], NHD layout), so a sequence's KV is the list of its slot ids.
+The pool's per-layer buffers [slots + 1, 2, Hkv, D] are viewed as pages of size 1
+([slots + 1, 2, 1, Hkv, D], NHD layout), so a sequence's KV is the list of its slot ids.
 
 A wrapper's plan is written to a pinned host buffer and copied to the device asynchronously;
 with overlapped steps the next plan could overwrite that buffer before the copy has run, so each
@@ -123,7 +123,7 @@ class FlashInferAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         pool.store(layer, batch.out_cache_loc, k, v)
-        cache = (pool.k[layer].unsqueeze(1), pool.v[layer].unsqueeze(1))
+        cache = pool.kv[layer].unsqueeze(2)
         o = batch.attn_metadata.run(q.contiguous(), cache)
         return o.reshape(q.shape[0], -1)
 

@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 
 from sgl_engine.config import EngineConfig
 from sgl_engine.distributed.group import TPGroup, destroy_group, init_group
+from sgl_engine.errors import EngineUnavailableError
 from sgl_engine.forward_batch import ForwardMode
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ HEARTBEAT_S = 30.0
 JOIN_S = 10.0
 
 
-class TensorParallelError(RuntimeError):
+class TensorParallelError(EngineUnavailableError):
     """A tensor-parallel rank died or the group broke; this engine cannot serve any more."""
 
 
@@ -106,11 +107,16 @@ class TensorParallel:
         self.procs = list(self.ctx.processes)
         self._watchdog = threading.Thread(target=self._watch, name="sgl-tp-watchdog", daemon=True)
         self._watchdog.start()
+        self._heartbeat: threading.Thread | None = None
         try:
             self.group = self._rendezvous(spec)
         except BaseException:
             self.shutdown()
             raise
+
+    def ready(self) -> None:
+        """Every rank has built its shard (no more set-up collectives on the control group):
+        from now on, heartbeats keep idle followers from timing out."""
         self._heartbeat = threading.Thread(target=self._beat, name="sgl-tp-heartbeat", daemon=True)
         self._heartbeat.start()
 
@@ -255,7 +261,7 @@ class TensorParallel:
                 except Exception:  # noqa: BLE001 -- they are killed below
                     log.warning("could not tell the tensor-parallel ranks to stop")
         self._stop_procs(grace=JOIN_S)
-        if getattr(self, "_heartbeat", None) is not None:
+        if self._heartbeat is not None:
             self._heartbeat.join(JOIN_S)
         destroy_group()
         shutil.rmtree(self._tmp, ignore_errors=True)

@@ -10,11 +10,25 @@ initialiser works on full tensors whatever the rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sgl_engine.distributed.group import TPGroup, shard_range
+
+GemvFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemv: GemvFn | None
+) -> torch.Tensor:
+    """F.linear, or `gemv` (a one-row kernel: models/gemv.py) when x is a single row."""
+    if gemv is None or x.shape[0] != 1:
+        return F.linear(x, weight, bias)
+    y = gemv(x, weight)
+    return y if bias is None else y + bias
 
 
 def _rank_size(tp: TPGroup | None) -> tuple[int, int]:
@@ -49,9 +63,10 @@ class ColumnParallelLinear(nn.Module):
         self.in_features = in_features
         self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(self.local_sizes))) if bias else None
+        self.gemv: GemvFn | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.gemv)
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         total = sum(self.out_sizes)
@@ -100,9 +115,10 @@ class RowParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features // size))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.gemv: GemvFn | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight, None, self.gemv)
         if self.tp is not None:
             y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias

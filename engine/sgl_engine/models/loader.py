@@ -52,6 +52,7 @@ def build_model(
     random_weights: bool = False,
     ops: str = "auto",
     tp: TPGroup | None = None,
+    decode_gemv: str = "cublas",
 ) -> LlamaForCausalLM:
     """Allocate directly on `device` in `dtype` (no fp32 copy of big models), then fill weights
     (with `tp`, only this rank's shard is kept; random weights are the same at every tp_size)."""
@@ -63,11 +64,23 @@ def build_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.rope = RotaryEmbedding(hf_config, cfg.head_dim, max_positions).to(device)
     model.ops = choose_ops(ops, device, dtype)
+    if device.type == "cuda" and decode_gemv == "triton":
+        use_triton_gemv(model)
     if random_weights:
         _init_random(model)
     else:
         model.load_weights(iter_weights(_resolve_folder(str(model_path))))
     return model.eval()
+
+
+def use_triton_gemv(model: torch.nn.Module) -> None:
+    """Route one-row products of the decoder's linear layers through models/gemv.py."""
+    from sgl_engine.distributed.layers import ColumnParallelLinear, RowParallelLinear
+    from sgl_engine.models.gemv import gemv
+
+    for m in model.modules():
+        if isinstance(m, ColumnParallelLinear | RowParallelLinear):
+            m.gemv = gemv
 
 
 def _init_random(model: torch.nn.Module, std: float = 0.02) -> None:

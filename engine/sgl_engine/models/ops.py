@@ -77,7 +77,8 @@ class FlashInferOps:
         return x, residual
 
     def rope(self, positions, q, k, cos, sin, cos_sin, head_dim):
-        q, k = q.contiguous(), k.contiguous()
+        """In place, on the strided q/k views of the qkv projection (the kernel takes strides), so
+        k stays beside v for the pool's single write."""
         self.fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, head_dim, cos_sin, True)
         return q, k
 

@@ -61,6 +61,7 @@ async def get_server_info(request: Request) -> dict:
         "context_length": eng.context_length,
         "chat_template": getattr(eng.tokenizer, "chat_template", None),
         "internal_states": [values],
+        "in_batch_prefix_dedup": True,
         "version": "sgl-adapters",
     }
 

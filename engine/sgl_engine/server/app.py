@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sgl_engine.errors import InvalidRequestError
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_SEQUENCES_PER_REQUEST = 1024
+"""The most sequences (prompts times n) one HTTP request may ask for."""
 OPEN_PATHS = frozenset({"/health"})
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -34,6 +36,8 @@ class ServerState:
 
     engine: Any
     model_name: str
+    family: Any = None
+    """The model's `sgl_engine.families.ModelFamily` (tool-call format, reasoning markers)."""
     model_aliases: frozenset[str] = frozenset()
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -75,6 +79,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     model_name: str | None = None,
     allowed_hosts: tuple[str, ...] = (),
+    families: Any = None,
 ) -> FastAPI:
     """An app serving `engine` with the OpenAI API and SGLang's native API.
 
@@ -82,14 +87,20 @@ def create_app(
     /health. Without a key only requests whose Host header names a loopback address or one of
     `allowed_hosts` ("*" for any) are served (DNS rebinding cannot reach the API). Bodies
     larger than `max_body_bytes` get 413. `model_name` is the served name (default: see
-    `served_names`). The app never shuts the engine down: whoever made the engine owns it
-    (see `launch.serve`).
+    `served_names`). `families` (a `sgl_engine.families.FamilyRegistry`, default the
+    built-ins) picks the model's family. The app never shuts the engine down: whoever made the
+    engine owns it (see `launch.serve`).
     """
     from sgl_engine.server import admin_api, native_api, openai_api
 
     name, aliases = served_names(engine, model_name)
     app = FastAPI(title="sgl-adapters", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.sgl = ServerState(engine=engine, model_name=name, model_aliases=aliases)
+    from sgl_engine.families import family_of
+
+    family = family_of(engine, families)
+    app.state.sgl = ServerState(
+        engine=engine, model_name=name, model_aliases=aliases, family=family
+    )
     app.include_router(openai_api.router)
     app.include_router(native_api.router)
     app.include_router(admin_api.router)
@@ -139,7 +150,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(str(exc.detail), exc.status_code)
+        param = "body" if exc.status_code in (400, 422) else None  # e.g. a body not in UTF-8
+        return error_response(str(exc.detail), exc.status_code, param)
 
     @app.exception_handler(RuntimeError)
     async def _runtime(_: Request, exc: RuntimeError) -> JSONResponse:
@@ -164,7 +176,7 @@ def _first_param(errors: Any) -> str | None:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         if loc and err.get("type") != "json_invalid":
             return ".".join(loc)
-    return None
+    return "body"
 
 
 async def _send_json(send: Send, status: int, body: dict, headers: list | None = None) -> None:

@@ -95,6 +95,7 @@ def serve(
     allowed_hosts: tuple[str, ...] = (),
     graceful_timeout: float = 30.0,
     log_level: str = "info",
+    families: Any = None,
     engine: Any = None,
     **engine_kwargs: Any,
 ) -> None:
@@ -112,7 +113,9 @@ def serve(
 
         engine = Engine(model, **engine_kwargs)
     try:
-        app = create_app(engine, api_key, max_body_bytes, served_model_name, allowed_hosts)
+        app = create_app(
+            engine, api_key, max_body_bytes, served_model_name, allowed_hosts, families
+        )
         uvicorn.run(
             app,
             host=host,
@@ -226,8 +229,9 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, key) for key in ENGINE_ARGS if getattr(args, key) is not None}
 
 
-def serve_from_args(args: argparse.Namespace, engine: Any = None) -> None:
-    """Serve as the arguments say; `engine` (owned) replaces the one they would load."""
+def serve_from_args(args: argparse.Namespace, families: Any = None, engine: Any = None) -> None:
+    """`serve` with parsed flags; `families` as `create_app` takes them; `engine` (owned)
+    replaces the one the flags would load."""
     engine_kwargs = {"engine": engine} if engine is not None else engine_kwargs_from_args(args)
     serve(
         args.model,
@@ -239,6 +243,7 @@ def serve_from_args(args: argparse.Namespace, engine: Any = None) -> None:
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
         graceful_timeout=args.graceful_timeout,
         log_level=args.log_level,
+        families=families,
         **engine_kwargs,
     )
 

@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from sgl_engine.errors import InvalidRequestError
-from sgl_engine.server.app import ServerState
+from sgl_engine.sampling_params import MAX_N
+from sgl_engine.server.app import MAX_SEQUENCES_PER_REQUEST, ServerState
 from sgl_engine.server.formats import raise_if_rejected
 from sgl_engine.server.metrics import prometheus_text
 from sgl_engine.server.protocol import GenerateRequest
@@ -46,7 +47,14 @@ def _rids(body: GenerateRequest) -> tuple[Any, list[str]]:
     used = []
     for r, p in zip(rids, per, strict=False):
         n = (p or {}).get("n", 1) if isinstance(p, dict) else 1
+        n = n if type(n) is int and 1 <= n <= MAX_N else 1  # else the engine refuses it
         used += [r] if n == 1 else [f"{r}-{k}" for k in range(n)]
+    if len(used) > MAX_SEQUENCES_PER_REQUEST:
+        raise InvalidRequestError(
+            f"{len(used)} sequences (prompts times n) in one request; the limit is "
+            f"{MAX_SEQUENCES_PER_REQUEST}",
+            "text" if body.text is not None else "input_ids",
+        )
     return rid, used
 
 

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 
 from sgl_engine.errors import InvalidRequestError
 from sgl_engine.server import tools as tool_calls
-from sgl_engine.server.app import ServerState, error_body
+from sgl_engine.server.app import MAX_SEQUENCES_PER_REQUEST, ServerState, error_body
 from sgl_engine.server.formats import (
     chat_logprobs,
     completion_logprobs,
@@ -161,6 +161,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     params = sampling_params(body, _max_tokens(body.max_tokens, longest, eng.context_length))
     want_lp = body.logprobs is not None
     rid_prefix = f"cmpl-{uuid.uuid4().hex}"
+    if len(prompts) * body.n > MAX_SEQUENCES_PER_REQUEST:
+        raise InvalidRequestError(
+            f"{len(prompts) * body.n} sequences (prompts times n) in one request; the limit "
+            f"is {MAX_SEQUENCES_PER_REQUEST}",
+            "prompt",
+        )
     base, used = _rids(rid_prefix, len(prompts), body.n)
     logprob_args = dict(
         return_logprob=want_lp,
@@ -251,25 +257,11 @@ async def _completion_events(
 # ---- /v1/chat/completions -----------------------------------------------------------------------
 
 
-def render_chat(eng: Any, body: ChatCompletionRequest) -> list[int]:
-    """The prompt token ids of a chat request, tools offered when the request has them.
-    Blocking (template rendering and tokenising): run it off the event loop."""
-    messages = [
-        tool_calls.message_for_template(m.model_dump(exclude_none=True)) for m in body.messages
-    ]
-    tools = tool_calls.tools_for_template(body.tools, body.tool_choice)
-    template = getattr(eng.tokenizer, "chat_template", None) or ""
-    if tools and "tools" not in template:
-        system = {"role": "system", "content": tool_calls.tools_system_prompt(tools)}
-        messages = [system, *messages]
-        tools = None
-    try:
-        text = eng.apply_chat_template(messages, tools=tools)
-    except Exception as exc:  # jinja errors from the model's template
-        raise InvalidRequestError(
-            f"the chat template rejected the messages: {exc}", "messages"
-        ) from None
-    return eng.tokenizer.encode(text, add_special_tokens=False)
+def _plan(eng: Any, body: ChatCompletionRequest, family: Any, params: dict) -> tuple:
+    """(plan, prompt ids) of a chat request. Blocking (template rendering, grammar text and
+    tokenising): run it off the event loop."""
+    plan = tool_calls.plan_chat(eng, body, family, params)
+    return plan, eng.tokenizer.encode(plan.prompt, add_special_tokens=False)
 
 
 @router.post("/v1/chat/completions")
@@ -279,31 +271,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     s.check_model(body.model)
     body.check_unicode()
     _check_prompt_chars(eng, [_text_of(m.content) for m in body.messages], "messages")
-    ids = await asyncio.to_thread(render_chat, eng, body)
     requested = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     )
-    params = sampling_params(body, _max_tokens(requested, len(ids), eng.context_length))
-    forced = tool_calls.forced_call_schema(
-        body.tools or [], body.tool_choice, body.parallel_tool_calls
-    )
-    if forced is not None:
-        params.pop("regex", None), params.pop("ebnf", None), params.pop("choices", None)
-        params["json_schema"] = forced
+    params = sampling_params(body, 0)
+    plan, ids = await asyncio.to_thread(_plan, eng, body, s.family, params)
+    params["max_new_tokens"] = _max_tokens(requested, len(ids), eng.context_length)
     rid_prefix = f"chatcmpl-{uuid.uuid4().hex}"
     base, used = _rids(rid_prefix, 1, body.n)
     logprob_args = dict(return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0)
     if body.stream:
         streams = await open_streams(eng, [ids] * len(used), params, used, logprob_args, body.n)
-        return sse_response(_chat_events(s, body, rid_prefix, streams, used, forced is not None))
+        return sse_response(_chat_events(s, body, rid_prefix, streams, used, plan))
     work = eng.async_generate(input_ids=ids, sampling_params=params, rid=base[0], **logprob_args)
     results = await abort_on_disconnect(request, eng, used, work)
     results = results if isinstance(results, list) else [results]
     raise_if_rejected(results)
-    choices = [
-        _chat_choice(eng.tokenizer, body, i, out, forced is not None)
-        for i, out in enumerate(results)
-    ]
+    choices = [_chat_choice(eng.tokenizer, body, i, out, plan) for i, out in enumerate(results)]
     return {
         "id": rid_prefix,
         "object": "chat.completion",
@@ -320,25 +304,11 @@ def _text_of(content: Any) -> str:
     return content or ""
 
 
-def _message(body: ChatCompletionRequest, text: str, forced: bool) -> tuple[dict, bool]:
-    """The assistant message for `text` and whether it holds tool calls."""
-    calls: list[dict] = []
-    content: str | None = text
-    if forced:
-        calls, content = tool_calls.parse_forced(text), None
-    elif body.tools and body.tool_choice != "none":
-        content, calls = tool_calls.parse_auto(text, body.tools)
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = calls
-    return message, bool(calls)
-
-
 def _chat_choice(
-    tok: Any, body: ChatCompletionRequest, index: int, out: dict, forced: bool
+    tok: Any, body: ChatCompletionRequest, index: int, out: dict, plan: tool_calls.ChatPlan
 ) -> dict:
     meta = out["meta_info"]
-    message, has_calls = _message(body, out["text"], forced)
+    message, has_calls = tool_calls.answer_message(plan, out["text"])
     reason, matched = finish_reason(meta)
     return {
         "index": index,
@@ -351,16 +321,14 @@ def _chat_choice(
 
 
 async def _chat_events(
-    s: ServerState, body: ChatCompletionRequest, rid: str, streams, used, forced: bool
+    s: ServerState, body: ChatCompletionRequest, rid: str, streams, used, plan
 ) -> AsyncIterator[str]:
     tok = s.engine.tokenizer
     base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time())}
     base["model"] = s.model_name
-    auto = not forced and bool(body.tools and body.tool_choice != "none")
-    parsers = {i: tool_calls.AutoToolStream(body.tools) for i in range(len(streams)) if auto}
+    parsers = {i: tool_calls.ChoiceStream(plan) for i in range(len(streams))}
     finals: dict[int, dict] = {}
     sent_lp = [0] * len(streams)
-    deltas = Deltas()
     for i in range(len(streams)):
         first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
         yield sse({**base, "choices": [{**first, "finish_reason": None}]})
@@ -374,21 +342,12 @@ async def _chat_events(
         if body.logprobs:
             choice["logprobs"] = chat_logprobs(tok, meta, start=sent_lp[index])
             sent_lp[index] = len(meta.get("output_token_logprobs", []))
-        if auto:
-            content, calls = parsers[index].feed(chunk["text"], final=done)
-            choice["delta"] = _tool_delta(content, calls, parsers[index].calls - len(calls))
-        elif not forced and (delta := deltas(index, chunk["text"])):
-            choice["delta"] = {"content": delta}
+        choice["delta"] = parsers[index].feed(chunk["text"], final=done)
         reason = None
         if done:
             finals[index] = chunk
             reason = finish_reason(meta)[0]
-            called = auto and parsers[index].calls > 0
-            if forced:
-                message, called = _message(body, chunk["text"], forced)
-                calls = message.get("tool_calls") or []
-                choice["delta"] = _tool_delta(message["content"] or "", calls, 0)
-            reason = "tool_calls" if called and reason == "stop" else reason
+            reason = "tool_calls" if parsers[index].called and reason == "stop" else reason
             choice.update(_finish_message(meta))
         if choice["delta"] or choice["logprobs"] or done:
             yield sse({**base, "choices": [{**choice, "finish_reason": reason}]})
@@ -396,13 +355,3 @@ async def _chat_events(
         outs = [finals[i] for i in sorted(finals)]
         yield sse({**base, "choices": [], "usage": usage(outs, body.n)})
     yield DONE
-
-
-def _tool_delta(content: str, calls: list[dict], first: int) -> dict:
-    """A chunk's delta: content text and whole tool calls, numbered from `first`."""
-    delta: dict[str, Any] = {}
-    if content:
-        delta["content"] = content
-    if calls:
-        delta["tool_calls"] = [{"index": first + i, **c} for i, c in enumerate(calls)]
-    return delta

@@ -149,6 +149,8 @@ class ChatCompletionRequest(_OpenAIBase):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    separate_reasoning: bool = True
 
 
 class GenerateRequest(_Body):

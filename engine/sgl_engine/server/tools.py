@@ -1,206 +1,164 @@
-"""OpenAI tool calling: grammars that force a call, prompts that offer tools, parsing calls out.
+"""Chat requests through the model's family: prompt with tools, grammar, answer parsing.
 
-`tool_choice` "required" or a named function decodes the answer under a JSON schema over the
-tools (so the call always parses and its arguments validate); "auto" lets the model answer
-freely and picks `<tool_call>{...}</tool_call>` blocks (Hermes/Qwen style) out of the text;
-`AutoToolStream` does that while the answer streams.
+`plan_chat` renders the prompt with the model's own chat template (tools offered through it,
+or the family's tools prompt when it cannot), and picks the grammar: `tool_choice` "auto"
+admits text or one or more calls, "required" or a named tool only calls, "none" only text;
+`parallel_tool_calls=False` allows one call. Reasoning families get a free `<think>` block
+before any grammar. `answer_message` and `ChoiceStream` turn the output into OpenAI's
+message / stream deltas (`reasoning_content`, `content`, `tool_calls`).
 """
 
 from __future__ import annotations
 
-import json
-import re
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from sgl_engine.errors import InvalidRequestError
-from sgl_engine.server.protocol import Tool, ToolChoice
+from sgl_engine.families import (
+    ModelFamily,
+    OutputStream,
+    constraint_ebnf,
+    parse_output,
+    prepare_chat,
+    tool_grammar,
+    with_reasoning,
+)
+from sgl_engine.families.chat import tool_specs
+from sgl_engine.server.protocol import ChatCompletionRequest, ToolChoice
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+_CONSTRAINTS = ("regex", "json_schema", "ebnf", "choices")
 
 
-def _call_schema(tool: Tool) -> dict[str, Any]:
-    params = tool.function.parameters or {"type": "object", "properties": {}}
-    return {
-        "type": "object",
-        "properties": {"name": {"const": tool.function.name}, "arguments": params},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
+@dataclass(frozen=True)
+class ChatPlan:
+    """A chat request made concrete: prompt text, the answer's grammar (None: free), and how
+    to read the answer (tool calls parsed only when tools were offered)."""
+
+    family: ModelFamily
+    prompt: str
+    ebnf: str | None
+    parse_tools: bool
+    reasoning: bool
+    opened: bool | None
 
 
-def forced_call_schema(
-    tools: list[Tool], choice: str | ToolChoice | None, parallel: bool | None
-) -> dict[str, Any] | None:
-    """The JSON schema the answer must follow, or None when the model may answer freely."""
-    if not tools or choice in (None, "none", "auto"):
-        return None
+def _mode(body: ChatCompletionRequest) -> tuple[str, list[dict]]:
+    """("auto" | "required" | "none", the specs the answer may call)."""
+    specs = tool_specs([t.model_dump(exclude_none=True) for t in body.tools or []])
+    choice = body.tool_choice
+    if not specs or choice == "none":
+        return "none", specs
     if isinstance(choice, ToolChoice):
-        named = [t for t in tools if t.function.name == choice.function.name]
+        named = [s for s in specs if s["name"] == choice.function.name]
         if not named:
-            known = ", ".join(t.function.name for t in tools)
+            known = ", ".join(s["name"] for s in specs)
             raise InvalidRequestError(
                 f"tool_choice names {choice.function.name!r}, which is not in tools ({known})",
                 "tool_choice",
             )
-        return _call_schema(named[0])
-    schema: dict[str, Any] = {
-        "type": "array",
-        "items": {"anyOf": [_call_schema(t) for t in tools]},
-        "minItems": 1,
-    }
-    if parallel is False:
-        schema["maxItems"] = 1
-    return schema
+        return "required", named
+    return ("required" if choice == "required" else "auto"), specs
 
 
-def tools_for_template(tools: list[Tool] | None, choice: Any) -> list[dict] | None:
-    if not tools or choice == "none":
-        return None
-    return [t.model_dump(exclude_none=True) for t in tools]
-
-
-def tools_system_prompt(tools: list[dict]) -> str:
-    """Offer tools to a model whose chat template cannot render them."""
-    lines = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
-    return (
-        "You may call functions. Available functions:\n"
-        f"{lines}\n"
-        "To call one, answer with <tool_call>"
-        '{"name": <function name>, "arguments": <JSON object>}</tool_call>.'
-    )
-
-
-def _call(name: str, arguments: Any) -> dict[str, Any]:
-    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return {
-        "id": f"call_{secrets.token_hex(12)}",
-        "type": "function",
-        "function": {"name": name, "arguments": args},
-    }
-
-
-def parse_forced(text: str) -> list[dict[str, Any]]:
-    """Calls from an answer decoded under `forced_call_schema` (an object or an array)."""
+def plan_chat(eng: Any, body: ChatCompletionRequest, family: ModelFamily, params: dict) -> ChatPlan:
+    """The plan of a chat request; moves the request's own constraint in `params` into the
+    plan's grammar when one is needed (tools, or reasoning before a constraint)."""
+    mode, specs = _mode(body)
+    raw = [m.model_dump(exclude_none=True) for m in body.messages]
+    if mode == "auto":
+        mode = family.auto_mode(raw)
+    template = getattr(eng.tokenizer, "chat_template", None)
+    template = template if isinstance(template, str) else ""
+    offered = [t.model_dump(exclude_none=True) for t in body.tools or []] if mode != "none" else []
+    messages, tools = prepare_chat(family, template, raw, offered)
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return []
-    items = value if isinstance(value, list) else [value]
-    return [
-        _call(v["name"], v.get("arguments", {}))
-        for v in items
-        if isinstance(v, dict) and "name" in v
-    ]
-
-
-def _block_call(block: str, names: set[str]) -> dict[str, Any] | None:
-    try:
-        value = json.loads(block)
-    except json.JSONDecodeError:
-        return None
-    if isinstance(value, dict) and value.get("name") in names:
-        return _call(value["name"], value.get("arguments", {}))
-    return None
-
-
-def parse_auto(text: str, tools: list[Tool]) -> tuple[str | None, list[dict[str, Any]]]:
-    """(remaining content, calls) from a free answer: `<tool_call>` blocks naming known tools."""
-    names = {t.function.name for t in tools}
-    found = (_block_call(block, names) for block in _TOOL_CALL.findall(text))
-    calls = [call for call in found if call is not None]
-    if not calls:
-        return text, []
-    content = _TOOL_CALL.sub("", text).strip()
-    return content or None, calls
-
-
-class AutoToolStream:
-    """`parse_auto` for a streamed answer: fed the cumulative text, returns the content that is
-    safe to show and the calls whose blocks have closed. Text that may be the start of
-    `<tool_call>` and whitespace that may end up at a block's edge are held back; a block that
-    names no known tool is shown as content. Mutates only itself.
-
-    Feeding the text in any pieces gives the same content and calls as feeding it whole. The
-    calls are `parse_auto`'s; the content is too, except that whitespace before the first
-    content is kept and an unknown block next to a known one stays in the content.
-    """
-
-    def __init__(self, tools: list[Tool]) -> None:
-        self.names = {t.function.name for t in tools}
-        self.done = 0
-        self.inside = False
-        self.held = ""
-        self.calls = 0
-
-    def feed(self, text: str, final: bool = False) -> tuple[str, list[dict[str, Any]]]:
-        content, calls = [], []
-        while True:
-            if self.inside:
-                end = text.find(CLOSE, self.done)
-                if end < 0 and not final:
-                    break
-                stop = len(text) if end < 0 else end
-                block, self.done = text[self.done : stop], stop + (0 if end < 0 else len(CLOSE))
-                self.inside = False
-                call = _block_call(block.strip(), self.names)
-                if call is None:
-                    content.append(self._show(OPEN + block + ("" if end < 0 else CLOSE)))
-                else:
-                    calls.append(call)
-                continue
-            start = text.find(OPEN, self.done)
-            if start >= 0:
-                content.append(self._show(text[self.done : start], hold=True))
-                self.done, self.inside = start + len(OPEN), True
-                continue
-            safe = len(text) if final else len(text) - _partial_tag(text, self.done)
-            content.append(self._show(text[self.done : safe], hold=not final))
-            self.done = safe
-            break
-        if final and not self.calls + len(calls):
-            content.append(self.held)
-        self.calls += len(calls)
-        return "".join(content), calls
-
-    def _show(self, piece: str, hold: bool = False) -> str:
-        """`piece` after the held whitespace; its own trailing whitespace is held if `hold`."""
-        if not piece.strip():
-            self.held += piece
-            return ""
-        body = piece.rstrip() if hold else piece
-        out, self.held = self.held + body, piece[len(body) :]
-        return out
-
-
-def _partial_tag(text: str, lo: int) -> int:
-    """The length of the longest end of text[lo:] that is a proper prefix of `<tool_call>`."""
-    for k in range(min(len(OPEN) - 1, len(text) - lo), 0, -1):
-        if text.endswith(OPEN[:k]):
-            return k
-    return 0
-
-
-def message_for_template(message: dict[str, Any]) -> dict[str, Any]:
-    """A chat message as HF templates expect: text content, tool-call arguments as dicts."""
-    out = dict(message)
-    content = out.get("content")
-    if isinstance(content, list):
-        out["content"] = "".join(
-            part.get("text", "") for part in content if part.get("type", "text") == "text"
+        prompt = eng.apply_chat_template(messages, tools=tools, **(body.chat_template_kwargs or {}))
+    except Exception as exc:  # jinja errors from the model's template
+        raise InvalidRequestError(
+            f"the chat template rejected the messages: {exc}", "messages"
+        ) from None
+    reasoning = family.reasoning if body.separate_reasoning else None
+    opened = family.reasoning.opened_by(prompt) if family.reasoning else None
+    ebnf = None
+    if body.tools:
+        ebnf = tool_grammar(
+            family.tool_format, specs, mode, parallel=body.parallel_tool_calls is not False
         )
-    elif content is None:
-        out["content"] = ""
-    calls = []
-    for call in out.get("tool_calls") or []:
-        fn = dict(call.get("function", {}))
-        if isinstance(fn.get("arguments"), str):
-            try:
-                fn["arguments"] = json.loads(fn["arguments"])
-            except json.JSONDecodeError:
-                pass
-        calls.append({**call, "function": fn})
-    if calls:
-        out["tool_calls"] = calls
-    return out
+        for key in _CONSTRAINTS:
+            params.pop(key, None)
+    elif family.reasoning is not None and any(params.get(k) is not None for k in _CONSTRAINTS):
+        ebnf = constraint_ebnf(params)
+        for key in _CONSTRAINTS:
+            params.pop(key, None)
+    if ebnf is not None and family.reasoning is not None:
+        ebnf = with_reasoning(ebnf, family.reasoning, opened)
+    if ebnf is not None:
+        params["ebnf"] = ebnf
+    return ChatPlan(family, prompt, ebnf, mode != "none", reasoning is not None, opened)
+
+
+def new_call_id() -> str:
+    return f"call_{secrets.token_hex(12)}"
+
+
+def answer_message(plan: ChatPlan, text: str) -> tuple[dict, bool]:
+    """The assistant message of a whole answer and whether it calls tools."""
+    out = parse_output(
+        text,
+        plan.family.tool_format if plan.parse_tools else None,
+        plan.family.reasoning if plan.reasoning else None,
+        plan.opened,
+    )
+    message: dict[str, Any] = {"role": "assistant", "content": out.content}
+    if out.reasoning is not None:
+        message["reasoning_content"] = out.reasoning
+    if out.calls:
+        message["content"] = out.content or None
+        message["tool_calls"] = [
+            {
+                "id": new_call_id(),
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments_json},
+            }
+            for c in out.calls
+        ]
+    return message, bool(out.calls)
+
+
+class ChoiceStream:
+    """One streamed choice: cumulative output text in, OpenAI delta dicts out. Each call gets
+    an id and its name in its first delta, then argument pieces under the same `index`."""
+
+    def __init__(self, plan: ChatPlan) -> None:
+        self.parser = OutputStream(
+            plan.family.tool_format if plan.parse_tools else None,
+            plan.family.reasoning if plan.reasoning else None,
+            plan.opened,
+        )
+
+    @property
+    def called(self) -> bool:
+        return self.parser.called
+
+    def feed(self, text: str, final: bool) -> dict[str, Any]:
+        step = self.parser.feed(text, final)
+        delta: dict[str, Any] = {}
+        if step.reasoning:
+            delta["reasoning_content"] = step.reasoning
+        if step.content:
+            delta["content"] = step.content
+        calls = []
+        for piece in step.calls:
+            if piece.name is not None:
+                fn = {"name": piece.name, "arguments": piece.arguments}
+                calls.append(
+                    {"index": piece.index, "id": new_call_id(), "type": "function", "function": fn}
+                )
+            elif calls and calls[-1]["index"] == piece.index:
+                calls[-1]["function"]["arguments"] += piece.arguments
+            else:
+                calls.append({"index": piece.index, "function": {"arguments": piece.arguments}})
+        if calls:
+            delta["tool_calls"] = calls
+        return delta

@@ -1,9 +1,13 @@
 """The built-in `http` backend: CallGraphs and calls against an SGLang-protocol HTTP server.
 
-Talks SGLang's native API (`/generate`, `/get_model_info`, `/flush_cache`, `/metrics`), which
-our `sgl_engine.server` and a real SGLang server both serve. A graph's leaves go out as one
-batched `/generate` request, so a server that batches (ours does) prefills each shared prefix
-once. Continuation scoring uses the server's tokenization (prompt logprobs with token ids), so
+Talks SGLang's native API (`/generate`, `/get_model_info`, `/get_server_info`, `/flush_cache`,
+`/metrics`), which our `sgl_engine.server` and a real SGLang server both serve (a missing
+`/get_server_info` is tolerated). A graph's leaves go out as one batched `/generate` request in
+leaf order, so a server that shares prefixes inside a batch (ours does, and says so in
+/get_server_info) prefills each shared prefix once; for other servers the shared prefixes are
+prefilled first, wave by wave, so the leaves then hit the server's radix cache. Without a local
+tokenizer, chats go to the server's /v1/chat/completions (it renders the template) and graphs
+share prefixes by characters. Continuation scoring uses the server's tokenization (prompt logprobs with token ids), so
 no local tokenizer is needed; one is loaded only when asked for, or when the server's
 tokenizer folder exists on this machine.
 """
@@ -125,9 +129,15 @@ class HttpBackend(BackendBase):
         chat_template: str | None = None,
         timeout: float = 600.0,
         name: str = "http",
+        warm_prefixes: bool | None = None,
+        verify: Any = True,
     ) -> None:
         """`tokenizer`: an HF tokenizer, a name/folder to load one from, or None (then the
-        server's tokenizer folder is used when it exists here)."""
+        server's tokenizer folder is used when it exists here). `warm_prefixes`: before a
+        graph's leaves, prefill its shared prefixes (max_new_tokens=0, wave by wave) so a
+        server that does not share prefixes inside one cold batch still prefills each once
+        (None: only when /get_server_info does not say `in_batch_prefix_dedup`). `verify`:
+        httpx's TLS verification of blocking calls (a bool or a CA bundle path)."""
         import httpx
 
         self.name = name
@@ -135,9 +145,15 @@ class HttpBackend(BackendBase):
         self.chat_template = chat_template
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = timeout
-        self._client = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout)
+        self._client = httpx.Client(
+            base_url=self.base_url, headers=self._headers, timeout=timeout, verify=verify
+        )
         self._api_key = api_key
         self.model_info = self._get_json("/get_model_info")
+        self.server_info = self._optional_json("/get_server_info")
+        if warm_prefixes is None:
+            warm_prefixes = self.server_info.get("in_batch_prefix_dedup") is not True
+        self.warm_prefixes = warm_prefixes
         self._tokenizer = self._load_tokenizer(tokenizer)
         self._chat_backend: Any = None
         if self._tokenizer is not None:
@@ -215,6 +231,29 @@ class HttpBackend(BackendBase):
         _raise_for(res.status_code, res.content)
         return res.json()
 
+    def _optional_json(self, path: str) -> dict[str, Any]:
+        """GET `path`, or {} where the server lacks the route (older SGLang servers)."""
+        res = self._client.get(path)
+        if res.status_code in (404, 405):
+            return {}
+        _raise_for(res.status_code, res.content)
+        return res.json()
+
+    def _warm_bodies(self, graph: CallGraph) -> list[dict[str, Any]]:
+        """One max_new_tokens=0 request per wave of shared prefixes (parents first)."""
+        if not self.warm_prefixes:
+            return []
+        bodies = []
+        for wave in graph.shared_prefix_waves():
+            if any(graph.uses_token_ids(n) for n in wave) and self._tokenizer is not None:
+                key, prompts = "input_ids", [graph.prompt_ids(n, self._tokenizer) for n in wave]
+            elif any(graph.uses_token_ids(n) for n in wave):
+                continue
+            else:
+                key, prompts = "text", [graph.prompt_text(n) for n in wave]
+            bodies.append({key: prompts, "sampling_params": [{"max_new_tokens": 0}] * len(wave)})
+        return bodies
+
     def generate_raw(self, body: Mapping[str, Any]) -> Any:
         """POST `body` to /generate and return the decoded JSON (a dict or a list)."""
         res = self._client.post("/generate", json=dict(body))
@@ -262,13 +301,18 @@ class HttpBackend(BackendBase):
     # -- the Backend protocol -----------------------------------------------------------------
 
     def run_graph(self, graph: CallGraph) -> list[LeafResult]:
+        """The leaves as one batched /generate (after the prefix warm-up, when on)."""
         if not len(graph):
             return []
+        for body in self._warm_bodies(graph):
+            self.generate_raw(body)
         return self._results(graph.leaves, self.generate_raw(self._batch_body(graph)))
 
     async def arun_graph(self, graph: CallGraph) -> list[LeafResult]:
         if not len(graph):
             return []
+        for body in self._warm_bodies(graph):
+            await self.agenerate_raw(body)
         return self._results(graph.leaves, await self.agenerate_raw(self._batch_body(graph)))
 
     def stream(
@@ -339,6 +383,10 @@ class HttpBackend(BackendBase):
 
     def flush_cache(self) -> bool:
         return self._client.post("/flush_cache").status_code == 200
+
+    def get_server_info(self) -> dict[str, Any]:
+        """The server's /get_server_info now (`server_info` is the copy read at start)."""
+        return self._get_json("/get_server_info")
 
     def close(self) -> None:
         self._client.close()

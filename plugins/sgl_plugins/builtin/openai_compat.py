@@ -128,6 +128,7 @@ class OpenAIBackend(BackendBase):
         api_key: str | None = None,
         *,
         timeout: float = 600.0,
+        max_retries: int = 2,
         max_concurrency: int = 32,
         name: str = "openai",
         sglang_constraints: bool = False,
@@ -142,12 +143,9 @@ class OpenAIBackend(BackendBase):
         if sglang_constraints:
             self.capabilities = CAPABILITIES | {"constrained"}
         key = api_key or "EMPTY"
-        self.client = openai.OpenAI(
-            base_url=base_url, api_key=key, timeout=timeout, **client_kwargs
-        )
-        self.aclient = openai.AsyncOpenAI(
-            base_url=base_url, api_key=key, timeout=timeout, **client_kwargs
-        )
+        options = {"timeout": timeout, "max_retries": max_retries, **client_kwargs}
+        self.client = openai.OpenAI(base_url=base_url, api_key=key, **options)
+        self.aclient = openai.AsyncOpenAI(base_url=base_url, api_key=key, **options)
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="sgl-openai")
         self.model = model or self.client.models.list().data[0].id
 

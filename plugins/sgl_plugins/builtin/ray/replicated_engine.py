@@ -26,9 +26,9 @@ class ReplicatedEngine:
         self.owns_backend = owns_backend
         self.model_path = backend.model_name
         self.config = None
-        self.context_length = backend.replica_set.call_any(
-            lambda actor: actor.context_length.remote()
-        )
+        replicas = backend.replica_set
+        self.context_length = replicas.call_any(lambda actor: actor.context_length.remote())
+        self.hf_config = replicas.call_any(lambda actor: actor.hf_config.remote())
 
     @property
     def tokenizer(self) -> Any:
