@@ -385,3 +385,44 @@ def test_program_save_and_load(kind, tiny_llama, registry, tmp_path, monkeypatch
         assert [dict(d) for d in fresh.demos] == [dict(d) for d in program.demos]
         assert engine_of(fresh.lm) is engine_of(lm)
         assert fresh(question="q?").answer == before
+
+
+def _weather(city: Literal["Paris", "Rome"], unit: Literal["c", "f"]) -> str:
+    """Weather in a city."""
+    return f"sunny in {city}"
+
+
+def _add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+@pytest.mark.skipif(
+    not has_engine_contract(), reason="native tool calls need DSPy's engine contract"
+)
+def test_native_function_calling_decodes_valid_tool_calls(tiny_llama, registry):
+    """supports_function_calling: dspy.ToolCalls come from the model's own calls, decoded
+    under the family's tool grammar, so every call names a tool and its args validate."""
+
+    class Pick(dspy.Signature):
+        question: str = dspy.InputField()
+        tools: list[dspy.Tool] = dspy.InputField()
+        calls: dspy.ToolCalls = dspy.OutputField()
+
+    lm = make_lm("engine", tiny_llama, registry, max_tokens=200, temperature=1.0)
+    assert lm.supports_function_calling and lm.supports_reasoning
+    tools = [dspy.Tool(_weather), dspy.Tool(_add)]
+    schemas = {
+        t.name: {"type": "object", "properties": t.args, "required": list(t.args)} for t in tools
+    }
+    adapter = dspy.ChatAdapter(use_native_function_calling=True)
+    seen = 0
+    for seed in range(2):
+        with dspy.context(lm=lm, adapter=adapter):
+            config = {"seed": seed, "tool_choice": "required"}
+            pred = dspy.Predict(Pick)(question="weather in Paris?", tools=tools, config=config)
+        for call in pred.calls.tool_calls:
+            jsonschema.validate(call.args, schemas[call.name])
+            seen += 1
+    engine = engine_of(lm)
+    assert engine is not None and seen >= 2

@@ -227,3 +227,18 @@ def test_gen_with_choices_is_select(rt):
     assert state["x"] in (" yes", " no")
     assert "normalized_prompt_logprobs" in state.get_meta_info("x")
     assert math.isfinite(max(state.get_meta_info("x")["normalized_prompt_logprobs"]))
+
+
+def test_separate_reasoning_splits_a_gen_like_sglang(rt):
+    @sgl.function
+    def think(s):
+        s += "Q: 1+1?\n"
+        s += sgl.separate_reasoning(
+            sgl.gen("answer", regex=r"<think>\nadd ones\n</think>\n\n2", max_tokens=40),
+            model_type="qwen3",
+        )
+
+    state = think.run(backend=rt)
+    assert state["answer"] == "2"
+    assert state["answer_reasoning_content"] == "add ones"
+    assert state.text().endswith("<think>\nadd ones\n</think>\n\n2")

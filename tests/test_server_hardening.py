@@ -191,6 +191,9 @@ def test_served_name_and_aliases_are_accepted_and_no_path_is_exposed(engine, cli
         client.get("/get_model_info").json()
     )
     assert str(engine.model_path) not in listed and "/" not in listed
+    info = client.get("/get_server_info").text
+    assert str(engine.model_path) not in info and '"model_path":"tiny"' in info.replace(" ", "")
+    assert client.get("/v1/models/llama").json()["id"] == "tiny", "an alias finds the model"
 
 
 def test_default_name_is_the_folder_not_the_path(engine):

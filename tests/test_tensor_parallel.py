@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import signal
 
+import httpx
 import pytest
 import torch.distributed as dist
+from sgl_engine.server import ServerThread, create_app
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 PROMPTS = [
@@ -54,6 +56,11 @@ def test_tp2_greedy_equals_tp1(tiny_model_dirs, make_engine, arch, extra):
         assert len(pids) == 1 and dist.is_initialized()
         got = _run(eng)
         assert eng.metrics()["cached_tokens"] > 0
+        if arch == "llama":  # what `serve --tp 2` serves: the HTTP app over this engine
+            body = {"text": PROMPTS[0], "sampling_params": {**GREEDY, "max_new_tokens": 12}}
+            with ServerThread(create_app(eng)) as srv:
+                http = httpx.post(f"{srv.base_url}/generate", json=body, timeout=60).json()
+            assert http["output_ids"] == ref[0]["output_ids"]
         eng.check_invariants()
     finally:
         eng.shutdown()
@@ -110,10 +117,13 @@ def test_tp_size_must_divide_the_heads(tiny_llama):
     assert not dist.is_initialized()
 
 
-def test_serve_takes_tp():
+def test_serve_tp_flag_reaches_the_engine(monkeypatch):
     import argparse
 
-    from sgl_engine.server.launch import ENGINE_ARGS, add_serve_arguments
+    from sgl_engine.server import launch
 
-    args = add_serve_arguments(argparse.ArgumentParser()).parse_args(["--tp", "2"])
-    assert args.tp_size == 2 and "tp_size" in ENGINE_ARGS
+    seen: dict = {}
+    monkeypatch.setattr(launch, "serve", lambda model, host, port, **kw: seen.update(kw))
+    parser = launch.add_serve_arguments(argparse.ArgumentParser())
+    launch.serve_from_args(parser.parse_args(["--tp", "2"]))
+    assert seen["tp_size"] == 2

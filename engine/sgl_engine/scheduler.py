@@ -6,9 +6,11 @@ its pending tokens: one after a sampled token, several after a jump-forward). Wh
 runs out, unlocked cache leaves are evicted first; then running requests are retracted back
 to the queue with their progress kept. Only the model runner touches tensors.
 
-Chunked prefill: while a long prompt is prefilled chunk by chunk, a chunk leaves half the
-budget to waiting requests that fit whole, and each chunk is followed by one run round of the
-running requests, so short requests are neither queued nor starved behind a long prompt.
+Chunked prefill: while a long prompt is prefilled chunk by chunk and requests wait, its next
+chunk is a quarter of the budget and the rest goes to waiting requests that fit whole (the
+chunk takes the whole budget when none can join); each chunk is followed by one run round of
+the running requests. So a short request waits for at most the chunk in flight plus a small
+one, and then decodes between the chunks instead of behind all of them.
 
 Overlap: while every running request is a plain decode (no grammar, penalties or pending
 min_new_tokens) and nothing waits for admission, a decode step is launched before the previous
@@ -166,8 +168,7 @@ class Scheduler:
         carried = self.chunked is not None
         if carried:
             req, self.chunked = self.chunked, None
-            share = budget // 2 if self.waiting else 0
-            n = min(req.seq_len - len(req.slots), budget - share)
+            n = min(req.seq_len - len(req.slots), budget // 4 if self.waiting else budget)
             if self._reserve(n, batch):
                 batch.append((req, n))
                 budget -= n
@@ -208,7 +209,7 @@ class Scheduler:
             batch.append((req, n))
             in_round.insert(req.fill_ids, req.fill_ids)
             budget -= n
-        if carried and budget > 0:
+        if carried and len(batch) == 1 and budget > 0:
             self._extend_chunk(batch, budget)
         return batch
 
@@ -217,7 +218,7 @@ class Scheduler:
         return self._cached_len(req) if known is None else known
 
     def _extend_chunk(self, batch: list[tuple[Req, int]], budget: int) -> None:
-        """Give the budget the waiting requests left unused back to the chunked request."""
+        """No waiting request could join: the chunked request takes the whole budget."""
         req, n = batch[0]
         extra = min(req.seq_len - len(req.slots) - n, budget)
         if extra > 0 and self._reserve(extra, batch):

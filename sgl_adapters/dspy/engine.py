@@ -9,12 +9,15 @@ concurrently and the backend batches whatever arrives together.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from dspy.lm15 import (
     ContextLengthError,
+    FunctionTool,
     InvalidRequestError,
     Message,
     Request,
@@ -25,15 +28,21 @@ from dspy.lm15 import (
     StreamStartEvent,
     TextDelta,
     TextPart,
+    ThinkingPart,
     TokenLogprob,
+    ToolCallPart,
+    ToolResultPart,
     TopLogprob,
     UnsupportedFeatureError,
     Usage,
 )
+from sgl_engine.families import ModelFamily, family_of, parse_output, prepare_chat
+from sgl_engine.families.decoding import plan_decoding
 
 from sgl_adapters import engines as _engines
 from sgl_adapters.dspy import translate
 from sgl_adapters.dspy.translate import EngineCall, GenerationDefaults
+from sgl_adapters.json_schema import cap_strings
 
 PROVIDER = "sglang"
 
@@ -46,8 +55,8 @@ class SGLangEngine:
     its own; the backend it borrows is closed by its registry, not here."""
 
     supports_response_schema = True
-    supports_function_calling = False
-    supports_reasoning = False
+    supports_function_calling = True
+    supports_reasoning = True
     supported_params = translate.SUPPORTED_PARAMS
 
     def __init__(
@@ -76,14 +85,42 @@ class SGLangEngine:
             return registry.client(self.model, {**self.engine_kwargs, **self.backend_kwargs})
         return registry.client(self.model, None, self.backend, self.backend_kwargs)
 
+    def family(self, client: _engines.EngineClient) -> ModelFamily:
+        """The model's family (tool-call format, reasoning markers), from its chat template."""
+        registry = (self.registry or _engines.ENGINES).manager.model_families()
+        return family_of(getattr(client.backend, "engine", client.backend), registry)
+
     def plan(self, request: Request) -> EngineCall:
-        """The backend submission for `request`; unsupported features raise lm15 errors."""
+        """The backend submission for `request`; unsupported features raise lm15 errors.
+        Tools are offered through the model's chat template and decoded under the family's
+        tool grammar (so calls always parse and validate); a reasoning family's `<think>`
+        block comes back as a ThinkingPart."""
         client = self.client
-        messages = _messages(request)
+        family = self.family(client)
+        history = _messages(request)
+        mode, specs = _tool_mode(request)
+        cap = self.defaults.max_string_length
+        specs = [{**t, "parameters": cap_strings(t["parameters"], cap)} for t in specs]
+        offered = [{"type": "function", "function": s} for s in specs] if mode != "none" else None
+        template = getattr(client.tokenizer, "chat_template", None)
+        messages, tools = prepare_chat(
+            family, template if isinstance(template, str) else "", history, offered
+        )
+        template_kwargs = _template_kwargs(request)
         with _engine_errors():
-            prompt = client.apply_chat_template(messages) if client.renders_chat else None
+            prompt = None
+            if client.renders_chat:
+                prompt = client.apply_chat_template(messages, tools=tools, **template_kwargs)
         params, logprobs = translate.options_to_params(_options(request), self.defaults)
-        return EngineCall(prompt, params, logprobs, tuple(messages))
+        if mode == "auto":
+            mode = family.auto_mode(history)
+        parallel = (
+            request.config.tool_choice is None or request.config.tool_choice.parallel is not False
+        )
+        with _engine_errors():
+            decoding = plan_decoding(family, prompt or "", params, specs or None, mode, parallel)
+        call = EngineCall(prompt, params, logprobs, tuple(messages))
+        return replace(call, family=family, decoding=decoding)
 
     def _submit(self, call: EngineCall) -> tuple[_engines.EngineClient, _engines.Request, dict]:
         leaf = {}
@@ -147,11 +184,12 @@ class SGLangEngine:
         if call.logprobs is not None:
             tokenizer = self.client.require_tokenizer("logprobs as tokens")
             logprobs = tuple(_token_logprob(t) for t in translate.token_logprobs(result, tokenizer))
+        parts, called = _parts(call, result["text"])
         return Response(
             id=meta.get("id"),
             model=request.model,
-            message=Message.assistant(result["text"]),
-            finish_reason=reason,
+            message=Message.assistant(parts),
+            finish_reason="tool_call" if called and reason == "stop" else reason,
             usage=_usage([result]),
             logprobs=logprobs,
         )
@@ -161,8 +199,8 @@ class AsyncSGLangEngine:
     """The asyncio twin of an `SGLangEngine` (same engine, same settings)."""
 
     supports_response_schema = True
-    supports_function_calling = False
-    supports_reasoning = False
+    supports_function_calling = True
+    supports_reasoning = True
     supported_params = translate.SUPPORTED_PARAMS
 
     def __init__(self, sync: SGLangEngine) -> None:
@@ -211,24 +249,103 @@ class AsyncSGLangEngine:
         return self
 
 
-def _messages(request: Request) -> list[dict[str, str]]:
-    if request.tools:
-        raise UnsupportedFeatureError(
-            "tools are not supported by the sglang engine", provider=PROVIDER
+def _tool_mode(request: Request) -> tuple[str, list[dict]]:
+    """("auto" | "required" | "none", the function specs a call may name)."""
+    specs = []
+    for tool in request.tools:
+        if not isinstance(tool, FunctionTool):
+            raise UnsupportedFeatureError(
+                f"{type(tool).__name__} tools are not supported", provider=PROVIDER
+            )
+        params = dict(tool.parameters or {"type": "object", "properties": {}})
+        specs.append(
+            {"name": tool.name, "description": tool.description or "", "parameters": params}
         )
-    out = []
+    choice = request.config.tool_choice
+    if not specs or (choice is not None and choice.mode == "none"):
+        return "none", specs
+    if choice is not None and choice.allowed:
+        specs = [s for s in specs if s["name"] in choice.allowed]
+    return ("required" if choice is not None and choice.mode == "required" else "auto"), specs
+
+
+def _template_kwargs(request: Request) -> dict[str, Any]:
+    """Chat template variables: reasoning effort "none" switches thinking off (Qwen3)."""
+    reasoning = request.config.reasoning
+    if reasoning is not None and getattr(reasoning, "effort", None) == "none":
+        return {"enable_thinking": False}
+    return {}
+
+
+def _parts(call: EngineCall, text: str) -> tuple[list, bool]:
+    """The assistant parts of an answer (thinking, text, tool calls) and whether it calls."""
+    family, decoding = call.family, call.decoding
+    if family is None or decoding is None:
+        return [TextPart(text)], False
+    out = parse_output(
+        text,
+        family.tool_format if decoding.parse_tools else None,
+        family.reasoning if decoding.reasoning else None,
+        decoding.opened,
+    )
+    parts: list = []
+    if out.reasoning:
+        parts.append(ThinkingPart(out.reasoning))
+    if out.content or not out.calls:
+        parts.append(TextPart(out.content))
+    for c in out.calls:
+        parts.append(
+            ToolCallPart(id="call_" + uuid.uuid4().hex[:24], name=c.name, input=c.arguments)
+        )
+    return parts, bool(out.calls)
+
+
+def _messages(request: Request) -> list[dict[str, Any]]:
+    """OpenAI-shaped messages (tool calls and results kept structured)."""
+    out: list[dict[str, Any]] = []
     if request.system is not None:
         system = request.system
         out.append(
             {"role": "system", "content": system if isinstance(system, str) else _text(system)}
         )
     for message in request.messages:
-        if message.role not in ("user", "assistant", "system", "developer"):
+        role = "system" if message.role == "developer" else message.role
+        calls = [p for p in message.parts if isinstance(p, ToolCallPart)]
+        results = [p for p in message.parts if isinstance(p, ToolResultPart)]
+        others = [
+            p
+            for p in message.parts
+            if not isinstance(p, (ToolCallPart, ToolResultPart, ThinkingPart))
+        ]
+        for r in results:
+            out.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": r.id,
+                    "content": _text(r.content),
+                    **({"name": r.name} if r.name else {}),
+                }
+            )
+        if results and not others:
+            continue
+        if role not in ("user", "assistant", "system", "tool"):
             raise UnsupportedFeatureError(
                 f"{message.role} messages are not supported", provider=PROVIDER
             )
-        role = "system" if message.role == "developer" else message.role
-        out.append({"role": role, "content": _text(message.parts)})
+        entry: dict[str, Any] = {
+            "role": "user" if role == "tool" else role,
+            "content": _text(others),
+        }
+        if calls:
+            entry["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": dict(c.input)},
+                }
+                for c in calls
+            ]
+        out.append(entry)
     return out
 
 
@@ -243,11 +360,7 @@ def _text(parts: Any) -> str:
 
 def _options(request: Request) -> dict[str, Any]:
     config = request.config
-    refused = [
-        name
-        for name in ("tool_choice", "reasoning", "probabilities")
-        if getattr(config, name) is not None
-    ]
+    refused = [name for name in ("probabilities",) if getattr(config, name) is not None]
     if refused:
         raise UnsupportedFeatureError(
             f"not supported by the sglang engine: {refused}", provider=PROVIDER

@@ -79,6 +79,10 @@ class EngineCall:
     logprobs: int | None = None
     messages: tuple[Mapping[str, Any], ...] | None = None
     """The chat itself, for backends that apply their own template (`prompt` is then None)."""
+    family: Any = None
+    """The model's `sgl_engine.families.ModelFamily` (reads tool calls and reasoning back)."""
+    decoding: Any = None
+    """Its `sgl_engine.families.decoding.Decoding` (what the answer holds)."""
 
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"sampling_params": dict(self.params)}

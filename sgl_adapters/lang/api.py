@@ -137,6 +137,16 @@ def gen(
     return ir.Gen(name, params)
 
 
+def separate_reasoning(expr: Any = None, model_type: str | None = None) -> ir.Expr:
+    """As SGLang's `sgl.separate_reasoning(sgl.gen("x"), model_type="qwen3")`: after `expr`
+    runs, `s["x"]` holds the answer and `s["x_reasoning_content"]` the reasoning (the
+    program text keeps both). `model_type` names a model family (e.g. "qwen3",
+    "deepseek-r1"); its reasoning markers are used (`<think>...</think>` by default)."""
+    inner = ir.as_expr(expr) if expr is not None else ir.ExprList()
+    name = getattr(inner, "name", None)
+    return ir.ExprList([inner, ir.SeparateReasoning(name, model_type)])
+
+
 def gen_int(
     name: str | None = None,
     max_tokens: int | None = None,

@@ -211,6 +211,8 @@ class StreamExecutor:
         elif isinstance(expr, ir.CommitPrefix):
             if self.text_:
                 self.backend.cache_prefix(self.text_)
+        elif isinstance(expr, ir.SeparateReasoning):
+            self._separate_reasoning(expr)
         elif isinstance(expr, ir.ConcatAndAppend):
             for state in expr.states:
                 child = state.stream_executor
@@ -231,6 +233,22 @@ class StreamExecutor:
         self.done.add(name)
         self.events[name].set()
         self._notify()
+
+    def _separate_reasoning(self, expr: ir.SeparateReasoning) -> None:
+        """Split variable `expr.name` into answer and `<name>_reasoning_content`."""
+        if expr.name is None or expr.name not in self.variables:
+            return
+        from sgl_engine.families import THINK, builtin_registry
+
+        fmt = THINK
+        if expr.model_type is not None:
+            fmt = builtin_registry().get(expr.model_type).reasoning or THINK
+        value = self.variables[expr.name]
+        reasoning, answer = fmt.separate(value if isinstance(value, str) else str(value))
+        self.variables[expr.name] = answer
+        key = f"{expr.name}_reasoning_content"
+        self.events.setdefault(key, threading.Event())
+        self._set_var(key, reasoning or "", None)
 
     def _resolve(self, params: ir.GenParams) -> ir.GenParams:
         """`params` over the program defaults, plus the chat template's stop strings."""

@@ -183,6 +183,15 @@ class Gen(Expr):
 
 
 @dataclass(frozen=True, eq=False)
+class SeparateReasoning(Expr):
+    """Split the variable `name` (just generated) into its answer and `<name>_reasoning_content`
+    with the reasoning markers of `model_type` (a model family name; None: `<think>`)."""
+
+    name: str | None = None
+    model_type: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
 class Select(Expr):
     """Pick one of `choices` by prompt likelihood with `method`; stored under `name`."""
 
@@ -232,4 +241,6 @@ def variable_names(expr: Expr) -> list[str]:
         return [expr.name]
     if isinstance(expr, VarScopeBegin):
         return [expr.name]
+    if isinstance(expr, SeparateReasoning) and expr.name is not None:
+        return [f"{expr.name}_reasoning_content"]
     return []

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from langchain_core.messages.tool import ToolCall, ToolCallChunk, tool_call, tool_call_chunk
@@ -21,11 +20,9 @@ from sgl_engine.families import (
     CallDelta,
     ModelFamily,
     ParsedCall,
-    constraint_ebnf,
-    tool_grammar,
-    with_reasoning,
 )
-from sgl_engine.families.grammar import merge, namespaced
+from sgl_engine.families.decoding import Decoding
+from sgl_engine.families.decoding import plan_decoding as families_plan
 
 from sgl_adapters.json_schema import cap_strings
 
@@ -89,16 +86,6 @@ def response_format_schema(response_format: Any) -> dict | None:
     raise ValueError(f"unsupported response_format type {kind!r}")
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """How one call decodes and reads back: the grammar (None: free) and what to parse."""
-
-    ebnf: str | None
-    parse_tools: bool
-    reasoning: bool
-    opened: bool | None
-
-
 def plan_decoding(
     family: ModelFamily,
     prompt: str,
@@ -109,49 +96,13 @@ def plan_decoding(
     max_string_length: int | None,
     auto_mode: str = "auto",
 ) -> Decoding:
-    """The decoding of a call; moves any constraint in `params` into the grammar when tools or
-    reasoning need one grammar for everything (`params` is mutated)."""
-    opened = family.reasoning.opened_by(prompt) if family.reasoning else None
-    constraint = constraint_ebnf(params) if any(params.get(k) is not None for k in _KEYS) else None
-    ebnf = constraint
-    mode = "none"
-    if specs:
-        mode, allowed = resolve_tool_choice(tool_choice, specs)
-        if mode == "auto":
-            mode = auto_mode
-        capped = [
-            {**s, "parameters": cap_strings(s["parameters"], max_string_length)} for s in allowed
-        ]
-        ebnf = tool_grammar(family.tool_format, capped, mode, parallel)
-        if constraint is not None:
-            ebnf = _text_alternative(ebnf, constraint, mode)
-    if ebnf is None:
-        return Decoding(None, False, family.reasoning is not None, opened)
-    if family.reasoning is not None:
-        ebnf = with_reasoning(ebnf, family.reasoning, opened)
-    if ebnf is not constraint or family.reasoning is not None:
-        for key in _KEYS:
-            params.pop(key, None)
-        params["ebnf"] = ebnf
-    return Decoding(ebnf, mode != "none", family.reasoning is not None, opened)
-
-
-_KEYS = ("regex", "json_schema", "ebnf", "choices")
-
-
-def _text_alternative(tools_ebnf: str, answer: str, mode: str) -> str:
-    """A tool grammar whose plain-text answer is replaced by the grammar `answer`."""
-    body = namespaced(answer, "structured_answer")
-    if mode in ("required", "list"):
-        return tools_ebnf
-    lines = tools_ebnf.splitlines()
-    root = (
-        "root ::= structured_answer"
-        if mode == "none"
-        else "root ::= tool_calls | structured_answer"
-    )
-    rest = [line for line in lines[1:] if not line.startswith("plain_text ::=")]
-    return merge("\n".join([root, *rest]), body)
+    """`sgl_engine.families.plan_decoding` for a LangChain tool_choice, with free JSON
+    strings of tool arguments capped at `max_string_length`."""
+    mode, allowed = resolve_tool_choice(tool_choice, specs or [])
+    if mode == "auto":
+        mode = auto_mode
+    capped = [{**s, "parameters": cap_strings(s["parameters"], max_string_length)} for s in allowed]
+    return families_plan(family, prompt, params, capped if specs else None, mode, parallel)
 
 
 def new_call_id() -> str:

@@ -223,9 +223,9 @@ class TensorParallel:
         """Stop the surviving followers (they cannot go on without the dead rank) and break a
         collective rank 0 may be blocked in (NCCL does not notice a dead peer by itself)."""
         if self.group_is_nccl():
-            from torch.distributed.distributed_c10d import _abort_process_group
-
             with contextlib.suppress(Exception):
+                from torch.distributed.distributed_c10d import _abort_process_group
+
                 _abort_process_group(self.group.device_group)
         self._stop_procs(grace=2.0)
 

@@ -36,12 +36,14 @@ class AbortRequest(BaseModel):
 
 
 def _config(engine: Any) -> dict[str, Any]:
+    """The engine's settings, scalars only, without filesystem paths."""
     config = getattr(engine, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
         return {}
     return {
         k: v if isinstance(v, str | int | float | bool | None) else str(v)
         for k, v in dataclasses.asdict(config).items()
+        if not k.endswith("_path")
     }
 
 
@@ -51,13 +53,16 @@ async def get_server_info(request: Request) -> dict:
     `internal_states` holding the scheduler's metrics)."""
     s = _state(request)
     eng = s.engine
-    path = str(eng.model_path) if eng.model_path else None
     values = await asyncio.to_thread(eng.metrics)
+    tok = eng.tokenizer
     return {
         **_config(eng),
-        "model_path": path,
-        "tokenizer_path": str(getattr(eng.config, "tokenizer_path", None) or path),
+        "model_path": s.model_name,  # never the path in the cache (docs/SECURITY.md)
+        "tokenizer_path": s.model_name,
         "served_model_name": s.model_name,
+        "bos_token": getattr(tok, "bos_token", None),
+        "eos_token": getattr(tok, "eos_token", None),
+        "all_special_ids": list(getattr(tok, "all_special_ids", ())),
         "context_length": eng.context_length,
         "chat_template": getattr(eng.tokenizer, "chat_template", None),
         "internal_states": [values],
@@ -76,18 +81,19 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
         return tok.encode(text, add_special_tokens=body.add_special_tokens)
 
     if isinstance(body.prompt, str):
-        tokens: Any = encode(body.prompt)
+        tokens: Any = await asyncio.to_thread(encode, body.prompt)
         count: Any = len(tokens)
     else:
-        tokens = [encode(p) for p in body.prompt]
+        tokens = await asyncio.to_thread(lambda: [encode(p) for p in body.prompt])
         count = [len(t) for t in tokens]
     return {"tokens": tokens, "count": count, "max_model_len": eng.context_length}
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
-    tok = _state(request).engine.tokenizer
-    vocab = len(tok)
+    eng = _state(request).engine
+    tok = eng.tokenizer
+    vocab = max(len(tok), int(getattr(getattr(eng, "hf_config", None), "vocab_size", 0) or 0))
     batch = body.tokens and isinstance(body.tokens[0], list)
     seqs = body.tokens if batch else [body.tokens]
     bad = [t for seq in seqs for t in seq if not 0 <= t < vocab]
@@ -116,8 +122,8 @@ async def abort_request(body: AbortRequest, request: Request) -> dict:
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, request: Request) -> Any:
     s = _state(request)
-    if model_id != s.model_name:
-        return error_response(f"model {model_id!r} not found", 404, "model")
+    if model_id != s.model_name and model_id not in s.model_aliases:
+        return error_response(f"model {model_id!r} not found", 404, "model", "model_not_found")
     return {
         "id": s.model_name,
         "object": "model",
