@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from sgl_engine.server import ServerThread, create_app  # noqa: E402
 
-EXAMPLES = 25
+EXAMPLES = 20
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 SCHEMA = schemathesis.openapi.from_dict(create_app(None).openapi())
 OPERATIONS = {

@@ -17,6 +17,7 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -260,7 +261,7 @@ class EngineClient:
         for r in requests:
             self.check(r)
         if any(r.prompt is None for r in requests):
-            return [self._chat(r) for r in requests]
+            return self._chats(requests)
         return [as_dict(r) for r in self.backend.run_graph(self.graph(requests))]
 
     async def agenerate(self, requests: Sequence[Request]) -> list[dict]:
@@ -271,6 +272,13 @@ class EngineClient:
         if any(r.prompt is None for r in requests):
             return list(await asyncio.gather(*(asyncio.to_thread(self._chat, r) for r in requests)))
         return [as_dict(r) for r in await self.backend.arun_graph(self.graph(requests))]
+
+    def _chats(self, requests: Sequence[Request]) -> list[dict]:
+        """Requests sent one by one, concurrently (so the server batches them), in order."""
+        if len(requests) == 1:
+            return [self._chat(requests[0])]
+        with ThreadPoolExecutor(min(len(requests), 32), thread_name_prefix="sgl-chat") as pool:
+            return list(pool.map(self._chat, requests))
 
     def call(self, request: Request, **leaf: Any) -> dict:
         """One request alone; `leaf` takes `CallGraph.add_leaf` options (return_logprob,

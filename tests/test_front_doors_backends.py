@@ -248,3 +248,27 @@ def test_http_batch_prefills_a_shared_prefix_once(warm, served, manager, registr
     assert prefilled <= prompt_tokens - 6 * shared_len  # the prefix is not computed 8 times
     assert cached >= 7 * shared_len * 0.9
     assert sum(o.usage_metadata["input_token_details"]["cache_read"] for o in outs) > 0
+
+
+def test_http_without_a_local_tokenizer_uses_the_servers(served, manager, registry):
+    """Our server hides its paths: the http backend tokenizes through /tokenize and renders
+    chats with the template from /get_server_info; prompts and answers equal local ones,
+    tool calls included."""
+    from sgl_plugins.builtin.remote_tokenizer import RemoteTokenizer
+
+    eng, url = served
+    model = chat("http", served, manager, registry)
+    tok = model.client().tokenizer
+    assert isinstance(tok, RemoteTokenizer)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(messages) == eng.apply_chat_template(messages)
+    assert tok.encode("The quick brown fox") == eng.tokenizer.encode("The quick brown fox")
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    local = chat("local", served, manager, registry).bind_tools([add])
+    remote = chat("http", served, manager, registry).bind_tools([add])
+    want, got = local.invoke("What is 2 + 3?"), remote.invoke("What is 2 + 3?")
+    assert got.tool_calls == want.tool_calls and got.content == want.content

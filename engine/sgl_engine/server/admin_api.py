@@ -36,12 +36,14 @@ class AbortRequest(BaseModel):
 
 
 def _config(engine: Any) -> dict[str, Any]:
+    """The engine's settings, scalars only, without filesystem paths."""
     config = getattr(engine, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
         return {}
     return {
         k: v if isinstance(v, str | int | float | bool | None) else str(v)
         for k, v in dataclasses.asdict(config).items()
+        if not k.endswith("_path")
     }
 
 
@@ -52,11 +54,15 @@ async def get_server_info(request: Request) -> dict:
     s = _state(request)
     eng = s.engine
     values = await asyncio.to_thread(eng.metrics)
+    tok = eng.tokenizer
     return {
         **_config(eng),
         "model_path": s.model_name,  # never the path in the cache (docs/SECURITY.md)
         "tokenizer_path": s.model_name,
         "served_model_name": s.model_name,
+        "bos_token": getattr(tok, "bos_token", None),
+        "eos_token": getattr(tok, "eos_token", None),
+        "all_special_ids": list(getattr(tok, "all_special_ids", ())),
         "context_length": eng.context_length,
         "chat_template": getattr(eng.tokenizer, "chat_template", None),
         "internal_states": [values],
@@ -85,8 +91,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
-    tok = _state(request).engine.tokenizer
-    vocab = len(tok)
+    eng = _state(request).engine
+    tok = eng.tokenizer
+    vocab = max(len(tok), int(getattr(getattr(eng, "hf_config", None), "vocab_size", 0) or 0))
     batch = body.tokens and isinstance(body.tokens[0], list)
     seqs = body.tokens if batch else [body.tokens]
     bad = [t for seq in seqs for t in seq if not 0 <= t < vocab]

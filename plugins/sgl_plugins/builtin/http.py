@@ -164,11 +164,15 @@ class HttpBackend(BackendBase):
     # -- set-up -------------------------------------------------------------------------------
 
     def _load_tokenizer(self, tokenizer: Any) -> Any:
+        """The given tokenizer; else the server's tokenizer folder when it exists here; else
+        a `RemoteTokenizer` when the server offers /tokenize and a chat template; else None."""
         if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
             return tokenizer
         source = tokenizer or self.model_info.get("tokenizer_path")
         if tokenizer is None and not (source and os.path.isdir(str(source))):
-            return None
+            from sgl_plugins.builtin.remote_tokenizer import RemoteTokenizer
+
+            return RemoteTokenizer.probe(self._client, self.server_info)
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(source))
