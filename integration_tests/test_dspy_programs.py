@@ -206,3 +206,38 @@ def test_save_and_load(any_lm, registry, tmp_path, monkeypatch):
     assert len(loaded.predict.demos) == 4
     assert loaded.predict.lm.engine.client.backend is lm.engine.client.backend
     assert (after.reasoning, after.answer) == (before.reasoning, before.answer)
+
+
+CALLED: list[str] = []
+
+
+def get_weather(city: str) -> str:
+    """Get the current weather in a city."""
+    CALLED.append("get_weather")
+    return f"It is sunny in {city}."
+
+
+def get_time(city: str) -> str:
+    """Get the current local time in a city."""
+    CALLED.append("get_time")
+    return f"It is 10:30 in {city}."
+
+
+def test_native_tool_calls_through_dspy_tool_calls(lm):
+    """supports_function_calling: a signature with `dspy.ToolCalls` gets the model's own calls
+    (SmolLM2 format, decoded under the tool grammar)."""
+
+    class Plan(dspy.Signature):
+        question: str = dspy.InputField()
+        tools: list[dspy.Tool] = dspy.InputField()
+        calls: dspy.ToolCalls = dspy.OutputField()
+
+    assert lm.supports_function_calling
+    tools = [dspy.Tool(get_weather), dspy.Tool(get_time)]
+    adapter = dspy.ChatAdapter(use_native_function_calling=True)
+    with dspy.context(lm=lm, adapter=adapter):
+        pred = dspy.Predict(Plan)(question="What is the weather in Paris?", tools=tools)
+    assert pred.calls is not None and pred.calls.tool_calls
+    for call in pred.calls.tool_calls:
+        assert call.name in ("get_weather", "get_time") and isinstance(call.args["city"], str)
+        assert call.execute().startswith("It is")

@@ -99,9 +99,10 @@ def _streamed_message(stream):
         delta = chunk.choices[0].delta
         content += delta.content or ""
         for call in delta.tool_calls or []:
-            calls[call.index] = (call.function.name, json.loads(call.function.arguments))
+            name, args = calls.get(call.index, (None, ""))
+            calls[call.index] = (call.function.name or name, args + (call.function.arguments or ""))
         reason = chunk.choices[0].finish_reason or reason
-    return content, [calls[i] for i in sorted(calls)], reason
+    return content, [(n, json.loads(a)) for n, a in (calls[i] for i in sorted(calls))], reason
 
 
 @pytest.mark.parametrize("choice", ["auto", "required"])
@@ -129,6 +130,50 @@ def test_openai_chat_stream_with_tools_equals_non_stream(client, choice):
     assert calls == expected and reason == ref.finish_reason
     if choice == "required":
         assert calls and calls[0][0] == "get_weather"
+
+
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The current local time in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def test_openai_tool_call_list_and_no_reasoning_for_smollm2(client):
+    """SmolLM2's format holds several calls per turn (a JSON list; parallel calls are admitted,
+    though the 135M model greedily makes one here); tool_choice "auto" on a user turn decodes
+    that list (its tuned protocol), every call valid, streamed equal to whole. SmolLM2 has no
+    reasoning markers, so no reasoning_content comes back. (Parallel calls and
+    reasoning_content are shown on tiny Qwen3/DeepSeek-R1-family models in
+    tests/test_server_tools.py.)"""
+    ask = [{"role": "user", "content": "What are the weather and the time in Paris and Rome?"}]
+    kwargs = dict(
+        model="smollm2",
+        messages=ask,
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        max_tokens=120,
+        temperature=0,
+    )
+    out = client.chat.completions.create(**kwargs).choices[0]
+    assert out.finish_reason == "tool_calls" and out.message.tool_calls
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in kwargs["tools"]}
+    for call in out.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    assert "reasoning_content" not in (out.message.model_extra or {})
+    content, calls, reason = _streamed_message(
+        client.chat.completions.create(**kwargs, stream=True)
+    )
+    expected = [(c.function.name, json.loads(c.function.arguments)) for c in out.message.tool_calls]
+    assert calls == expected and reason == "tool_calls" and not content
+    single = client.chat.completions.create(**kwargs, parallel_tool_calls=False).choices[0]
+    assert len(single.message.tool_calls) == 1
 
 
 def test_openai_completions_and_stream(served, client):

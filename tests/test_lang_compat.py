@@ -50,7 +50,7 @@ def test_public_names_of_sglang_frontend_exist():
         "select", "set_default_backend", "system", "system_begin", "system_end", "user",
         "user_begin", "user_end", "video", "greedy_token_selection", "token_length_normalized",
         "unconditional_likelihood_normalized", "Anthropic", "LiteLLM", "VertexAI",
-        "global_config", "__version__",
+        "global_config", "separate_reasoning", "__version__",
     ]  # fmt: skip
     assert [n for n in names if not hasattr(sgl, n)] == []
 
