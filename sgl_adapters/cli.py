@@ -75,14 +75,40 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         "Binds 127.0.0.1 unless --host says otherwise.",
     )
     add_serve_arguments(parser)
+    parser.add_argument(
+        "--dp",
+        type=int,
+        default=1,
+        help="data parallel: this many engine replicas as Ray actors behind one cache- and "
+        "graph-aware router (needs the 'ray' extra)",
+    )
+    parser.add_argument(
+        "--router-policy",
+        default="graph_aware",
+        choices=("graph_aware", "cache_aware", "least_loaded", "round_robin"),
+        help="how --dp routes requests (default graph_aware)",
+    )
     parser.set_defaults(func=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from sgl_engine.server.launch import serve_from_args
+    from sgl_engine.server.launch import engine_kwargs_from_args, serve_from_args
     from sgl_plugins.manager import get_plugin_manager
 
-    serve_from_args(args, families=get_plugin_manager().model_families())
+    if args.dp < 1:
+        raise SystemExit("--dp must be >= 1")
+    engine = None
+    if args.dp > 1:
+        from sgl_plugins.builtin.ray import RayBackend, ReplicatedEngine
+
+        backend = RayBackend(
+            args.model,
+            replicas=args.dp,
+            engine_kwargs=engine_kwargs_from_args(args),
+            policy=args.router_policy,
+        )
+        engine = ReplicatedEngine(backend, owns_backend=True)
+    serve_from_args(args, families=get_plugin_manager().model_families(), engine=engine)
     return 0
 
 

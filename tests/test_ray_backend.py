@@ -185,6 +185,34 @@ def test_round_robin_spreads_the_same_batch(backend):
     assert [r.meta_info["replica"] for r in results] == [0, 1, 0, 1]
 
 
+def test_the_http_server_over_replicas(backend):
+    """What `sgl-adapters serve --dp 2` serves: the ordinary app over `ReplicatedEngine`."""
+    import httpx
+    from sgl_engine.server.app import create_app
+    from sgl_engine.server.launch import ServerThread
+    from sgl_plugins.builtin.ray import ReplicatedEngine
+
+    params = {"max_new_tokens": 3, "temperature": 0}
+    with ServerThread(create_app(ReplicatedEngine(backend), model_name="tiny")) as server:
+        client = httpx.Client(base_url=server.base_url, timeout=60)
+        batch = [PREFIX + f" {c}" for c in ("Lyon", "Nice", "Metz")]
+        outs = client.post("/generate", json={"text": batch, "sampling_params": params}).json()
+        assert len(outs) == 3 and len({o["meta_info"]["replica"] for o in outs}) == 1
+        lines = []
+        body = {"text": "Hello", "sampling_params": params, "stream": True}
+        with client.stream("POST", "/generate", json=body) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data:")]
+        assert lines[-1] == "data: [DONE]" and len(lines) >= 2
+        done = client.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 3}
+        )
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 3
+        bad = {"text": "x", "sampling_params": {"temperature": -1}}
+        assert client.post("/generate", json=bad).status_code == 400
+        info = client.get("/get_server_info").json()
+        assert info["internal_states"][0]["prompt_tokens"] > 0
+
+
 def test_a_killed_replica_does_not_lose_other_requests(backend):
     long = {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}
     prompts = [f"{word} is the question number {i}" for i, word in enumerate("ABCDEFGH")]

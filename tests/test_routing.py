@@ -85,19 +85,30 @@ def test_round_robin_and_least_loaded_ignore_the_cache():
     assert ll.route((9,)).replica == 1
 
 
-def test_cache_aware_follows_the_prefix_until_the_load_is_imbalanced():
-    router = Router(2, RouterConfig(policy="cache_aware", balance_abs_threshold=4))
+@pytest.mark.parametrize(("balance", "hits"), [("bounded", 3), ("threshold", 4)])
+def test_cache_aware_follows_the_prefix_until_the_load_is_imbalanced(balance, hits):
+    config = RouterConfig(policy="cache_aware", balance=balance, balance_abs_threshold=4)
+    router = Router(2, config)
     prefix = tuple(range(100))
     first = router.route(prefix + (1000,))
     assert first.reason == "room"
     other = router.route((7, 7, 7))  # no match: goes to the replica with the most room
     assert other.replica != first.replica and other.reason == "room"
     router.release(other.replica)
-    hits = [router.route(prefix + (1001 + i,)) for i in range(4)]
-    assert all(d.replica == first.replica and d.reason == "cache" for d in hits)
-    assert hits[0].matched_tokens == 100
-    spill = router.route(prefix + (2000,))  # 5 in flight vs 0: balance wins
+    followed = [router.route(prefix + (1001 + i,)) for i in range(hits)]
+    assert all(d.replica == first.replica and d.reason == "cache" for d in followed)
+    assert followed[0].matched_tokens == 100
+    # bounded: 1 + hits in flight would pass max(4, 1.5 x mean); threshold: 5 vs 0 > 4
+    spill = router.route(prefix + (2000,))
     assert spill.replica == other.replica and spill.reason == "balance"
+
+
+def test_bounded_balance_keeps_a_big_unit_whole_on_an_idle_replica():
+    router = Router(2, RouterConfig(policy="graph_aware", balance_abs_threshold=8))
+    prefix = tuple(range(50))
+    assert router.route(prefix, [prefix + (i,) for i in range(8)], weight=8).reason == "room"
+    again = router.route(prefix, [prefix + (9,)], weight=1)  # 9 > max(8, 1.5 x 4.5)
+    assert again.reason == "balance" and router.loads == [8, 1]
 
 
 def test_a_removed_replica_gets_nothing_and_loses_its_tree():
@@ -114,6 +125,8 @@ def test_a_removed_replica_gets_nothing_and_loses_its_tree():
 def test_bad_policy_is_rejected():
     with pytest.raises(ValueError, match="unknown routing policy"):
         RouterConfig(policy="random")
+    with pytest.raises(ValueError, match="unknown balance rule"):
+        RouterConfig(balance="never")
 
 
 def shared_graph() -> CallGraph:
@@ -160,3 +173,11 @@ def test_loading_the_plugins_does_not_import_ray():
         "assert 'ray' not in sys.modules, 'ray was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_serve_takes_dp_and_a_router_policy():
+    from sgl_adapters.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--dp", "4", "--router-policy", "round_robin"])
+    assert args.dp == 4 and args.router_policy == "round_robin"
+    assert build_parser().parse_args(["serve"]).dp == 1

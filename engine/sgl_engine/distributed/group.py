@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 CONTROL_TIMEOUT = datetime.timedelta(minutes=30)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
@@ -36,10 +37,12 @@ class TPGroup:
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's `x` along the last dimension (rank order)."""
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.device_group)
-        return torch.cat(parts, dim=-1)
+        """Concatenate every rank's [n, d] `x` along the last dimension (rank order): one
+        all-gather into one [size * n, d] buffer, then a transpose."""
+        n, d = x.shape
+        out = torch.empty((self.size * n, d), dtype=x.dtype, device=x.device)
+        _all_gather_single(out, x.contiguous(), group=self.device_group)
+        return out.view(self.size, n, d).transpose(0, 1).reshape(n, self.size * d)
 
     def broadcast_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` into every rank's `x` (same shape and dtype everywhere), on the device."""

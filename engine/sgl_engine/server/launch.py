@@ -96,18 +96,22 @@ def serve(
     graceful_timeout: float = 30.0,
     log_level: str = "info",
     families: Any = None,
+    engine: Any = None,
     **engine_kwargs: Any,
 ) -> None:
     """Load `model` (None: the embedded SmolLM2) and serve it until SIGINT/SIGTERM; then stop
-    accepting, let in-flight requests finish, and shut the engine down."""
+    accepting, let in-flight requests finish, and shut the engine down. `engine` (then owned
+    and shut down here too) serves instead: any object with the engine's interface, such as
+    the `ray` plugin's replicas behind `ReplicatedEngine`."""
     import uvicorn
-
-    from sgl_engine import Engine
 
     warning = exposure_warning(host, api_key)
     if warning:
         log.warning(warning)
-    engine = Engine(model, **engine_kwargs)
+    if engine is None:
+        from sgl_engine import Engine
+
+        engine = Engine(model, **engine_kwargs)
     try:
         app = create_app(
             engine, api_key, max_body_bytes, served_model_name, allowed_hosts, families
@@ -220,11 +224,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def serve_from_args(args: argparse.Namespace, families: Any = None) -> None:
-    """`serve` with parsed flags; `families` as `create_app` takes them."""
-    engine_kwargs = {
-        key: getattr(args, key) for key in ENGINE_ARGS if getattr(args, key) is not None
-    }
+def engine_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine config fields given on the command line."""
+    return {key: getattr(args, key) for key in ENGINE_ARGS if getattr(args, key) is not None}
+
+
+def serve_from_args(args: argparse.Namespace, families: Any = None, engine: Any = None) -> None:
+    """`serve` with parsed flags; `families` as `create_app` takes them; `engine` (owned)
+    replaces the one the flags would load."""
+    engine_kwargs = {"engine": engine} if engine is not None else engine_kwargs_from_args(args)
     serve(
         args.model,
         args.host,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sgl_plugins.routing.prefix_tree import PrefixTree
 
 POLICIES = ("round_robin", "least_loaded", "cache_aware", "graph_aware")
+BALANCES = ("bounded", "threshold")
 
 
 class NoReplicaError(RuntimeError):
@@ -26,12 +27,18 @@ class NoReplicaError(RuntimeError):
 @dataclass(frozen=True)
 class RouterConfig:
     """`cache_threshold`: the matched fraction of a prompt above which the cache decides.
-    The load is imbalanced when max - min > `balance_abs_threshold` and max >
-    `balance_rel_threshold` * min (loads count leaves in flight). `max_tree_tokens`: each
-    replica's share of the approximate tree (about its KV capacity); 0 means unbounded."""
+
+    Loads count leaves in flight. `balance="bounded"` (default): a replica may take a unit
+    only while its load stays within max(`balance_abs_threshold`, `balance_rel_threshold` x
+    the mean load) -- the best-matching replica under that bound wins (consistent hashing
+    with bounded loads). `balance="threshold"` is sgl-router's switch: while max - min >
+    `balance_abs_threshold` and max > `balance_rel_threshold` x min, every unit goes to the
+    least loaded replica, whatever it matches. `max_tree_tokens`: each replica's share of the
+    approximate tree (about its KV capacity); 0 means unbounded."""
 
     policy: str = "graph_aware"
     cache_threshold: float = 0.5
+    balance: str = "bounded"
     balance_abs_threshold: int = 32
     balance_rel_threshold: float = 1.5
     max_tree_tokens: int = 0
@@ -39,6 +46,8 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown routing policy {self.policy!r}; one of {POLICIES}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"unknown balance rule {self.balance!r}; one of {BALANCES}")
 
     @property
     def graph_aware(self) -> bool:
@@ -86,7 +95,7 @@ class Router:
         with self._lock:
             if not self.live:
                 raise NoReplicaError("no live replica left to route to")
-            decision = self._choose(key)
+            decision = self._choose(key, weight)
             replica = decision.replica
             self.loads[replica] += weight
             self.reasons[decision.reason] = self.reasons.get(decision.reason, 0) + 1
@@ -110,6 +119,12 @@ class Router:
             self.tree.remove_tenant(replica)
             self.loads[replica] = 0
 
+    def forget(self, replicas: Iterable[int]) -> None:
+        """Forget what `replicas` hold (their caches were flushed); they stay live."""
+        with self._lock:
+            for replica in replicas:
+                self.tree.remove_tenant(replica)
+
     def stats(self) -> dict[str, object]:
         with self._lock:
             return {
@@ -120,7 +135,7 @@ class Router:
                 "decisions": dict(self.reasons),
             }
 
-    def _choose(self, key: Sequence[int]) -> Decision:
+    def _choose(self, key: Sequence[int], weight: int) -> Decision:
         policy = self.config.policy
         if policy == "round_robin":
             replica = self.live[self._next % len(self.live)]
@@ -128,17 +143,29 @@ class Router:
             return Decision(replica, 0, "round_robin")
         if policy == "least_loaded":
             return Decision(self._least_loaded(self.live), 0, "least_loaded")
-        if self._imbalanced():
+        if self.config.balance == "threshold" and self._imbalanced():
+            return Decision(self._least_loaded(self.live), 0, "balance")
+        eligible = self._within_bound(weight) if self.config.balance == "bounded" else self.live
+        if not eligible:
             return Decision(self._least_loaded(self.live), 0, "balance")
         matches = self.tree.match(key) if key else {}
         live_matches = {r: n for r, n in matches.items() if r in self.live}
         if live_matches:
             best = max(live_matches.values())
             if best > self.config.cache_threshold * len(key):
-                tied = [r for r, n in live_matches.items() if n == best]
-                return Decision(self._least_loaded(tied), best, "cache")
-        room = min(self.live, key=lambda r: (self.tree.size(r), self.loads[r], r))
+                tied = [r for r in eligible if live_matches.get(r) == best]
+                if tied:
+                    return Decision(self._least_loaded(tied), best, "cache")
+                near = max(eligible, key=lambda r: (live_matches.get(r, 0), -self.loads[r]))
+                return Decision(near, live_matches.get(near, 0), "balance")
+        room = min(eligible, key=lambda r: (self.tree.size(r), self.loads[r], r))
         return Decision(room, live_matches.get(room, 0), "room")
+
+    def _within_bound(self, weight: int) -> list[int]:
+        cfg = self.config
+        mean = (sum(self.loads[r] for r in self.live) + weight) / len(self.live)
+        bound = max(cfg.balance_abs_threshold, cfg.balance_rel_threshold * mean)
+        return [r for r in self.live if self.loads[r] + weight <= bound]
 
     def _imbalanced(self) -> bool:
         loads = [self.loads[r] for r in self.live]

@@ -8,6 +8,7 @@ from typing import Any
 from sgl_plugins.backend import CAPABILITIES
 from sgl_plugins.builtin.ray.backend import RayBackend, RayBackendFactory, ReplicaDiedError
 from sgl_plugins.builtin.ray.replica_set import ReplicaPool, ReplicaSet
+from sgl_plugins.builtin.ray.replicated_engine import ReplicatedEngine
 from sgl_plugins.hookspecs import hookimpl
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "ReplicaDiedError",
     "ReplicaPool",
     "ReplicaSet",
+    "ReplicatedEngine",
     "register_backends",
 ]
 

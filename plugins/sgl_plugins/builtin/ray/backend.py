@@ -163,21 +163,21 @@ class RayBackend(BackendBase):
         counters under "replicas", and the router's state under "router"."""
         ray = self._ray
         live = list(self.router.live)
-        per = dict(
-            zip(live, ray.get([self.replicas[r].metrics.remote() for r in live]), strict=True)
-        )
-        total: dict[str, Any] = {}
-        for metrics in per.values():
-            for key, value in metrics.items():
-                if isinstance(value, int | float) and key not in NUMERIC_RATIOS:
-                    total[key] = total.get(key, 0) + value
-        prompt = total.get("prompt_tokens", 0)
-        total["hit_rate"] = total.get("cached_tokens", 0) / prompt if prompt else 0.0
-        kv_total = total.get("kv_total", 0)
-        total["kv_usage"] = total.get("kv_used", 0) / kv_total if kv_total else 0.0
+        metrics = ray.get([self.replicas[r].metrics.remote() for r in live])
+        per = dict(zip(live, metrics, strict=True))
+        total = sum_metrics(per.values())
         total["replicas"] = per
         total["router"] = self.router.stats()
         return total
+
+    def flush_cache(self) -> bool:
+        """Drop every live replica's radix cache and the router's prefix tree; False (and the
+        tree kept) when a replica refused because requests were in flight."""
+        live = list(self.router.live)
+        ok = all(self._ray.get([self.replicas[r].flush_cache.remote() for r in live]))
+        if ok:
+            self.router.forget(live)
+        return ok
 
     def close(self) -> None:
         """Drop this backend's reference to its replica set (the last one stops the engines
@@ -240,6 +240,20 @@ class RayBackend(BackendBase):
         if isinstance(prompt, str):
             return tuple(self.tokenizer.encode(prompt))
         return tuple(int(t) for t in prompt)
+
+
+def sum_metrics(per_replica: Any) -> dict[str, Any]:
+    """Numeric counters summed over replicas, hit_rate and kv_usage recomputed."""
+    total: dict[str, Any] = {}
+    for metrics in per_replica:
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and key not in NUMERIC_RATIOS:
+                total[key] = total.get(key, 0) + value
+    prompt = total.get("prompt_tokens", 0)
+    total["hit_rate"] = total.get("cached_tokens", 0) / prompt if prompt else 0.0
+    kv_total = total.get("kv_total", 0)
+    total["kv_usage"] = total.get("kv_used", 0) / kv_total if kv_total else 0.0
+    return total
 
 
 class RayBackendFactory:

@@ -32,6 +32,9 @@ class Replica:
     def context_length(self) -> int:
         return int(self.backend.engine.context_length)
 
+    def hf_config(self) -> Any:
+        return self.backend.engine.hf_config
+
     def run_graph(self, graph: Any) -> list[Any]:
         return self.backend.run_graph(graph)
 

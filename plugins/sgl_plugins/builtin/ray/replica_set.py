@@ -73,7 +73,9 @@ class ReplicaSet:
         raise NoReplicaError("no live replica left")
 
     def shutdown(self) -> None:
-        """Stop the engines, kill the actors."""
+        """Stop the engines, kill the actors (nothing to do once Ray itself is shut down)."""
+        if not self.ray.is_initialized():
+            return
         for r in list(self.router.live):
             try:
                 self.ray.get(self.replicas[r].shutdown.remote(), timeout=30)

@@ -1,0 +1,158 @@
+"""`ReplicatedEngine`: a `RayBackend`'s replicas behind the engine interface the HTTP server
+uses (`async_generate`, `abort`, `metrics`, `flush_cache`, `tokenizer`, ...), so
+`sgl-adapters serve --dp N` is the ordinary server over N Ray replicas.
+
+Routing: one HTTP request (a prompt, or a list of prompts sent together) is one unit, routed
+by its prompts' common token prefix with the backend's router -- a batch sharing a prefix is
+prefilled once, on one replica. A replica that dies before answering is dropped and the
+request re-sent to another; a stream that already sent chunks fails (it cannot be resumed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sgl_plugins.builtin.ray.backend import RayBackend, ReplicaDiedError
+from sgl_plugins.routing import prompt_units
+
+
+class ReplicatedEngine:
+    """Engine-shaped front of `backend`'s replicas. Owns nothing: `shutdown` closes the
+    backend only when `owns_backend` is set. Thread- and task-safe (the router locks)."""
+
+    def __init__(self, backend: RayBackend, owns_backend: bool = False) -> None:
+        self.backend = backend
+        self.owns_backend = owns_backend
+        self.model_path = backend.model_name
+        self.config = None
+        replicas = backend.replica_set
+        self.context_length = replicas.call_any(lambda actor: actor.context_length.remote())
+        self.hf_config = replicas.call_any(lambda actor: actor.hf_config.remote())
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.backend.tokenizer
+
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> str:
+        return self.backend.apply_chat_template(messages, add_generation_prompt, tools)
+
+    async def async_generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool | list[bool] = False,
+        logprob_start_len: int | list[int] = -1,
+        top_logprobs_num: int | list[int] = 0,
+        stream: bool = False,
+        rid: str | list[str] | None = None,
+    ) -> Any:
+        """`Engine.async_generate` on the replica the router picks for this request."""
+        request = {
+            "prompt": prompt,
+            "sampling_params": sampling_params,
+            "input_ids": input_ids,
+            "return_logprob": return_logprob,
+            "logprob_start_len": logprob_start_len,
+            "top_logprobs_num": top_logprobs_num,
+            "rid": rid,
+        }
+        key, prompts = self._routing_key(prompt, input_ids)
+        if stream:
+            return self._stream(request, key, prompts)
+        return await self._generate(request, key, prompts)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        import asyncio
+
+        return asyncio.run(self.async_generate(*args, **kwargs))
+
+    def abort(self, rid: str) -> None:
+        """Abort `rid` wherever it runs (sent to every live replica; unknown ids are ignored)."""
+        for r in list(self.backend.router.live):
+            self.backend.replicas[r].abort.remote(rid)
+
+    def metrics(self) -> dict[str, Any]:
+        return self.backend.metrics()
+
+    def flush_cache(self) -> bool:
+        return self.backend.flush_cache()
+
+    def shutdown(self) -> None:
+        if self.owns_backend:
+            self.backend.close()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    async def _generate(self, request: dict, key: tuple[int, ...], prompts: list) -> Any:
+        ray = self.backend._ray
+        router = self.backend.router
+        while True:
+            decision = router.route(key, prompts, max(1, len(prompts)))
+            try:
+                out = await self.backend.replicas[decision.replica].generate.remote(request)
+            except ray.exceptions.RayActorError:
+                router.remove(decision.replica)
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                raise _cause(exc) from None
+            finally:
+                router.release(decision.replica, max(1, len(prompts)))
+            return _tag(out, decision.replica)
+
+    async def _stream(
+        self, request: dict, key: tuple[int, ...], prompts: list
+    ) -> AsyncIterator[dict]:
+        ray = self.backend._ray
+        router = self.backend.router
+        while True:
+            decision = router.route(key, prompts)
+            actor = self.backend.replicas[decision.replica]
+            sent = 0
+            try:
+                refs = actor.generate_stream.options(num_returns="streaming").remote(request)
+                async for ref in refs:
+                    chunk = await ref
+                    sent += 1
+                    yield _tag(chunk, decision.replica)
+                return
+            except ray.exceptions.RayActorError as exc:
+                router.remove(decision.replica)
+                if sent:
+                    raise ReplicaDiedError(
+                        f"replica {decision.replica} died after {sent} chunk(s)"
+                    ) from exc
+            except ray.exceptions.RayTaskError as exc:
+                raise _cause(exc) from None
+            finally:
+                router.release(decision.replica)
+
+    def _routing_key(
+        self, prompt: str | list[str] | None, input_ids: Any
+    ) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+        """The common token prefix of the request's prompts, and the prompts."""
+        if input_ids is not None:
+            seqs = input_ids if input_ids and isinstance(input_ids[0], list) else [input_ids]
+        elif prompt is not None:
+            texts = prompt if isinstance(prompt, list) else [prompt]
+            seqs = [self.tokenizer.encode(t) for t in texts]
+        else:
+            return (), []
+        prompts = [tuple(int(t) for t in s) for s in seqs]
+        units = prompt_units(prompts)
+        return (units[0].key if len(units) == 1 else prompts[0]), prompts
+
+
+def _tag(out: Any, replica: int) -> Any:
+    if isinstance(out, list):
+        return [_tag(o, replica) for o in out]
+    return {**out, "meta_info": {**out.get("meta_info", {}), "replica": replica}}
+
+
+def _cause(exc: Exception) -> Exception:
+    """The exception raised inside the actor (InvalidRequestError keeps its HTTP meaning)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, Exception) else exc
