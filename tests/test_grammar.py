@@ -415,28 +415,35 @@ def test_forced_text_ending_inside_a_character_is_cut_at_the_boundary(compiler):
     assert matcher.jump_forward_string() == '"'
 
 
-def test_forced_text_spelling_a_special_token_is_forced_as_text(compiler, tok):
-    # The tokenizer encodes "<|im_end|>" text as the special token (which ends the turn); a
-    # grammar literal spelling it is forced as ordinary characters, on every xgrammar release.
+def test_forced_text_never_becomes_a_special_token(compiler, tok):
+    # The tokenizer encodes "<|im_end|>" text as the special token (which ends the turn): a
+    # grammar literal spelling it is not forced, on every xgrammar release; the model samples
+    # it as characters under the mask instead.
     special = set(tok.all_special_ids)
     only_special = matcher_for(compiler, ebnf='root ::= "<|im_end|>x"')
-    jump = jump_forward(only_special, tok, [])
-    assert jump.num_dropped == 0 and jump.text == "<|im_end|>x"
-    assert not special & set(jump.new_tokens)
-    assert tok.decode(list(jump.new_tokens)) == "<|im_end|>x"
-    assert only_special.can_finish()
+    before = allowed_ids(only_special)
+    assert jump_forward(only_special, tok, []) is None
+    assert allowed_ids(only_special) == before and only_special.rollback_limit() == 0
+    assert not special & before
 
     matcher = matcher_for(compiler, ebnf='root ::= "x" "ab<|im_end|>"')
     x = encode(tok, "x")
     assert matcher.accept_token(x[0])
     jump = jump_forward(matcher, tok, x)
-    assert jump.text == "ab<|im_end|>" and not special & set(jump.new_tokens)
-    assert tok.decode(x[: len(x) - jump.num_dropped] + list(jump.new_tokens)) == "xab<|im_end|>"
+    assert jump.num_dropped == 0 and jump.text == "ab" and not special & set(jump.new_tokens)
+    assert tok.decode(x + list(jump.new_tokens)) == "xab"
     fresh = matcher_for(compiler, ebnf='root ::= "x" "ab<|im_end|>"')
-    assert all(
-        fresh.accept_token(t) for t in x[: len(x) - jump.num_dropped] + list(jump.new_tokens)
-    )
+    assert all(fresh.accept_token(t) for t in x + list(jump.new_tokens))
     assert allowed_ids(fresh) == allowed_ids(matcher)
+    assert not special & allowed_ids(matcher)
+
+
+def test_retokenised_tail_never_holds_a_special_token(tok):
+    # "<|im_" already generated, "end|>" forced: re-encoding the tail would make the special token.
+    ids = encode(tok, "a<|im_")
+    k, new = jump_forward_tokens(tok, ids, "end|>")
+    assert new and not set(tok.all_special_ids) & set(new)
+    assert tok.decode(ids[: len(ids) - k] + new) == "a<|im_end|>"
 
 
 @settings(max_examples=200, deadline=None, database=None)

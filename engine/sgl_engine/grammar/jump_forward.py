@@ -10,11 +10,13 @@ Windows are tried from the largest down to 0 (plain `encode(forced)` appended); 
 one wins. Tokens shared by the old and new tail are kept, so the result is
 `(k = tokens to drop, new tokens to append)` with `k` as small as the chosen window allows.
 
-Forced text is always encoded as ordinary text (`split_special_tokens=True`): a grammar literal
-that spells a special token (`"<|im_end|>"`) is forced as its characters, never as the special
-token, which would end the turn or change the template's structure. Whether a grammar matcher
-would accept the special token for that text differs between xgrammar releases; this rule does
-not depend on it.
+A grammar literal that spells a special token (`"<|im_end|>"`) is never forced as that token,
+which would end the turn or change the template's structure: forced text is cut before the
+first special token's text (the model then samples it character by character under the
+grammar's mask), and a retokenised tail that contains a special token id is rejected. Whether
+a grammar matcher would accept the special token for that text differs between xgrammar
+releases; this rule does not depend on it. (Encoding with `split_special_tokens` would need
+the tokenizer's mutable state, which other threads use at the same time.)
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ def jump_forward_tokens(
         return 0, []
     ids = list(output_ids)
     target = _decode(tokenizer, ids) + forced
+    special = set(tokenizer.all_special_ids)
     for j in range(min(max_retokenize, len(ids)), -1, -1):
         head, tail = ids[: len(ids) - j], ids[len(ids) - j :]
         new = _encode(tokenizer, _decode(tokenizer, tail) + forced)
-        if _decode(tokenizer, head + new) == target:
+        if special.isdisjoint(new) and _decode(tokenizer, head + new) == target:
             common = _common_prefix(tail, new)
             return j - common, new[common:]
     return 0, []
@@ -61,7 +64,7 @@ def jump_forward(
     `output_ids[:len-k] + new_tokens`. Returns None (matcher unchanged) if nothing is forced or
     no tokens for the forced text are accepted. If the retokenised tail is rejected, falls back
     to appending the longest accepted prefix of `encode(forced)` without dropping anything."""
-    forced = matcher.jump_forward_string()
+    forced = _before_special_text(tokenizer, matcher.jump_forward_string())
     if not forced:
         return None
     ids = list(output_ids)
@@ -102,6 +105,12 @@ def _append_accepted(
     return JumpForward(0, tuple(accepted), after[len(before) :])
 
 
+def _before_special_text(tokenizer, text: str) -> str:
+    """`text` up to the first occurrence of a special token's text."""
+    cut = min((i for t in tokenizer.all_special_tokens if (i := text.find(t)) >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
 def _decode(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(
         list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
@@ -109,7 +118,7 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

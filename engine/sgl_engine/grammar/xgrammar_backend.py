@@ -64,6 +64,9 @@ class GrammarCompiler:
             stop_token_ids = [tokenizer.eos_token_id]
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
+        self.special_token_ids = sorted(
+            i for i in set(tokenizer.all_special_ids) if 0 <= i < vocab_size
+        )
         self.config = config or GrammarConfig()
         self._info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=self.stop_token_ids
@@ -102,7 +105,13 @@ class GrammarCompiler:
 
     def matcher(self, compiled: CompiledGrammar, max_rollback_tokens: int = 16) -> GrammarMatcher:
         """A fresh matcher for one request."""
-        return GrammarMatcher(compiled, self.stop_token_ids, max_rollback_tokens, self._guard)
+        return GrammarMatcher(
+            compiled,
+            self.stop_token_ids,
+            max_rollback_tokens,
+            self._guard,
+            special_token_ids=self.special_token_ids,
+        )
 
     def cache_info(self) -> dict[str, int]:
         """Cache hits, misses and current entries."""
@@ -168,9 +177,12 @@ class GrammarMatcher:
         stop_token_ids: Sequence[int],
         max_rollback_tokens: int = 16,
         guard: Utf8Guard | None = None,
+        *,
+        special_token_ids: Sequence[int] = (),
     ) -> None:
         self.compiled = compiled
         self.stop_token_ids = list(stop_token_ids)
+        self.special_token_ids = list(special_token_ids)
         self.max_rollback_tokens = max_rollback_tokens
         self.dead_end = False
         self._matcher = xgr.GrammarMatcher(compiled.handle)
@@ -182,9 +194,12 @@ class GrammarMatcher:
         """Write the allowed next tokens into `bitmask[row]` (a CPU tensor from
         `allocate_bitmask`). If nothing is allowed (a dead end, or already terminated) only the
         stop tokens are set, so the row never masks everything; a dead end sets `dead_end`
-        (the stop token is then rejected by `accept_token`)."""
+        (the stop token is then rejected by `accept_token`). Special tokens are never allowed
+        as grammar text (some xgrammar releases match a literal that spells one); stop tokens
+        only once the grammar is complete."""
         if not self._matcher.is_terminated():
             self._matcher.fill_next_token_bitmask(bitmask, row)
+            self._mask_special_tokens(bitmask[row])
             if self._guard is not None:
                 self._guard.restrict(bitmask[row], self._utf8_state())
             if bool(bitmask[row].any()):
@@ -193,6 +208,12 @@ class GrammarMatcher:
         bitmask[row].zero_()
         for token_id in self.stop_token_ids:
             bitmask[row, token_id // 32] |= _bit(token_id % 32)
+
+    def _mask_special_tokens(self, row: torch.Tensor) -> None:
+        keep = set(self.stop_token_ids) if self._matcher.is_completed() else set()
+        for token_id in self.special_token_ids:
+            if token_id not in keep:
+                row[token_id // 32] &= ~_bit(token_id % 32)
 
     def accept_token(self, token_id: int) -> bool:
         """Advance by one token; False (state unchanged) if the grammar does not allow it."""
