@@ -148,7 +148,6 @@ class TestChatSGLangHttpUnit(_OverHttp, _Features, ChatModelUnitTests):
         return {k: v for k, v in HTTP_PARAMS.items() if k != "max_tokens"}
 
 
-@pytest.mark.asyncio
 @pytest.mark.usefixtures("sglang_server")
 class TestChatSGLangHttpIntegration(_OverHttp, TestChatSGLangIntegration):
     async def test_backend_is_http(self, model) -> None:
