@@ -230,6 +230,17 @@ def test_folder_name_follows_file_content(tmp_path):
     assert embedded.converted_dir("M", b, tmp_path).name == name_a
 
 
+def test_folder_name_follows_the_transformers_release(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    a = tmp_path / "a.gguf"
+    a.write_bytes(b"x" * 10)
+    now = embedded.converted_dir("M", a, tmp_path).name
+    assert now.endswith(f"-tf{importlib.metadata.version('transformers')}")
+    monkeypatch.setattr(importlib.metadata, "version", lambda _: "5.0.0")
+    assert embedded.converted_dir("M", a, tmp_path).name != now
+
+
 @pytest.mark.parametrize("n_heads", [1, 2, 4])
 def test_unpermute_inverts_llama_cpp_permute(n_heads):
     w = np.arange(n_heads * 8 * 3, dtype=np.float32).reshape(n_heads * 8, 3)

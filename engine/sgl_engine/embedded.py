@@ -170,8 +170,15 @@ def gguf_fingerprint(path: Path) -> str:
 
 
 def converted_dir(name: str, gguf_path: Path, cache: Path) -> Path:
-    """The cache folder a GGUF converts into: `cache/models/<name>-<size>-<hash>`."""
-    return cache / "models" / f"{name}-{gguf_fingerprint(gguf_path)}"
+    """The cache folder a GGUF converts into: `cache/models/<name>-<size>-<hash>-tf<version>`.
+
+    The transformers version is part of the name: its GGUF readers write the tokenizer, and a
+    folder written by one release can decode wrongly under another (5.0's byte-level tokens
+    read as 'Ġ' by 5.24), so an upgrade converts once more instead of reusing a stale folder.
+    """
+    from importlib.metadata import version
+
+    return cache / "models" / f"{name}-{gguf_fingerprint(gguf_path)}-tf{version('transformers')}"
 
 
 def ensure_converted(gguf_path: Path, name: str, cache: Path | None = None) -> Path:
