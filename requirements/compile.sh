@@ -10,6 +10,7 @@
 # Two locks: `py311`, the newest release of everything in range (torch excepted: pinned to the
 # CPU build the test machines carry), and `oldest`, the oldest end of each tested range at once.
 # Together they test every range at both ends; the matrix envs in tox.ini use one or the other.
+# `--oldest-only` re-resolves only the oldest lock (after moving a lower bound).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=(--extra test)
@@ -27,5 +28,5 @@ lock() {  # lock NAME PIN...: requirements/NAME.txt, the resolution under PIN...
   echo "requirements/$name.txt: $(grep -c '==' "requirements/$name.txt") pins"
 }
 
-lock py311
-lock oldest langchain-core==1.7.0 dspy==3.3.1 xgrammar==0.2.8 transformers==5.0.0
+[ "${1:-}" = --oldest-only ] || lock py311
+lock oldest langchain-core==1.7.0 dspy==3.3.1 xgrammar==0.2.8 transformers==5.18.0
