@@ -13,7 +13,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from sgl_plugins.builtin.local import engine_key
+from sgl_plugins.builtin.local import EnginePool
 from sgl_plugins.routing import NoReplicaError, Router, RouterConfig
 
 DEFAULT_INIT = {"include_dashboard": False, "configure_logging": False}
@@ -85,45 +85,16 @@ class ReplicaSet:
             self.ray.kill(actor)
 
 
-class ReplicaPool:
-    """Reference-counted `ReplicaSet`s. `acquire`/`release`/`close` mutate under the pool's
-    lock; a set starts under it, so two threads asking for the same set get one."""
+class ReplicaPool(EnginePool):
+    """Reference-counted `ReplicaSet`s: the local plugin's `EnginePool` with sets for engines.
+    `acquire`/`release`/`close` mutate under the pool's lock; a set starts under it, so two
+    threads asking for the same set get one."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._entries: dict[Any, list[Any]] = {}
+        super().__init__(ReplicaSet)
 
     def acquire(self, model_path: str | None, **spec: Any) -> tuple[Any, ReplicaSet]:
-        key = engine_key(model_path, spec)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = [ReplicaSet(model_path, **spec), 0]
-                self._entries[key] = entry
-            entry[1] += 1
-            return key, entry[0]
-
-    def release(self, key: Any) -> None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return
-            entry[1] -= 1
-            if entry[1] > 0:
-                return
-            del self._entries[key]
-        entry[0].shutdown()
-
-    def close(self) -> None:
-        with self._lock:
-            sets = [e[0] for e in self._entries.values()]
-            self._entries.clear()
-        for replica_set in sets:
-            replica_set.shutdown()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._entries)
+        return super().acquire(model_path, spec)
 
 
 def default_options(engine_kwargs: Mapping[str, Any]) -> dict[str, Any]:
