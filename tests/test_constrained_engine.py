@@ -365,3 +365,17 @@ def test_choices_with_shared_prefixes_retokenise_correctly(engines, seed):
     for out in outs:
         assert out["text"] in choices
         assert tok.decode(out["output_ids"], skip_special_tokens=True) == out["text"]
+
+
+def test_jump_forward_leaves_the_shared_tokenizer_state_alone(engines):
+    """Callers tokenise their prompts on their own threads while the scheduler thread
+    retokenises forced text with the same tokenizer. A per-call option such as
+    `split_special_tokens=True` is stored on the shared Rust tokenizer, so a caller encoding
+    at that moment had its special tokens spelled out: its prompt diverged at token 0 and
+    reused no cached prefix (the cold duplicate `test_dspy.py`'s concurrent batch once saw).
+    After forcing text, the flag must still be the tokenizer's default."""
+    eng = engines[True]
+    sp = {"json_schema": SCHEMAS["person"], "temperature": 0.0, "max_new_tokens": 64}
+    out = eng.generate(PROMPT, sp)
+    assert out["meta_info"]["forced_tokens"] > 0
+    assert eng.tokenizer._tokenizer.encode_special_tokens is False

@@ -265,7 +265,7 @@ def test_batch_runs_concurrently_and_shares_demos_in_the_cache(kind, tiny_llama,
     ]
     program = dspy.LabeledFewShot(k=3).compile(dspy.Predict(QA), trainset=trainset)
     examples = [dspy.Example(question=f"question {i}").with_inputs("question") for i in range(8)]
-    engine.flush_cache()
+    assert engine.flush_cache()
     before = engine.metrics()
     with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
         preds = program.batch(examples, num_threads=8, max_errors=0)
@@ -275,10 +275,15 @@ def test_batch_runs_concurrently_and_shares_demos_in_the_cache(kind, tiny_llama,
     cached = [e["usage"]["prompt_tokens_details"]["cached_tokens"] for e in entries]
     prompts = [e["usage"]["prompt_tokens"] for e in entries]
     completions = sum(e["usage"]["completion_tokens"] for e in entries)
-    # The demos are a shared prefix: all but the first request reuse most of their prompt. In
-    # two full-suite runs on a loaded machine one more request computed them cold (6 of 8
-    # reused); the cause is not found yet (it does not reproduce alone), so one is tolerated.
-    assert sum(c > p // 2 for c, p in zip(cached, prompts, strict=True)) >= 6, (cached, prompts)
+    # The demos are a shared prefix. Whatever order the eight threads arrive in, exactly one
+    # request (the first admitted) computes them; the scheduler holds back a request sharing
+    # a prefix still being prefilled, so every other one reuses the same cached prefix. The
+    # eight prompts tokenise alike: a second cold request once came from a prompt whose
+    # special tokens were spelled out because the scheduler thread had set a flag on the
+    # shared tokenizer (see test_constrained_engine.py's shared-tokenizer-state test).
+    assert len(set(prompts)) == 1, prompts
+    cold = [c for c in cached if c <= prompts[0] // 2]
+    assert cold == [0] and len(set(cached) - {0}) == 1, (cached, prompts)
     assert after["cached_tokens"] - before["cached_tokens"] == sum(cached)
     # Run one after another, every output token would need its own forward pass.
     assert after["forward_passes"] - before["forward_passes"] < completions
