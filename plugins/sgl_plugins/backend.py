@@ -166,6 +166,8 @@ class BackendBase:
     name: str = "base"
     capabilities: frozenset[str] = frozenset({"generate"})
     tokenizer: Any = None
+    chat_template: str | None = None
+    """A Jinja chat template used instead of the tokenizer's own (None: the tokenizer's)."""
 
     def run_graph(self, graph: CallGraph) -> list[LeafResult]:
         raise NotImplementedError
@@ -179,10 +181,17 @@ class BackendBase:
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+        """The chat rendered by `tokenizer` with `chat_template`, else its own template."""
+        tok = self.tokenizer
+        if tok is None or not (self.chat_template or getattr(tok, "chat_template", None)):
             raise NotImplementedError(f"backend {self.name!r} has no chat template")
-        return self.tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+        template = {"chat_template": self.chat_template} if self.chat_template else {}
+        return tok.apply_chat_template(
+            messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **template,
         )
 
     def generate(

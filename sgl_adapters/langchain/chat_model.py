@@ -15,7 +15,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.tools import BaseTool
 from pydantic import Field
 from sgl_engine.families import ModelFamily, OutputStream, family_of, parse_output, prepare_chat
-from sgl_engine.server.formats import chat_logprobs
+from sgl_engine.openai_format import chat_logprobs
 
 from sgl_adapters.engines import EngineClient, Request, model_display_name
 from sgl_adapters.json_schema import cap_strings

@@ -220,13 +220,7 @@ class HttpBackend(BackendBase):
     ) -> str:
         if self._tokenizer is None:
             raise NotImplementedError(f"backend {self.name!r} has no tokenizer to render chats")
-        return self._tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.chat_template,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-        )
+        return super().apply_chat_template(messages, add_generation_prompt, tools)
 
     # -- plumbing -----------------------------------------------------------------------------
 

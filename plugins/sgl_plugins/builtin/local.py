@@ -149,13 +149,7 @@ class LocalBackend(BackendBase):
             return self.engine.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tools=tools
             )
-        return self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.chat_template,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-        )
+        return super().apply_chat_template(messages, add_generation_prompt, tools)
 
     def run_graph(self, graph: CallGraph) -> list[LeafResult]:
         if not len(graph):
