@@ -43,11 +43,17 @@ GPU_ENGINE = dict(
 
 
 def model_dir(root: Path, small: bool) -> Path:
+    cfg = dict(LLAMA2_7B, num_hidden_layers=2) if small else LLAMA2_7B
+    return llama_dir(root, "llama7b-shape-small" if small else "llama7b-shape", cfg)
+
+
+def llama_dir(root: Path, name: str, cfg: dict) -> Path:
+    """A folder holding a Llama config of shape `cfg` and the tiny test tokenizer (for random
+    weights: nothing else is read)."""
     from sgl_engine.testing import make_tiny_tokenizer
     from transformers import LlamaConfig
 
-    cfg = dict(LLAMA2_7B, num_hidden_layers=2) if small else LLAMA2_7B
-    path = root / ("llama7b-shape-small" if small else "llama7b-shape")
+    path = root / name
     path.mkdir(parents=True, exist_ok=True)
     LlamaConfig(**cfg, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(
         path

@@ -1,22 +1,27 @@
 """Tensor parallelism on the GPUs of one host (random bf16 weights, greedy, EOS ignored).
 
     python benchmarks/bench_tp.py [--phases 7b,70b] [--json out.json]
+    python benchmarks/bench_tp.py --smoke          # the same steps on the CPU (gloo, tiny model)
 
 7b: a Llama-2-7B-shaped model on TP=1 (GPU 0) then TP=2 (GPUs 0-1): greedy tokens compared
 position by position (a divergence is excused only where TP=1's top-2 logprobs are a bf16
 near-tie), and batch-1 decode tokens/s of both against each one's weight-read roofline.
 70b: a Llama-2-70B-shaped model (~138 GB in bf16: more than one H200 holds) on TP=2: the
 MMLU-style workload's requests/s and batch-1 decode tokens/s against its roofline.
-The roofline of TP=N reads 1/N of the weights per GPU per token (copy bandwidth x N / bytes);
-it leaves out the two all-reduces per layer, which batch-1 decode pays in latency.
+The roofline of TP=N is the copy bandwidth over the bytes of one rank's shard (each GPU reads
+its 1/N of the weights per token); it leaves out the two all-reduces per layer, which batch-1
+decode pays in latency. Engine start-up phases are logged with timestamps.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
+import logging
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,22 +29,32 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import copy_bandwidth, mmlu_prompts, timed  # noqa: E402
+from bench_gpu import (  # noqa: E402
+    LLAMA2_7B,
+    copy_bandwidth,
+    decode_roofline,
+    llama_dir,
+    mmlu_prompts,
+    timed,
+)
 
-LLAMA2 = {
-    "7b": dict(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-    ),
+SHAPES = {
+    "7b": LLAMA2_7B,
     "70b": dict(
+        LLAMA2_7B,
         hidden_size=8192,
         intermediate_size=28672,
         num_hidden_layers=80,
         num_attention_heads=64,
         num_key_value_heads=8,
+    ),
+    "smoke": dict(
+        LLAMA2_7B,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     ),
 }
 ENGINE = dict(
@@ -51,25 +66,8 @@ ENGINE = dict(
     chunked_prefill_size=8192,
     mem_fraction_static=0.6,
 )
+SMOKE_ENGINE = dict(device="cpu", dtype="float32", random_weights=True, max_total_tokens=4096)
 NEAR_TIE = 0.05
-
-
-def model_dir(root: Path, shape: str) -> Path:
-    from sgl_engine.testing import make_tiny_tokenizer
-    from transformers import LlamaConfig
-
-    path = root / f"llama-{shape}-shape"
-    path.mkdir(parents=True, exist_ok=True)
-    LlamaConfig(
-        **LLAMA2[shape],
-        vocab_size=32000,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        torch_dtype="bfloat16",
-        architectures=["LlamaForCausalLM"],
-    ).save_pretrained(path)
-    make_tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def emit(results: dict, out: str | None, **new) -> None:
@@ -114,12 +112,13 @@ def compare(ref: list[dict], got: list[dict]) -> dict:
     }
 
 
-def batch1(eng, nbytes: int, tp: int, bw: float) -> dict:
-    sp = {"max_new_tokens": 256, "temperature": 0, "ignore_eos": True}
-    eng.generate(input_ids=[1, 2, 3, 4], sampling_params={**sp, "max_new_tokens": 8})
+def batch1(eng, tp: int, smoke: bool) -> dict:
+    """Batch-1 decode, median of 3 runs, against the roofline of one rank's shard."""
+    if not smoke:
+        return decode_roofline(eng, shard_bytes(eng))
+    sp = {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True}
     dt, _ = timed(lambda: eng.generate(input_ids=[5, 6, 7, 8], sampling_params=sp))
-    roof = bw * tp / nbytes
-    return {"tok_s": 255 / dt, "roofline_tok_s": roof, "fraction": 255 / dt / roof}
+    return {"ours_tok_s": 31 / dt}
 
 
 def mmlu(eng) -> dict:
@@ -131,15 +130,16 @@ def mmlu(eng) -> dict:
     return {"req_s": len(prompts) / dt, "seconds": dt}
 
 
-def model_bytes(eng, tp: int) -> int:
-    return tp * sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+def shard_bytes(eng) -> int:
+    """Bytes of rank 0's parameters: what each GPU reads per decode step."""
+    return sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
 
 
-def run(path: Path, tp: int, work) -> dict:
+def run(path: Path, tp: int, work, engine: dict) -> dict:
     from sgl_engine import Engine
 
     t = time.perf_counter()
-    eng = Engine(str(path), **ENGINE, tp_size=tp)
+    eng = Engine(str(path), **engine, tp_size=tp)
     try:
         out = {"startup_s": time.perf_counter() - t}
         out.update(work(eng))
@@ -149,35 +149,42 @@ def run(path: Path, tp: int, work) -> dict:
         eng.shutdown()
         del eng
         gc.collect()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
-def phase_7b(root: Path, results: dict, out: str | None, bw: float) -> None:
-    path = model_dir(root, "7b")
+def phase_7b(root: Path, results: dict, out: str | None, args) -> None:
+    shape = "smoke" if args.smoke else args.shape or "7b"
+    path = llama_dir(root, f"llama-{shape}-shape", SHAPES[shape])
+    engine = SMOKE_ENGINE if args.smoke else ENGINE
     probes = {}
-    for tp in (1, 2):
+    for tp in args.tp:
 
         def work(eng, tp=tp):
             probes[tp] = probe(eng)
-            return {"decode_bs1": batch1(eng, model_bytes(eng, tp), tp, bw)}
+            return {"decode_bs1": batch1(eng, tp, args.smoke), "shard_bytes": shard_bytes(eng)}
 
-        emit(results, out, **{f"7b tp{tp}": run(path, tp, work)})
-    emit(results, out, **{"7b greedy tp2 vs tp1": compare(probes[1], probes[2])})
-    r1 = results["7b tp1"]["decode_bs1"]["tok_s"]
-    r2 = results["7b tp2"]["decode_bs1"]["tok_s"]
-    emit(results, out, **{"7b bs1 speedup tp2/tp1": r2 / r1})
+        emit(results, out, **{f"{shape} tp{tp}": run(path, tp, work, engine)})
+    if len(probes) < 2:
+        return
+    emit(results, out, **{f"{shape} greedy tp2 vs tp1": compare(probes[1], probes[2])})
+    r1 = results[f"{shape} tp1"]["decode_bs1"]["ours_tok_s"]
+    r2 = results[f"{shape} tp2"]["decode_bs1"]["ours_tok_s"]
+    emit(results, out, **{f"{shape} bs1 speedup tp2/tp1": r2 / r1})
 
 
-def phase_70b(root: Path, results: dict, out: str | None, bw: float) -> None:
-    path = model_dir(root, "70b")
+def phase_70b(root: Path, results: dict, out: str | None, args) -> None:
+    shape = "smoke" if args.smoke else args.shape or "70b"
+    path = llama_dir(root, f"llama-{shape}-shape", SHAPES[shape])
 
     def work(eng):
-        res = {"mmlu": mmlu(eng)}
-        res["decode_bs1"] = batch1(eng, model_bytes(eng, 2), 2, bw)
+        res = {"mmlu": mmlu(eng), "decode_bs1": batch1(eng, 2, args.smoke)}
+        res["shard_bytes"] = shard_bytes(eng)
         res["kv_slots"] = eng.runner.num_slots
         return res
 
-    emit(results, out, **{"70b tp2": run(path, 2, work)})
+    engine = SMOKE_ENGINE if args.smoke else ENGINE
+    emit(results, out, **{f"{shape} tp2 mmlu": run(path, 2, work, engine)})
 
 
 def main() -> None:
@@ -185,18 +192,28 @@ def main() -> None:
     ap.add_argument("--phases", default="7b,70b")
     ap.add_argument("--json", default=None)
     ap.add_argument("--root", default="/tmp/sgl-bench")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (gloo)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="another model shape for a phase")
+    ap.add_argument("--tp", default="1,2", help="tp sizes of the 7b phase")
     args = ap.parse_args()
+    args.tp = [int(t) for t in args.tp.split(",")]
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cuda = torch.cuda.is_available() and not args.smoke
     results: dict = {
-        "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}",
+        "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}"
+        if cuda
+        else "cpu",
         "date": time.strftime("%Y-%m-%d"),
     }
-    bw = copy_bandwidth()
-    emit(results, args.json, copy_bw_TBps=bw / 1e12)
+    if cuda:
+        emit(results, args.json, copy_bw_TBps=copy_bandwidth() / 1e12)
     phases = {"7b": phase_7b, "70b": phase_70b}
     for name in args.phases.split(","):
         try:
-            phases[name](Path(args.root), results, args.json, bw)
+            phases[name](Path(args.root), results, args.json, args)
         except Exception as exc:  # noqa: BLE001 -- keep the other phase's figures
+            logging.exception("phase %s failed", name)
             emit(results, args.json, **{f"{name} failed": repr(exc)[:2000]})
 
 

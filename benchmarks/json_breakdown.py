@@ -40,6 +40,7 @@ from bench_gpu import (  # noqa: E402
     _median,
     _valid_city,
     json_prompts,
+    llama_dir,
     model_dir,
     timed,
 )
@@ -59,15 +60,7 @@ CPU_ENGINE = dict(
 
 
 def tiny_model_dir(root: Path, layers: int) -> Path:
-    from sgl_engine.testing import make_tiny_tokenizer
-    from transformers import LlamaConfig
-
-    path = root / f"json-breakdown-tiny-{layers}"
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = dict(TINY, num_hidden_layers=layers)
-    LlamaConfig(**cfg, architectures=["LlamaForCausalLM"]).save_pretrained(path)
-    make_tiny_tokenizer().save_pretrained(path)
-    return path
+    return llama_dir(root, f"json-breakdown-tiny-{layers}", dict(TINY, num_hidden_layers=layers))
 
 
 def _sync() -> None:

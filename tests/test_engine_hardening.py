@@ -198,3 +198,26 @@ def test_a_short_request_is_not_starved_behind_a_chunked_long_prompt(tiny_llama,
     solo = make_engine(tiny_llama)
     for ids, p, out in zip([long_ids, short_ids], params, outs, strict=True):
         assert solo.generate(input_ids=ids, sampling_params=p)["output_ids"] == out["output_ids"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, prompts, single",
+    [
+        ({"prompt": "a"}, ["a"], True),
+        ({"prompt": ["a", "b"]}, ["a", "b"], False),
+        ({"input_ids": [1, 2]}, [[1, 2]], True),
+        ({"input_ids": [[1], [2, 3]]}, [[1], [2, 3]], False),
+        ({}, [], False),
+    ],
+)
+def test_generate_request_reads_prompts_as_the_engine_does(kwargs, prompts, single):
+    """`GenerateRequest` is `generate`'s argument list, shared with forwarding fronts (the
+    Ray replicas' engine): prompt normalisation, what is forwarded, unknown names refused."""
+    from sgl_engine.inputs import GenerateRequest
+
+    request = GenerateRequest(**kwargs, stream=True)
+    assert request.prompts() == (prompts, single)
+    assert "stream" not in request.forwarded()
+    assert GenerateRequest(**request.forwarded(), stream=True) == request
+    with pytest.raises(TypeError):
+        GenerateRequest(promt="typo")

@@ -102,6 +102,26 @@ def test_chat_model_invoke_stream_usage(kind, served, manager, registry):
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
+def test_chat_model_streams_logprobs_or_refuses(kind, served, manager, registry):
+    """Streamed logprobs through the Backend protocol: backends with "logprobs" put each
+    chunk's tokens' logprobs in it (together invoke's tokens); the others refuse at once."""
+    model = chat(kind, served, manager, registry)
+    question = "Stream logprobs for backend " + kind
+    if kind in ("openai", "reverse"):
+        with pytest.raises(BackendCapabilityError, match=f"'{kind}' lacks capability 'logprobs'"):
+            list(model.stream(question, logprobs=True))
+        return
+    whole = model.invoke(question, logprobs=True, top_logprobs=1)
+    chunks = list(model.stream(question, logprobs=True, top_logprobs=1))
+    streamed = [
+        e for c in chunks for e in c.response_metadata.get("logprobs", {}).get("content", [])
+    ]
+    tokens = [e["token"] for e in whole.response_metadata["logprobs"]["content"]]
+    assert [e["token"] for e in streamed] == tokens and len(tokens) == 8
+    assert all(len(e["top_logprobs"]) == 1 for e in streamed)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
 def test_chat_model_structured_output(kind, served, manager, registry):
     model = chat(kind, served, manager, registry, max_tokens=40).with_structured_output(SCHEMA)
     if kind == "reverse":
@@ -198,6 +218,8 @@ def test_openai_backend_refuses_what_it_cannot_do(served, manager):
         backend.generate("x", {"max_new_tokens": 2}, regex="[a-z]+")
     with pytest.raises(BackendCapabilityError, match="'openai' lacks capability 'logprobs'"):
         backend.generate("x", {"max_new_tokens": 2}, return_logprob=True)
+    with pytest.raises(BackendCapabilityError, match="'openai' lacks capability 'logprobs'"):
+        list(backend.stream("x", {"max_new_tokens": 2}, return_logprob=True))
     out = backend.generate("x", {"max_new_tokens": 30}, json_schema=json.dumps(SCHEMA))
     assert json.loads(out.text)["color"] in ("red", "green", "blue")
     backend.close()

@@ -80,6 +80,22 @@ def test_import_sgl_plugins_loads_no_front_door_or_framework():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_import_langchain_front_door_loads_no_http_server():
+    """A LangChain user importing ChatSGLang gets no FastAPI/uvicorn stack: the OpenAI-shaped
+    result pieces it shares with the server live in `sgl_engine.openai_format`. A subprocess,
+    so that other tests' imports cannot mask it."""
+    code = (
+        "import sys\n"
+        "from sgl_adapters.langchain import ChatSGLang, SGLang\n"
+        "import sgl_engine.openai_format\n"
+        "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'sgl_engine.server')"
+        " if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_adapters_graph_re_exports_the_contract():
     import sgl_plugins.backend
     import sgl_plugins.graph

@@ -84,6 +84,10 @@ def test_the_protocol_through_ray_matches_the_local_engine(backend, local):
     assert one.output_ids == ref[0].output_ids and one.usage.cached_tokens > 0
     chunks = list(backend.stream(prompts[1], GREEDY))
     assert "".join(c.delta for c in chunks) == ref[1].text and chunks[-1].finish_reason
+    chunks = list(backend.stream(prompts[1], GREEDY, return_logprob=True, top_logprobs_num=1))
+    streamed = [e[1] for c in chunks for e in c.output_token_logprobs]
+    assert streamed == list(ref[1].output_ids)  # each chunk carries its own tokens' logprobs
+    assert all(len(top) == 1 for c in chunks for top in c.output_top_logprobs)
     assert backend.score("Question: What", [" is", " was"]) == local.score(
         "Question: What", [" is", " was"]
     )

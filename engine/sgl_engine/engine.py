@@ -12,7 +12,7 @@ from typing import Any
 
 from sgl_engine.config import EngineConfig
 from sgl_engine.errors import InvalidRequestError
-from sgl_engine.inputs import RequestBuilder
+from sgl_engine.inputs import GenerateRequest, RequestBuilder
 from sgl_engine.model_runner import ModelRunner
 from sgl_engine.processor import RequestProcessor
 from sgl_engine.request import Req
@@ -218,14 +218,16 @@ class Engine:
         """Generate for one request (a dict back) or a list (a list back); `stream=True`
         returns an iterator of chunks whose `text` is cumulative and `delta` is new."""
         reqs, single = self.builder.build(
-            prompt,
-            sampling_params,
-            input_ids,
-            return_logprob,
-            logprob_start_len,
-            top_logprobs_num,
-            stream,
-            rid,
+            GenerateRequest(
+                prompt,
+                sampling_params,
+                input_ids,
+                return_logprob,
+                logprob_start_len,
+                top_logprobs_num,
+                stream,
+                rid,
+            )
         )
         if stream:
             return self._stream_sync(reqs)
@@ -266,8 +268,7 @@ class Engine:
         Validation and tokenising run in a worker thread, off the event loop. Cancelling the
         awaiting task aborts the requests (their KV is freed) before the cancellation goes on.
         """
-        reqs, single = await asyncio.to_thread(
-            self.builder.build,
+        request = GenerateRequest(
             prompt,
             sampling_params,
             input_ids,
@@ -277,6 +278,7 @@ class Engine:
             stream,
             rid,
         )
+        reqs, single = await asyncio.to_thread(self.builder.build, request)
         loop = asyncio.get_running_loop()
         if stream:
             return self._stream_async(reqs, loop)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from sgl_engine.errors import InvalidRequestError
@@ -64,6 +64,41 @@ def _per_request(name: str, value: Any, n: int, scalar_types: tuple[type, ...]) 
     return [value] * n
 
 
+@dataclass(frozen=True)
+class GenerateRequest:
+    """The arguments of one `Engine.generate` call, as given (unvalidated: `RequestBuilder`
+    checks them). Anything shaped like an engine takes these same arguments, so a front that
+    forwards calls (the Ray replicas' `ReplicatedEngine`) takes `GenerateRequest(*args,
+    **kwargs)` instead of repeating the signature."""
+
+    prompt: str | list[str] | None = None
+    sampling_params: dict | list[dict] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] = -1
+    top_logprobs_num: int | list[int] = 0
+    stream: bool = False
+    rid: str | list[str] | None = None
+
+    def prompts(self) -> tuple[Any, bool]:
+        """The call's prompts as given, one per request (texts, or token-id lists; nothing
+        when neither was given), and whether the call was for one prompt (a result, not a
+        list, comes back)."""
+        if self.prompt is not None:
+            single = isinstance(self.prompt, str)
+            return ([self.prompt] if single else self.prompt), single
+        if self.input_ids is None:
+            return [], False
+        ids = self.input_ids
+        single = bool(ids) and all(isinstance(t, int) for t in ids)
+        return ([ids] if single else ids), single
+
+    def forwarded(self) -> dict[str, Any]:
+        """Keyword arguments for `Engine.generate`, `stream` left out (the forwarding front
+        picks the streaming call itself)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "stream"}
+
+
 class RequestBuilder:
     """Validates and tokenises in the caller's thread; holds no request state."""
 
@@ -85,24 +120,15 @@ class RequestBuilder:
         self.max_prompt_chars = min(context_length, pool_size) * max_token_chars(tokenizer) * 2
         self._tok_lock = threading.Lock()
 
-    def build(
-        self,
-        prompt: str | list[str] | None,
-        sampling_params: dict | list[dict] | None,
-        input_ids: list[int] | list[list[int]] | None,
-        return_logprob: bool | list[bool],
-        logprob_start_len: int | list[int],
-        top_logprobs_num: int | list[int],
-        stream: bool,
-        rid: str | list[str] | None,
-    ) -> tuple[list[Req], bool]:
+    def build(self, request: GenerateRequest) -> tuple[list[Req], bool]:
         """Returns the requests (n > 1 expands in place) and whether the call was for one."""
-        ids_list, single = self._inputs(prompt, input_ids)
+        ids_list, single = self._inputs(request)
         n = len(ids_list)
-        sps = _per_request("sampling_params", sampling_params, n, (dict,))
-        lps = _per_request("return_logprob", return_logprob, n, (bool,))
-        starts = _per_request("logprob_start_len", logprob_start_len, n, (int,))
-        tops = _per_request("top_logprobs_num", top_logprobs_num, n, (int,))
+        sps = _per_request("sampling_params", request.sampling_params, n, (dict,))
+        lps = _per_request("return_logprob", request.return_logprob, n, (bool,))
+        starts = _per_request("logprob_start_len", request.logprob_start_len, n, (int,))
+        tops = _per_request("top_logprobs_num", request.top_logprobs_num, n, (int,))
+        rid, stream = request.rid, request.stream
         rids = _per_request("rid", rid, n, (str,)) if rid is not None else [None] * n
         for r in rids:
             if r is not None and (not isinstance(r, str) or not r):
@@ -130,12 +156,12 @@ class RequestBuilder:
             _check_unique_rids([r.rid for r in reqs])
         return reqs, single and len(reqs) == 1
 
-    def _inputs(self, prompt: Any, input_ids: Any) -> tuple[list[list[int]], bool]:
-        if (prompt is None) == (input_ids is None):
+    def _inputs(self, request: GenerateRequest) -> tuple[list[list[int]], bool]:
+        if (request.prompt is None) == (request.input_ids is None):
             raise InvalidRequestError("give exactly one of prompt or input_ids", "prompt")
-        if prompt is not None:
-            single = isinstance(prompt, str)
-            texts = [prompt] if single else prompt
+        items, single = request.prompts()
+        if request.prompt is not None:
+            texts = items
             if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
                 raise InvalidRequestError("prompt must be a string or a list of strings", "prompt")
             if not texts or any(not t for t in texts):
@@ -144,8 +170,7 @@ class RequestBuilder:
                 self.check_prompt_text(t)
             with self._tok_lock:
                 return [self.tokenizer.encode(t) for t in texts], single
-        single = bool(input_ids) and all(isinstance(t, int) for t in input_ids)
-        lists = [input_ids] if single else input_ids
+        lists = items
         if not isinstance(lists, list) or not lists:
             raise InvalidRequestError(
                 "input_ids must be a non-empty list of token ids", "input_ids"

@@ -14,6 +14,8 @@ the extend's token order, so logits, sampling and prompt logprobs read them unch
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,8 @@ from sgl_engine.sampler import DeviceSample, Sampler, top_logprobs
 from sgl_engine.sampling_params import SamplingParams
 
 DEFAULT_GRAPH_MAX_BS = 64
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,6 +139,8 @@ class ModelRunner:
         self.context_length = context_length
         self.model_config = ModelConfig.from_hf(hf_config)
         self.vocab_size = self.model_config.vocab_size
+        rank = f"rank {tp.rank}: " if tp is not None else ""
+        t0 = time.perf_counter()
         self.model = build_model(
             model_path,
             hf_config,
@@ -146,6 +152,7 @@ class ModelRunner:
             tp,
             config.decode_gemv,
         )
+        log.info("%smodel built on %s in %.1f s", rank, self.device, time.perf_counter() - t0)
         mc = self.model_config.shard(tp.size if tp is not None else 1)
         self.num_slots = config.max_total_tokens or self._auto_pool_size(config, mc)
         if tp is not None:
@@ -169,8 +176,11 @@ class ModelRunner:
         max_bs = config.cuda_graph_max_bs
         if max_bs is None:
             max_bs = DEFAULT_GRAPH_MAX_BS if name == "flashinfer" else 0
+        log.info("%sKV pool of %d slots, %s attention", rank, self.num_slots, name)
         if max_bs > 0 and name == "flashinfer":
             from sgl_engine.cuda_graph import CudaGraphRunner, default_batch_sizes
+
+            t0 = time.perf_counter()
 
             self.graphs = CudaGraphRunner(
                 self.model,
@@ -181,6 +191,12 @@ class ModelRunner:
                 context_length,
             )
             self.unroll_max_tokens = self.graphs.sizes[-1]
+            log.info(
+                "%sCUDA graphs for batch sizes %s captured in %.1f s",
+                rank,
+                self.graphs.sizes,
+                time.perf_counter() - t0,
+            )
 
     def _auto_pool_size(self, config: EngineConfig, mc: ModelConfig) -> int:
         if self.device.type != "cuda":

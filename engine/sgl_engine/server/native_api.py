@@ -11,9 +11,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from sgl_engine.errors import InvalidRequestError
+from sgl_engine.openai_format import raise_if_rejected
 from sgl_engine.sampling_params import MAX_N
 from sgl_engine.server.app import MAX_SEQUENCES_PER_REQUEST, ServerState
-from sgl_engine.server.formats import raise_if_rejected
 from sgl_engine.server.metrics import prometheus_text
 from sgl_engine.server.protocol import GenerateRequest
 from sgl_engine.server.streaming import (

@@ -11,9 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from sgl_engine.errors import InvalidRequestError
-from sgl_engine.server import tools as tool_calls
-from sgl_engine.server.app import MAX_SEQUENCES_PER_REQUEST, ServerState, error_body
-from sgl_engine.server.formats import (
+from sgl_engine.openai_format import (
     chat_logprobs,
     completion_logprobs,
     finish_message,
@@ -22,6 +20,8 @@ from sgl_engine.server.formats import (
     rejection,
     usage,
 )
+from sgl_engine.server import tools as tool_calls
+from sgl_engine.server.app import MAX_SEQUENCES_PER_REQUEST, ServerState, error_body
 from sgl_engine.server.protocol import ChatCompletionRequest, CompletionRequest, _OpenAIBase
 from sgl_engine.server.streaming import (
     DONE,

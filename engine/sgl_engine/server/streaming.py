@@ -4,30 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from sgl_engine.openai_format import finite
+
 DONE = "data: [DONE]\n\n"
-MIN_LOGPROB = -9999.0
-
-
-def finite(value: Any) -> Any:
-    """JSON-safe numbers: -inf logprobs become -9999.0 (as OpenAI does), NaN becomes None."""
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return MIN_LOGPROB if value < 0 else 9999.0
-        return value
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
 
 
 class Deltas:

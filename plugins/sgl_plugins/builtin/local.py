@@ -149,13 +149,7 @@ class LocalBackend(BackendBase):
             return self.engine.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tools=tools
             )
-        return self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.chat_template,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-        )
+        return super().apply_chat_template(messages, add_generation_prompt, tools)
 
     def run_graph(self, graph: CallGraph) -> list[LeafResult]:
         if not len(graph):
@@ -173,10 +167,10 @@ class LocalBackend(BackendBase):
         self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
     ) -> Iterator[StreamChunk]:
         request = self._batch_request(single_leaf_graph(prompt, sampling_params, **leaf), 0)
-        text = ""
+        text, sent = "", 0
         for chunk in self.engine.generate(stream=True, **request):
-            out = stream_chunk_from_sglang(chunk, text)
-            text = out.text
+            out = stream_chunk_from_sglang(chunk, text, sent)
+            text, sent = out.text, sent + len(out.output_token_logprobs)
             yield out
 
     async def astream(
@@ -186,10 +180,10 @@ class LocalBackend(BackendBase):
         chunks = self.engine.async_generate(stream=True, **request)
         if inspect.isawaitable(chunks):
             chunks = await chunks
-        text = ""
+        text, sent = "", 0
         async for chunk in chunks:
-            out = stream_chunk_from_sglang(chunk, text)
-            text = out.text
+            out = stream_chunk_from_sglang(chunk, text, sent)
+            text, sent = out.text, sent + len(out.output_token_logprobs)
             yield out
 
     def score(self, prefix: str, continuations: Sequence[str]) -> list[ContinuationScore]:

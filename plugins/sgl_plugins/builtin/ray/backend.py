@@ -100,20 +100,6 @@ class RayBackend(BackendBase):
     def tokenizer(self) -> Any:
         return self.replica_set.tokenizer
 
-    def apply_chat_template(
-        self,
-        messages: list[dict[str, Any]],
-        add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
-    ) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages,
-            chat_template=self.chat_template,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-        )
-
     def run_graph(self, graph: Any) -> list[Any]:
         if not len(graph):
             return []

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sgl_engine.inputs import GenerateRequest
+
 from sgl_plugins.builtin.ray.backend import RayBackend, ReplicaDiedError
 from sgl_plugins.routing import prompt_units
 
@@ -39,31 +41,14 @@ class ReplicatedEngine:
     ) -> str:
         return self.backend.apply_chat_template(messages, add_generation_prompt, tools)
 
-    async def async_generate(
-        self,
-        prompt: str | list[str] | None = None,
-        sampling_params: dict | list[dict] | None = None,
-        input_ids: list[int] | list[list[int]] | None = None,
-        return_logprob: bool | list[bool] = False,
-        logprob_start_len: int | list[int] = -1,
-        top_logprobs_num: int | list[int] = 0,
-        stream: bool = False,
-        rid: str | list[str] | None = None,
-    ) -> Any:
-        """`Engine.async_generate` on the replica the router picks for this request."""
-        request = {
-            "prompt": prompt,
-            "sampling_params": sampling_params,
-            "input_ids": input_ids,
-            "return_logprob": return_logprob,
-            "logprob_start_len": logprob_start_len,
-            "top_logprobs_num": top_logprobs_num,
-            "rid": rid,
-        }
-        key, prompts = self._routing_key(prompt, input_ids)
-        if stream:
-            return self._stream(request, key, prompts)
-        return await self._generate(request, key, prompts)
+    async def async_generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`Engine.async_generate` (same arguments: `GenerateRequest`) on the replica the
+        router picks for this request."""
+        request = GenerateRequest(*args, **kwargs)
+        key, prompts = self._routing_key(request)
+        if request.stream:
+            return self._stream(request.forwarded(), key, prompts)
+        return await self._generate(request.forwarded(), key, prompts)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         import asyncio
@@ -131,15 +116,13 @@ class ReplicatedEngine:
                 router.release(decision.replica)
 
     def _routing_key(
-        self, prompt: str | list[str] | None, input_ids: Any
+        self, request: GenerateRequest
     ) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
         """The common token prefix of the request's prompts, and the prompts."""
-        if input_ids is not None:
-            seqs = input_ids if input_ids and isinstance(input_ids[0], list) else [input_ids]
-        elif prompt is not None:
-            texts = prompt if isinstance(prompt, list) else [prompt]
-            seqs = [self.tokenizer.encode(t) for t in texts]
-        else:
+        seqs, _ = request.prompts()
+        if request.prompt is not None:
+            seqs = [self.tokenizer.encode(t) for t in seqs]
+        if not seqs:
             return (), []
         prompts = [tuple(int(t) for t in s) for s in seqs]
         units = prompt_units(prompts)

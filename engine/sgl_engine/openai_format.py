@@ -1,13 +1,31 @@
-"""Engine results as OpenAI response pieces: finish reasons, usage, logprobs."""
+"""Engine results as OpenAI response pieces: finish reasons, usage, logprobs, JSON-safe
+numbers. Plain functions without HTTP (no FastAPI): the server and the LangChain front door
+both use them."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sgl_engine.errors import InvalidRequestError
-from sgl_engine.server.streaming import finite
 
 _REJECTED = "invalid constraint"
+MIN_LOGPROB = -9999.0
+
+
+def finite(value: Any) -> Any:
+    """JSON-safe numbers: -inf logprobs become -9999.0 (as OpenAI does), NaN becomes None."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return MIN_LOGPROB if value < 0 else 9999.0
+        return value
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def finish_reason(meta: dict) -> tuple[str | None, int | str | None]:
