@@ -52,6 +52,7 @@ class WorkerSpec:
     context_length: int
     random_weights: bool
     init_method: str
+    log_level: int = logging.WARNING
 
     def device(self, rank: int) -> torch.device:
         from sgl_engine.model_runner import pick_device
@@ -95,7 +96,13 @@ class TensorParallel:
         self.size = config.tp_size
         self._tmp = tempfile.mkdtemp(prefix="sgl-tp-")
         spec = WorkerSpec(
-            config, model_path, hf_config, context_length, random_weights, f"file://{self._tmp}/rdv"
+            config,
+            model_path,
+            hf_config,
+            context_length,
+            random_weights,
+            f"file://{self._tmp}/rdv",
+            logging.getLogger().getEffectiveLevel(),
         )
         self.failure: str | None = None
         self._stopping = threading.Event()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import faulthandler
+import logging
 import os
+import signal
 import threading
 import time
 
@@ -13,10 +16,15 @@ from sgl_engine.distributed.group import TPGroup, destroy_group, init_group
 
 
 def worker_main(index: int, spec: WorkerSpec) -> None:
-    """The process entry point (torch.multiprocessing calls it with index = rank - 1)."""
+    """The process entry point (torch.multiprocessing calls it with index = rank - 1). Logs at
+    the engine process's level; SIGUSR1 prints every thread's stack (for a rank that hangs)."""
     from sgl_engine.model_runner import ModelRunner
 
     rank = index + 1
+    logging.basicConfig(
+        level=spec.log_level, format=f"%(asctime)s rank {rank} %(name)s %(message)s"
+    )
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     _exit_with_parent()
     device = spec.device(rank)
     if device.type == "cuda":
