@@ -165,15 +165,20 @@ def phase_7b(root: Path, results: dict, out: str | None, args) -> None:
 
         def work(eng, tp=tp):
             probes[tp] = probe(eng)
+            if args.probe_only:
+                return {}
             return {"decode_bs1": batch1(eng, tp, args.smoke), "shard_bytes": shard_bytes(eng)}
 
-        run(path, tp, work, engine, lambda r, tp=tp: emit(results, out, **{f"{shape} tp{tp}": r}))
-    if len(probes) < 2:
-        return
-    emit(results, out, **{f"{shape} greedy tp2 vs tp1": compare(probes[1], probes[2])})
-    r1 = results[f"{shape} tp1"]["decode_bs1"]["ours_tok_s"]
-    r2 = results[f"{shape} tp2"]["decode_bs1"]["ours_tok_s"]
-    emit(results, out, **{f"{shape} bs1 speedup tp2/tp1": r2 / r1})
+        def report(res, tp=tp):
+            emit(results, out, **{f"{shape} tp{tp}": res})
+            if len(probes) == 2:
+                emit(results, out, **{f"{shape} greedy tp2 vs tp1": compare(probes[1], probes[2])})
+            if len(probes) == 2 and not args.probe_only:
+                r1 = results[f"{shape} tp1"]["decode_bs1"]["ours_tok_s"]
+                r2 = res["decode_bs1"]["ours_tok_s"]
+                emit(results, out, **{f"{shape} bs1 speedup tp2/tp1": r2 / r1})
+
+        run(path, tp, work, engine, report)
 
 
 def phase_70b(root: Path, results: dict, out: str | None, args) -> None:
@@ -198,6 +203,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (gloo)")
     ap.add_argument("--shape", choices=sorted(SHAPES), help="another model shape for a phase")
     ap.add_argument("--tp", default="1,2", help="tp sizes of the 7b phase")
+    ap.add_argument("--probe-only", action="store_true", help="7b phase: greedy comparison only")
     args = ap.parse_args()
     args.tp = [int(t) for t in args.tp.split(",")]
     faulthandler.register(signal.SIGUSR1, all_threads=True)

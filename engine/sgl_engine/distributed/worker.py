@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from sgl_engine.distributed.driver import HEARTBEAT, STOP, WorkerSpec
+from sgl_engine.distributed.driver import HEARTBEAT, STOP, WorkerSpec, _drain
 from sgl_engine.distributed.group import TPGroup, destroy_group, init_group
 
 
@@ -44,6 +44,7 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             tp=group,
         )
         follow(runner, group)
+        _drain()
     finally:
         destroy_group(group)
 
