@@ -123,11 +123,11 @@ class Timers:
         """Count the passes that replayed a CUDA graph."""
         inner = runner._forward
 
-        def _forward(batch, seqs):
-            before = runner.unrolled_passes
-            hidden, graph = inner(batch, seqs)
+        def _forward(*args):
+            before = getattr(runner, "unrolled_passes", 0)
+            hidden, graph = inner(*args)
             self.graph_passes[self.kind] += graph is not None
-            self.unrolled_passes[self.kind] += runner.unrolled_passes - before
+            self.unrolled_passes[self.kind] += getattr(runner, "unrolled_passes", 0) - before
             return hidden, graph
 
         runner._forward = _forward
@@ -261,7 +261,7 @@ def profile_run(eng, prompts, top: int) -> str:
 
 def measure(eng, prompts, runs: int, profile: int, unroll: int) -> dict:
     results: dict = {}
-    default = eng.runner.unroll_max_tokens
+    default = getattr(eng.runner, "unroll_max_tokens", 0)
     for label, jump, limit in MODES:
         configure(eng, jump, unroll if limit else 0)
         eng.generate(input_ids=prompts, sampling_params=JSON_PARAMS)  # warm every shape once
@@ -388,7 +388,8 @@ def main() -> None:
     with Engine(str(path), **common) as eng:
         start = time.perf_counter() - t
         print(json.dumps({"engine_start_s": start}), flush=True)
-        unroll = eng.runner.unroll_max_tokens if eng.runner.graphs is not None else args.unroll
+        graphs = eng.runner.graphs is not None
+        unroll = getattr(eng.runner, "unroll_max_tokens", 0) if graphs else args.unroll
         results = measure(eng, json_prompts(args.requests), args.runs, args.profile, unroll)
     results["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results["engine_start_s"] = start
