@@ -7,8 +7,8 @@ runs, forward passes, and where each pass's time goes.
 
 One engine serves every mode (switched on the scheduler and runner between them), so the model,
 the KV pool and the CUDA graphs are built once; on CUDA the graphs go up to `--graph-max-bs`
-rows (160: a run round after jumps carries ~100 tokens). Modes: jump-forward with its run
-rounds unrolled into decode rows (a graph replay on CUDA), jump-forward with those rounds as
+rows (bench_gpu.py's 160: a run round after jumps carries ~100 tokens). Modes: jump-forward
+with its run rounds unrolled into decode rows (a graph replay on CUDA), jump-forward with those rounds as
 eager extends (the behaviour before unrolling), and jump-forward off. Per mode: `--runs` timed
 runs, uninstrumented, then one instrumented run whose timers split each scheduler step into
 grammar (bitmask fill; token accept and detokenise), jump (forced text, retokenisation),
@@ -367,8 +367,8 @@ def main() -> None:
     ap.add_argument(
         "--graph-max-bs",
         type=int,
-        default=160,
-        help="CUDA graphs up to this size (an unrolled extend of ~100 tokens must fit)",
+        default=GPU_ENGINE["cuda_graph_max_bs"],
+        help="CUDA graphs up to this size (an unrolled run round of ~100 tokens must fit)",
     )
     ap.add_argument(
         "--unroll", type=int, default=256, help="on CPU: unroll extends of up to this many tokens"
