@@ -50,10 +50,10 @@ SHAPES = {
     ),
     "smoke": dict(
         LLAMA2_7B,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=256,
+        intermediate_size=512,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=2,
         num_key_value_heads=2,
     ),
 }
@@ -135,7 +135,8 @@ def shard_bytes(eng) -> int:
     return sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
 
 
-def run(path: Path, tp: int, work, engine: dict) -> dict:
+def run(path: Path, tp: int, work, engine: dict, report) -> None:
+    """Start an engine, `report(figures)` (before shutting down: a hang there loses nothing)."""
     from sgl_engine import Engine
 
     t = time.perf_counter()
@@ -144,13 +145,15 @@ def run(path: Path, tp: int, work, engine: dict) -> dict:
         out = {"startup_s": time.perf_counter() - t}
         out.update(work(eng))
         eng.check_invariants()
-        return out
+        report(out)
+        t = time.perf_counter()
     finally:
         eng.shutdown()
         del eng
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    logging.info("tp=%d engine shut down in %.1f s", tp, time.perf_counter() - t)
 
 
 def phase_7b(root: Path, results: dict, out: str | None, args) -> None:
@@ -164,7 +167,7 @@ def phase_7b(root: Path, results: dict, out: str | None, args) -> None:
             probes[tp] = probe(eng)
             return {"decode_bs1": batch1(eng, tp, args.smoke), "shard_bytes": shard_bytes(eng)}
 
-        emit(results, out, **{f"{shape} tp{tp}": run(path, tp, work, engine)})
+        run(path, tp, work, engine, lambda r, tp=tp: emit(results, out, **{f"{shape} tp{tp}": r}))
     if len(probes) < 2:
         return
     emit(results, out, **{f"{shape} greedy tp2 vs tp1": compare(probes[1], probes[2])})
@@ -184,7 +187,7 @@ def phase_70b(root: Path, results: dict, out: str | None, args) -> None:
         return res
 
     engine = SMOKE_ENGINE if args.smoke else ENGINE
-    emit(results, out, **{f"{shape} tp2 mmlu": run(path, 2, work, engine)})
+    run(path, 2, work, engine, lambda r: emit(results, out, **{f"{shape} tp2 mmlu": r}))
 
 
 def main() -> None:

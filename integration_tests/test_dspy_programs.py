@@ -257,18 +257,12 @@ def test_native_tool_calls_through_dspy_tool_calls(lm):
 
 
 @pytest.mark.slow
-def test_react_with_two_tools_finishes(smollm2_path, registry):
-    """dspy.ReAct with two tools on SmolLM2, no JSON fallback: every step parses (our
-    ChatAdapter decodes a bounded thought, an offered tool name and arguments valid for that
-    tool), the tools run on the parsed arguments, and the extracted answer is a string."""
-    lm = LM(
-        smollm2_path,
-        registry=registry,
-        engine_kwargs=ENGINE_KWARGS,
-        cache=False,
-        temperature=0.0,
-        max_tokens=256,
-    )
+def test_react_with_two_tools_finishes(any_lm):
+    """dspy.ReAct with two tools on SmolLM2, no JSON fallback, local and over http: every
+    step parses (our ChatAdapter decodes a bounded thought, an offered tool name and arguments
+    valid for that tool; the LM's max_tokens=48 is raised to the grammar's worst case), the
+    tools run on the parsed arguments, and the extracted answer is a string."""
+    lm = any_lm
     react = dspy.ReAct("question -> answer", tools=[get_weather, get_time], max_iters=3)
     CALLED.clear()
     with dspy.context(lm=lm, adapter=ChatAdapter(use_json_adapter_fallback=False)):

@@ -13,7 +13,8 @@ JSON schema.
 the budget in the worst case (one token per byte: 4 bytes a character, 6 for a JSON string's
 `\\uXXXX` escape), raising the budget to the grammar's shortest worst case if it is smaller.
 So every answer ends with all its fields, whatever the model prefers; only JSON values with no
-bound of their own (numbers, arrays without `maxItems`) can still run past it.
+bound of their own (numbers, arrays without `maxItems`) make the size an estimate, and the
+answer can then still run past the budget.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ BYTES_PER_CHAR = 4
 ESCAPED_CHAR_BYTES = 6
 STOP_SLACK = 2
 """Tokens after the answer: the stop token (and one spare)."""
-UNBOUNDED_ALLOWANCE = 64
-"""Bytes set aside for a value with no bound when sizing the free text."""
+UNBOUNDED_ALLOWANCE = 24
+"""Bytes counted for a JSON value with no bound (a number, an open array or object) when
+sizing the free text; the answer is then no longer guaranteed to fit."""
 
 _SCALARS: dict[Any, tuple[str, int]] = {
     int: ('"-"? [0-9]{1,9}', 10),
@@ -49,12 +51,13 @@ _SCALARS: dict[Any, tuple[str, int]] = {
 
 @dataclass(frozen=True)
 class Value:
-    """One field value: an EBNF expression over `rules`, its longest spelling in bytes (None:
-    unbounded), or free text (`text`: sized later)."""
+    """One field value: an EBNF expression over `rules` and its longest spelling in bytes
+    (`bounded` False: an estimate, some part has no bound), or free text (`text`: sized later)."""
 
     expr: str = ""
     rules: str = ""
-    max_bytes: int | None = 0
+    max_bytes: int = 0
+    bounded: bool = True
     text: bool = False
     literal: str | None = None
 
@@ -70,30 +73,27 @@ class FieldFormat:
         return sum(v.text for v in self.items)
 
     @property
-    def fixed_bytes(self) -> int | None:
-        """Longest spelling of everything but the free text (None: some value is unbounded)."""
-        sizes = [v.max_bytes for v in self.items if not v.text]
-        return None if None in sizes else sum(sizes)
+    def fixed_bytes(self) -> int:
+        """Longest spelling of everything but the free text (an estimate unless `bounded`)."""
+        return sum(v.max_bytes for v in self.items if not v.text)
+
+    @property
+    def bounded(self) -> bool:
+        return all(v.bounded for v in self.items)
 
     def text_chars(self, max_new_tokens: int) -> int:
         """Characters each free-text field may take so the answer fits `max_new_tokens`."""
         if not self.text_fields:
             return 0
-        fixed = sum(
-            UNBOUNDED_ALLOWANCE if v.max_bytes is None else v.max_bytes
-            for v in self.items
-            if not v.text
-        )
-        room = max_new_tokens - STOP_SLACK - fixed
+        room = max_new_tokens - STOP_SLACK - self.fixed_bytes
         chars = room // (BYTES_PER_CHAR * self.text_fields)
         return max(TEXT_MIN_CHARS, min(TEXT_MAX_CHARS, chars))
 
     def worst_case_tokens(self, text_chars: int) -> int | None:
         """The most tokens an answer can take (one per byte), or None when unbounded."""
-        fixed = self.fixed_bytes
-        if fixed is None:
+        if not self.bounded:
             return None
-        return fixed + BYTES_PER_CHAR * text_chars * self.text_fields + STOP_SLACK
+        return self.fixed_bytes + BYTES_PER_CHAR * text_chars * self.text_fields + STOP_SLACK
 
     def ebnf(self, text_chars: int) -> str:
         parts, rules = [], []
@@ -177,55 +177,51 @@ def tool_schema(args: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def json_max_bytes(schema: Any, defs: Mapping[str, Any] | None = None) -> int | None:
+def json_size(schema: Any, defs: Mapping[str, Any] | None = None) -> tuple[int, bool]:
     """The longest spelling of a value of `schema` in xgrammar's JSON (`", "` and `": "`
-    separators), or None when unbounded."""
+    separators), and whether that is a bound (False: some part has none and counts
+    `UNBOUNDED_ALLOWANCE`)."""
     if not isinstance(schema, Mapping):
-        return None
+        return UNBOUNDED_ALLOWANCE, False
     defs = schema.get("$defs", defs) or {}
     ref = schema.get("$ref")
     if isinstance(ref, str) and ref.startswith("#/$defs/"):
         target = defs.get(ref.split("/")[-1])
-        return None if target is None else json_max_bytes(target, defs)
+        return (UNBOUNDED_ALLOWANCE, False) if target is None else json_size(target, defs)
     if "const" in schema:
-        return len(json.dumps(schema["const"]).encode())
+        return len(json.dumps(schema["const"]).encode()), True
     if "enum" in schema:
-        return max(len(json.dumps(v).encode()) for v in schema["enum"])
+        return max(len(json.dumps(v).encode()) for v in schema["enum"]), True
     for key in ("anyOf", "oneOf"):
         if key in schema:
-            sizes = [json_max_bytes(s, defs) for s in schema[key]]
-            return None if None in sizes else max(sizes)
+            return _widest([json_size(s, defs) for s in schema[key]])
     kind = schema.get("type")
     if isinstance(kind, list):
-        sizes = [json_max_bytes({**schema, "type": k}, defs) for k in kind]
-        return None if None in sizes else max(sizes)
-    if kind == "string":
-        n = schema.get("maxLength")
-        return None if n is None else 2 + ESCAPED_CHAR_BYTES * n
-    if kind == "boolean":
-        return 5
-    if kind == "null":
-        return 4
-    if kind == "object":
-        return _object_max_bytes(schema, defs)
+        return _widest([json_size({**schema, "type": k}, defs) for k in kind])
+    if kind == "string" and schema.get("maxLength") is not None:
+        return 2 + ESCAPED_CHAR_BYTES * schema["maxLength"], True
+    if kind in ("boolean", "null"):
+        return 5, True
+    if kind == "object" and schema.get("additionalProperties", True) is False:
+        return _object_size(schema.get("properties") or {}, defs)
     if kind == "array" and schema.get("maxItems") is not None:
-        item = json_max_bytes(schema.get("items", {}), defs)
+        item, bounded = json_size(schema.get("items", {}), defs)
         n = schema["maxItems"]
-        return None if item is None else 2 + n * item + 2 * max(0, n - 1)
-    return None
+        return 2 + n * item + 2 * max(0, n - 1), bounded
+    return UNBOUNDED_ALLOWANCE, False
 
 
-def _object_max_bytes(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> int | None:
-    if schema.get("additionalProperties", True) is not False:
-        return None
-    props = schema.get("properties") or {}
-    total = 2 + 2 * max(0, len(props) - 1)
+def _widest(sizes: Sequence[tuple[int, bool]]) -> tuple[int, bool]:
+    return max(n for n, _ in sizes), all(b for _, b in sizes)
+
+
+def _object_size(props: Mapping[str, Any], defs: Mapping[str, Any]) -> tuple[int, bool]:
+    total, bounded = 2 + 2 * max(0, len(props) - 1), True
     for key, sub in props.items():
-        size = json_max_bytes(sub, defs)
-        if size is None:
-            return None
+        size, exact = json_size(sub, defs)
         total += len(json.dumps(key).encode()) + 2 + size
-    return total
+        bounded = bounded and exact
+    return total, bounded
 
 
 def _literal(text: str) -> Value:
@@ -249,7 +245,8 @@ def _choice(options: Sequence[str]) -> Value:
 
 
 def _json(schema: Any, rule: str) -> Value:
-    return Value(rule, json_schema_ebnf(schema, rule), json_max_bytes(schema))
+    size, bounded = json_size(schema)
+    return Value(rule, json_schema_ebnf(schema, rule), size, bounded)
 
 
 def _string_literals(annotation: Any) -> tuple[str, ...] | None:
@@ -296,10 +293,7 @@ def _tool_call(
         value = _json(cap_strings(dict(tools[name]), max_string_length), f"{rule}_args{j}")
         alternatives.append(f"{lit(name)} {lit(between)} {value.expr}")
         rules.append(value.rules)
-        sizes.append(
-            None
-            if value.max_bytes is None
-            else len(name.encode()) + len(between.encode()) + value.max_bytes
-        )
-    size = None if None in sizes else max(sizes)
-    return Value("(" + " | ".join(alternatives) + ")", merge(*rules), size)
+        size = len(name.encode()) + len(between.encode()) + value.max_bytes
+        sizes.append((size, value.bounded))
+    size, bounded = _widest(sizes)
+    return Value("(" + " | ".join(alternatives) + ")", merge(*rules), size, bounded)

@@ -270,7 +270,7 @@ class TensorParallel:
         self._stop_procs(grace=JOIN_S)
         if self._heartbeat is not None:
             self._heartbeat.join(JOIN_S)
-        destroy_group()
+        destroy_group(getattr(self, "group", None))
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     @property

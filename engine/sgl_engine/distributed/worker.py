@@ -45,7 +45,7 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
         )
         follow(runner, group)
     finally:
-        destroy_group()
+        destroy_group(group)
 
 
 def follow(runner, group: TPGroup) -> None:
