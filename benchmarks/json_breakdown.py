@@ -7,8 +7,8 @@ runs, forward passes, and where each pass's time goes.
 
 One engine serves every mode (switched on the scheduler and runner between them), so the model,
 the KV pool and the CUDA graphs are built once; on CUDA the graphs go up to `--graph-max-bs`
-rows (160: a run round after jumps carries ~100 tokens). Modes: jump-forward with its run
-rounds unrolled into decode rows (a graph replay on CUDA), jump-forward with those rounds as
+rows (bench_gpu.py's 160: a run round after jumps carries ~100 tokens). Modes: jump-forward
+with its run rounds unrolled into decode rows (a graph replay on CUDA), jump-forward with those rounds as
 eager extends (the behaviour before unrolling), and jump-forward off. Per mode: `--runs` timed
 runs, uninstrumented, then one instrumented run whose timers split each scheduler step into
 grammar (bitmask fill; token accept and detokenise), jump (forced text, retokenisation),
@@ -71,7 +71,8 @@ def _sync() -> None:
 class Timers:
     """Seconds per section and pass counts per kind, filled by wrappers on the scheduler thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.perf_counter) -> None:
+        self.clock = clock
         self.seconds: dict[str, float] = defaultdict(float)
         self.passes: dict[str, int] = defaultdict(int)
         self.pass_seconds: dict[str, float] = defaultdict(float)
@@ -86,11 +87,11 @@ class Timers:
     def _call(self, section: str, fn, *args):
         """Run fn, adding its time less that of timed calls inside it to `section`."""
         self._stack.append(0.0)
-        t = time.perf_counter()
+        t = self.clock()
         try:
             return fn(*args)
         finally:
-            dt = time.perf_counter() - t
+            dt = self.clock() - t
             self.seconds[section] += dt - self._stack.pop()
             if self._stack:
                 self._stack[-1] += dt
@@ -105,10 +106,10 @@ class Timers:
 
         def launch(*args):
             self._call("forward device wait", _sync)
-            t0 = time.perf_counter()
+            t0 = self.clock()
             out = self._call("forward host", inner, *args)
             self._call("forward device wait", _sync)
-            t2 = time.perf_counter()
+            t2 = self.clock()
             seqs = args[1]
             self.passes[self.kind] += 1
             self.pass_seconds[self.kind] += t2 - t0
@@ -123,11 +124,11 @@ class Timers:
         """Count the passes that replayed a CUDA graph."""
         inner = runner._forward
 
-        def _forward(batch, seqs):
-            before = runner.unrolled_passes
-            hidden, graph = inner(batch, seqs)
+        def _forward(*args):
+            before = getattr(runner, "unrolled_passes", 0)
+            hidden, graph = inner(*args)
             self.graph_passes[self.kind] += graph is not None
-            self.unrolled_passes[self.kind] += runner.unrolled_passes - before
+            self.unrolled_passes[self.kind] += getattr(runner, "unrolled_passes", 0) - before
             return hidden, graph
 
         runner._forward = _forward
@@ -155,7 +156,7 @@ class Timers:
 
 
 @contextmanager
-def instrumented(eng):
+def instrumented(eng, clock=time.perf_counter):
     """Install timers on the engine's scheduler, processor and runner for the duration."""
     sched, proc, runner = eng.scheduler, eng.processor, eng.runner
     saved = [
@@ -172,7 +173,7 @@ def instrumented(eng):
             (runner, "collect"),
         )
     ]
-    timers = Timers()
+    timers = Timers(clock)
 
     def install() -> None:
         timers.wrap(sched, "step", "step")
@@ -259,14 +260,14 @@ def profile_run(eng, prompts, top: int) -> str:
     return out.getvalue()
 
 
-def measure(eng, prompts, runs: int, profile: int, unroll: int) -> dict:
+def measure(eng, prompts, runs: int, profile: int, unroll: int, clock=time.perf_counter) -> dict:
     results: dict = {}
-    default = eng.runner.unroll_max_tokens
+    default = getattr(eng.runner, "unroll_max_tokens", 0)
     for label, jump, limit in MODES:
         configure(eng, jump, unroll if limit else 0)
         eng.generate(input_ids=prompts, sampling_params=JSON_PARAMS)  # warm every shape once
         rs = [one_run(eng, prompts) for _ in range(runs)]
-        with instrumented(eng) as timers:
+        with instrumented(eng, clock) as timers:
             run = one_run(eng, prompts)
         res = {
             "unroll_max_tokens": unroll if limit else 0,
@@ -367,8 +368,14 @@ def main() -> None:
     ap.add_argument(
         "--graph-max-bs",
         type=int,
-        default=160,
-        help="CUDA graphs up to this size (an unrolled extend of ~100 tokens must fit)",
+        default=GPU_ENGINE["cuda_graph_max_bs"],
+        help="CUDA graphs up to this size (an unrolled run round of ~100 tokens must fit)",
+    )
+    ap.add_argument(
+        "--thread-clock",
+        action="store_true",
+        help="time sections in the scheduler thread's CPU time (steadier on a shared CPU; with "
+        "--tiny torch then runs on one thread, so the forward is counted too)",
     )
     ap.add_argument(
         "--unroll", type=int, default=256, help="on CPU: unroll extends of up to this many tokens"
@@ -379,6 +386,9 @@ def main() -> None:
     from sgl_engine import Engine
 
     root = Path(args.root)
+    clock = time.thread_time if args.thread_clock else time.perf_counter
+    if args.thread_clock and args.tiny:
+        torch.set_num_threads(1)
     if args.tiny:
         path, common = tiny_model_dir(root, args.tiny_layers), CPU_ENGINE
     else:
@@ -388,8 +398,10 @@ def main() -> None:
     with Engine(str(path), **common) as eng:
         start = time.perf_counter() - t
         print(json.dumps({"engine_start_s": start}), flush=True)
-        unroll = eng.runner.unroll_max_tokens if eng.runner.graphs is not None else args.unroll
-        results = measure(eng, json_prompts(args.requests), args.runs, args.profile, unroll)
+        graphs = eng.runner.graphs is not None
+        unroll = getattr(eng.runner, "unroll_max_tokens", 0) if graphs else args.unroll
+        prompts = json_prompts(args.requests)
+        results = measure(eng, prompts, args.runs, args.profile, unroll, clock)
     results["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results["engine_start_s"] = start
     print(table(results), flush=True)

@@ -2,13 +2,14 @@
 
 This is the only place where the scheduler's lists become tensors (`ForwardBatch`) and back.
 
-Unrolled extends. A small extend batch (a run round where some rows jumped forward and carry
-several forced tokens) runs as a decode batch of one row per token: the row for a sequence's
-i-th new token reads the sequence's KV up to and including that token. Each layer stores every
-row's k/v before attending, so a row sees the tokens before it in the same step: the same causal
-attention as the extend, as decode-shaped rows. On CUDA that batch replays a decode graph (up to
-the largest captured size) instead of running the model eagerly; the hidden rows come out in
-the extend's token order, so logits, sampling and prompt logprobs read them unchanged.
+Unrolled extends. A small extend of running requests (a run round where some rows jumped
+forward and carry several forced tokens; never a prompt) runs as a decode batch of one row per
+token: the row for a sequence's i-th new token reads the sequence's KV up to and including that
+token. Each layer stores every row's k/v before attending, so a row sees the tokens before it in
+the same step: the same causal attention as the extend, as decode-shaped rows. On CUDA that
+batch replays a decode graph (up to the largest captured size) instead of running the model
+eagerly; the hidden rows come out in the extend's token order, so logits and sampling read them
+unchanged.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class SeqInput:
     lp_targets: list[int] = field(default_factory=list)
     lp_top: int = 0
     sample: SampleSpec | None = None
+    running: bool = False  # a running request's pending tokens (a run round), not its prompt
 
 
 @dataclass
@@ -273,11 +275,13 @@ class ModelRunner:
         return self.model(run, self.pool, self.attn), None
 
     def _unrolled(self, batch: ForwardBatch, seqs: list[SeqInput]) -> ForwardBatch:
-        """`batch` as a decode batch of one row per token, if it is an extend of at most
-        `unroll_max_tokens` tokens; else `batch` itself. The rows reuse the extend's token
+        """`batch` as a decode batch of one row per token, if it is an extend of running
+        requests of at most `unroll_max_tokens` tokens; else `batch` itself. The rows reuse the extend's token
         tensors; row (r, i) reads the first `start + i + 1` of sequence r's KV indices, gathered
         on the device from the extend's."""
         if batch.mode is not ForwardMode.EXTEND or batch.num_tokens > self.unroll_max_tokens:
+            return batch
+        if not all(s.running for s in seqs):
             return batch
         lens: list[int] = []
         indptr, shifts, offset = [0], [], 0
