@@ -38,6 +38,7 @@ GPU_ENGINE = dict(
     # decode graphs to 160 rows: a JSON run round after jump-forward (~100 tokens over 64 rows)
     # then replays a graph, unrolled, instead of running eagerly (model_runner's docstring)
     cuda_graph_max_bs=160,
+    unroll_extends=True,
     chunked_prefill_size=8192,
     mem_fraction_static=0.6,
     decode_gemv="triton",

@@ -281,9 +281,8 @@ def test_jump_forward_run_rounds_replay_graphs_unrolled(gpu_llama):
             attention_backend="flashinfer",
             cuda_graph_max_bs=64,
             max_total_tokens=8192,
+            unroll_extends=unroll,
         ) as eng:
-            if not unroll:
-                eng.runner.unroll_max_tokens = 0
             outs[unroll] = eng.generate(prompts, sp, return_logprob=True)
             assert (eng.runner.unrolled_passes > 0) == unroll
             assert eng.runner.graphs.eager_fallbacks == 0

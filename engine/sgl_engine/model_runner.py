@@ -9,7 +9,8 @@ token. Each layer stores every row's k/v before attending, so a row sees the tok
 the same step: the same causal attention as the extend, as decode-shaped rows. On CUDA that
 batch replays a decode graph (up to the largest captured size) instead of running the model
 eagerly; the hidden rows come out in the extend's token order, so logits and sampling read them
-unchanged.
+unchanged. Opt-in (`unroll_extends=True`): it has passed its tests on the CPU but has not yet
+run on a GPU.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ class ModelRunner:
                 self.device,
                 context_length,
             )
-            self.unroll_max_tokens = self.graphs.sizes[-1]
+            if config.unroll_extends:
+                self.unroll_max_tokens = self.graphs.sizes[-1]
             log.info(
                 "%sCUDA graphs for batch sizes %s captured in %.1f s",
                 rank,
