@@ -352,6 +352,16 @@ class FakeEngine:
             return self._chunks(outs[0])
         return outs[0] if single else outs
 
+    def score(self, prefix, continuations):
+        """`Engine.score`'s own planning around this fake's `generate`."""
+        from sgl_engine.scoring import plan_scores
+
+        def encode(texts):
+            return [self.tokenizer.encode(t) for t in texts]
+
+        plan = plan_scores(prefix, continuations, encode, lambda text, field: None, 1 << 30)
+        return plan.results(self.generate(**plan.request().forwarded()))
+
     def _chunks(self, out):
         ids = out["output_ids"]
         for i in range(1, len(ids) + 1):
