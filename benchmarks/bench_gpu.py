@@ -35,7 +35,10 @@ GPU_ENGINE = dict(
     dtype="bfloat16",
     random_weights=True,
     attention_backend="flashinfer",
-    cuda_graph_max_bs=64,
+    # decode graphs to 160 rows: a JSON run round after jump-forward (~100 tokens over 64 rows)
+    # then replays a graph, unrolled, instead of running eagerly (model_runner's docstring)
+    cuda_graph_max_bs=160,
+    unroll_extends=True,
     chunked_prefill_size=8192,
     mem_fraction_static=0.6,
     decode_gemv="triton",
@@ -421,7 +424,11 @@ def main() -> None:
     if args.only_json:
         common = dict(device=args.device, random_weights=True, max_total_tokens=65536)
         if args.device == "cuda":
-            common.update(dtype="bfloat16", attention_backend="flashinfer", cuda_graph_max_bs=64)
+            common.update(
+                dtype="bfloat16",
+                attention_backend="flashinfer",
+                cuda_graph_max_bs=GPU_ENGINE["cuda_graph_max_bs"],
+            )
         results["json decode"] = json_decode(path, common, args.json_requests)
         print(json.dumps(results, indent=1, default=str))
         return

@@ -16,10 +16,12 @@ decode pays in latency. Engine start-up phases are logged with timestamps.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import logging
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -48,10 +50,10 @@ SHAPES = {
     ),
     "smoke": dict(
         LLAMA2_7B,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=256,
+        intermediate_size=512,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=2,
         num_key_value_heads=2,
     ),
 }
@@ -133,7 +135,8 @@ def shard_bytes(eng) -> int:
     return sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
 
 
-def run(path: Path, tp: int, work, engine: dict) -> dict:
+def run(path: Path, tp: int, work, engine: dict, report) -> None:
+    """Start an engine, `report(figures)` (before shutting down: a hang there loses nothing)."""
     from sgl_engine import Engine
 
     t = time.perf_counter()
@@ -142,46 +145,54 @@ def run(path: Path, tp: int, work, engine: dict) -> dict:
         out = {"startup_s": time.perf_counter() - t}
         out.update(work(eng))
         eng.check_invariants()
-        return out
+        report(out)
+        t = time.perf_counter()
     finally:
         eng.shutdown()
         del eng
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    logging.info("tp=%d engine shut down in %.1f s", tp, time.perf_counter() - t)
 
 
-def phase_7b(root: Path, results: dict, out: str | None, smoke: bool) -> None:
-    shape = "smoke" if smoke else "7b"
+def phase_7b(root: Path, results: dict, out: str | None, args) -> None:
+    shape = "smoke" if args.smoke else args.shape or "7b"
     path = llama_dir(root, f"llama-{shape}-shape", SHAPES[shape])
-    engine = SMOKE_ENGINE if smoke else ENGINE
+    engine = SMOKE_ENGINE if args.smoke else ENGINE
     probes = {}
-    for tp in (1, 2):
+    for tp in args.tp:
 
         def work(eng, tp=tp):
             probes[tp] = probe(eng)
-            return {"decode_bs1": batch1(eng, tp, smoke), "shard_bytes": shard_bytes(eng)}
+            if args.probe_only:
+                return {}
+            return {"decode_bs1": batch1(eng, tp, args.smoke), "shard_bytes": shard_bytes(eng)}
 
-        emit(results, out, **{f"{shape} tp{tp}": run(path, tp, work, engine)})
-    emit(results, out, **{f"{shape} greedy tp2 vs tp1": compare(probes[1], probes[2])})
-    r1 = results[f"{shape} tp1"]["decode_bs1"]["ours_tok_s"]
-    r2 = results[f"{shape} tp2"]["decode_bs1"]["ours_tok_s"]
-    emit(results, out, **{f"{shape} bs1 speedup tp2/tp1": r2 / r1})
+        def report(res, tp=tp):
+            emit(results, out, **{f"{shape} tp{tp}": res})
+            if len(probes) == 2:
+                emit(results, out, **{f"{shape} greedy tp2 vs tp1": compare(probes[1], probes[2])})
+            if len(probes) == 2 and not args.probe_only:
+                r1 = results[f"{shape} tp1"]["decode_bs1"]["ours_tok_s"]
+                r2 = res["decode_bs1"]["ours_tok_s"]
+                emit(results, out, **{f"{shape} bs1 speedup tp2/tp1": r2 / r1})
+
+        run(path, tp, work, engine, report)
 
 
-def phase_70b(root: Path, results: dict, out: str | None, smoke: bool) -> None:
-    shape = "smoke" if smoke else "70b"
+def phase_70b(root: Path, results: dict, out: str | None, args) -> None:
+    shape = "smoke" if args.smoke else args.shape or "70b"
     path = llama_dir(root, f"llama-{shape}-shape", SHAPES[shape])
 
     def work(eng):
-        res = {"mmlu": mmlu(eng), "decode_bs1": batch1(eng, 2, smoke)}
+        res = {"mmlu": mmlu(eng), "decode_bs1": batch1(eng, 2, args.smoke)}
         res["shard_bytes"] = shard_bytes(eng)
         res["kv_slots"] = eng.runner.num_slots
         return res
 
-    emit(
-        results, out, **{f"{shape} tp2 mmlu": run(path, 2, work, SMOKE_ENGINE if smoke else ENGINE)}
-    )
+    engine = SMOKE_ENGINE if args.smoke else ENGINE
+    run(path, 2, work, engine, lambda r: emit(results, out, **{f"{shape} tp2 mmlu": r}))
 
 
 def main() -> None:
@@ -190,7 +201,12 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--root", default="/tmp/sgl-bench")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (gloo)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="another model shape for a phase")
+    ap.add_argument("--tp", default="1,2", help="tp sizes of the 7b phase")
+    ap.add_argument("--probe-only", action="store_true", help="7b phase: greedy comparison only")
     args = ap.parse_args()
+    args.tp = [int(t) for t in args.tp.split(",")]
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cuda = torch.cuda.is_available() and not args.smoke
     results: dict = {
@@ -204,7 +220,7 @@ def main() -> None:
     phases = {"7b": phase_7b, "70b": phase_70b}
     for name in args.phases.split(","):
         try:
-            phases[name](Path(args.root), results, args.json, args.smoke)
+            phases[name](Path(args.root), results, args.json, args)
         except Exception as exc:  # noqa: BLE001 -- keep the other phase's figures
             logging.exception("phase %s failed", name)
             emit(results, args.json, **{f"{name} failed": repr(exc)[:2000]})

@@ -254,3 +254,31 @@ def test_native_tool_calls_through_dspy_tool_calls(lm):
     for call in pred.calls.tool_calls:
         assert call.name in ("get_weather", "get_time") and isinstance(call.args["city"], str)
         assert call.execute().startswith("It is")
+
+
+@pytest.mark.slow
+def test_react_with_two_tools_finishes(any_lm):
+    """dspy.ReAct with two tools on SmolLM2, no JSON fallback, local and over http: every
+    step parses (our ChatAdapter decodes a bounded thought, an offered tool name and arguments
+    valid for that tool; the LM's max_tokens=48 is raised to the grammar's worst case), the
+    tools run on the parsed arguments, and the extracted answer is a string."""
+    lm = any_lm
+    react = dspy.ReAct("question -> answer", tools=[get_weather, get_time], max_iters=3)
+    CALLED.clear()
+    with dspy.context(lm=lm, adapter=ChatAdapter(use_json_adapter_fallback=False)):
+        pred = react(question="What is the weather in Paris?")
+    names = [v for k, v in pred.trajectory.items() if k.startswith("tool_name_")]
+    assert 1 <= len(names) <= 3
+    assert set(names) <= {"get_weather", "get_time", "finish"}
+    for i, name in enumerate(names):
+        args, seen = pred.trajectory[f"tool_args_{i}"], pred.trajectory[f"observation_{i}"]
+        if name == "finish":
+            assert args == {} and seen == "Completed."
+        else:
+            assert set(args) == {"city"} and isinstance(args["city"], str)
+            assert seen.startswith("It is") and args["city"] in seen
+    assert CALLED == [n for n in names if n != "finish"] and CALLED
+    assert isinstance(pred.answer, str) and pred.answer.strip()
+    entries = lm.history[-(len(names) + 1) :]
+    assert all("response_format" not in e["kwargs"] for e in entries)
+    assert all(e["outputs"][0].endswith("[[ ## completed ## ]]") for e in entries)

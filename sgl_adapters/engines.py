@@ -297,25 +297,31 @@ class EngineClient:
         messages = [dict(m) for m in request.messages or ()]
         return as_dict(self.backend.chat(messages, dict(request.params), **leaf))
 
-    def stream(self, request: Request) -> Iterator[dict]:
+    def stream(self, request: Request, **leaf: Any) -> Iterator[dict]:
         """Chunks with cumulative `text`, `delta` and SGLang-style `meta_info` (the last one
-        has `finish_reason` and the token counts)."""
+        has `finish_reason` and the token counts). `leaf` takes `CallGraph.add_leaf` options;
+        with `return_logprob` each chunk's `delta_logprobs` holds its new tokens' SGLang-style
+        `output_token_logprobs`/`output_top_logprobs`."""
         self.check(request)
+        if leaf.get("return_logprob"):
+            self.require("logprobs", "streaming logprobs")
         if request.prompt is None:
             messages = [dict(m) for m in request.messages or ()]
-            chunks = self.backend.stream_chat(messages, dict(request.params))
+            chunks = self.backend.stream_chat(messages, dict(request.params), **leaf)
         else:
-            chunks = self.backend.stream(request.prompt, dict(request.params))
+            chunks = self.backend.stream(request.prompt, dict(request.params), **leaf)
         for chunk in chunks:
             yield chunk_dict(chunk)
 
-    async def astream(self, request: Request) -> AsyncIterator[dict]:
+    async def astream(self, request: Request, **leaf: Any) -> AsyncIterator[dict]:
         self.check(request)
+        if leaf.get("return_logprob"):
+            self.require("logprobs", "streaming logprobs")
         if request.prompt is None:
-            async for chunk in iterate_in_thread(lambda: self.stream(request)):
+            async for chunk in iterate_in_thread(lambda: self.stream(request, **leaf)):
                 yield chunk
             return
-        async for chunk in self.backend.astream(request.prompt, dict(request.params)):
+        async for chunk in self.backend.astream(request.prompt, dict(request.params), **leaf):
             yield chunk_dict(chunk)
 
     def probe(self, input_ids: list[int], start: int, top: int = 10) -> dict:
@@ -373,12 +379,17 @@ def as_dict(result: LeafResult) -> dict:
 
 
 def chunk_dict(chunk: Any) -> dict:
-    """A `StreamChunk` in the engine's stream shape (cumulative `text`, `delta`)."""
+    """A `StreamChunk` in the engine's stream shape (cumulative `text`, `delta`; the new
+    tokens' logprobs in `delta_logprobs`)."""
     return {
         "text": chunk.text,
         "delta": chunk.delta,
         "output_ids": list(chunk.output_ids),
         "meta_info": _meta(chunk.meta_info, chunk.finish_reason, chunk.usage, None),
+        "delta_logprobs": {
+            "output_token_logprobs": list(getattr(chunk, "output_token_logprobs", ())),
+            "output_top_logprobs": list(getattr(chunk, "output_top_logprobs", ())),
+        },
     }
 
 

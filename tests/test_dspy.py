@@ -19,7 +19,8 @@ import pytest
 from pydantic import BaseModel, Field
 
 from sgl_adapters import engines as lc_engines
-from sgl_adapters.dspy import LM, ChatAdapter, field_format_regex, has_engine_contract
+from sgl_adapters.dspy import LM, ChatAdapter, field_format, has_engine_contract
+from sgl_adapters.dspy.field_grammar import tool_schema
 from sgl_adapters.dspy.legacy_lm import SGLangLM
 from sgl_adapters.engines import EngineRegistry
 
@@ -215,18 +216,34 @@ class Classify(dspy.Signature):
     pet: bool = dspy.OutputField()
 
 
-def test_field_format_regex_matches_what_chat_adapter_writes():
-    import re
+def test_field_format_accepts_what_chat_adapter_writes():
+    from xgrammar.testing import _is_grammar_accept_string as accepts
 
-    regex = field_format_regex(Classify)
+    fmt = field_format(Classify)
+    ebnf = fmt.ebnf(fmt.text_chars(200))
     for values in (
         {"kind": "dog", "legs": 4, "weight": 12.5, "pet": True},
         {"kind": "bird", "legs": -2, "weight": 0.0, "pet": False},
     ):
         text = dspy.ChatAdapter().format_assistant_message_content(Classify, values)
-        assert re.fullmatch(regex, text.rstrip("\n")), text
-    assert not re.fullmatch(regex, "[[## kind ## ]]\ncat\n\n[[ ## completed ## ]]")
-    assert field_format_regex(QA) is not None and field_format_regex(Describe) is None
+        assert accepts(ebnf, text.rstrip("\n")), text
+    assert not accepts(ebnf, "[[## kind ## ]]\ncat\n\n[[ ## completed ## ]]")
+    pet = field_format(Describe)  # a pydantic field: decoded under its JSON schema
+    text = dspy.ChatAdapter().format_assistant_message_content(
+        Describe, {"pet": Pet(kind="dog", name="Rex", age=3, friendly=True)}
+    )
+    assert pet is not None and accepts(pet.ebnf(64), text.rstrip("\n")), text
+
+
+def test_field_format_bounds_free_text_to_the_budget():
+    """Free text shrinks so the worst case (a token per byte) fits max_tokens; a budget
+    too small for the fixed parts is raised to the grammar's worst case."""
+    fmt = field_format(QA)
+    chars = fmt.text_chars(400)
+    assert fmt.worst_case_tokens(chars) <= 400 < fmt.worst_case_tokens(chars + 1)
+    assert "max_new_tokens" not in fmt.params(400)
+    small = fmt.params(20)
+    assert small["max_new_tokens"] == fmt.worst_case_tokens(fmt.text_chars(20)) > 20
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -244,6 +261,44 @@ def test_constrained_chat_adapter_always_parses(kind, tiny_llama, registry):
         lm("animal", max_tokens=12)[0]
         == reference(lm, [{"role": "user", "content": "animal"}])[1]["text"]
     )
+
+
+def _lookup(city: str) -> str:
+    """Look a city up."""
+    return f"{city} is a city."
+
+
+def _population(city: str, metro: bool = False) -> str:
+    """Population of a city (or of its metro area)."""
+    return f"{city} has many people{' around it' if metro else ''}."
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_react_steps_always_parse_under_the_field_grammar(kind, tiny_llama, registry):
+    """dspy.ReAct on a random model at temperature 1.0, no JSON fallback: every step's
+    answer is the field format with a real tool name and arguments valid for that tool
+    (only the grammar can make random output parse), and the budget holds the whole answer."""
+    lm = make_lm(kind, tiny_llama, registry, max_tokens=300, temperature=1.0)
+    react = dspy.ReAct("question -> answer", tools=[_lookup, _population], max_iters=3)
+    schemas = {name: tool_schema(tool.args) for name, tool in react.tools.items()}
+    adapter = ChatAdapter(use_json_adapter_fallback=False, max_string_length=8)
+    for seed in range(3):
+        start = len(lm.history)
+        with dspy.context(lm=lm, adapter=adapter):
+            pred = react(question=f"city {seed}?", config={"seed": seed})
+        steps = len([k for k in pred.trajectory if k.startswith("tool_name_")])
+        assert 1 <= steps <= 3 and isinstance(pred.answer, str)
+        for i in range(steps):
+            name, args = pred.trajectory[f"tool_name_{i}"], pred.trajectory[f"tool_args_{i}"]
+            jsonschema.validate(args, schemas[name])
+            assert not pred.trajectory[f"observation_{i}"].startswith("Execution error")
+        entries = lm.history[start:]
+        assert len(entries) == steps + 1
+        for entry in entries:
+            assert "response_format" not in entry["kwargs"]
+            outputs = entry["outputs"][0]
+            text = outputs if isinstance(outputs, str) else outputs["text"]
+            assert text.endswith("[[ ## completed ## ]]")
 
 
 class QA(dspy.Signature):

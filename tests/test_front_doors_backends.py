@@ -20,7 +20,7 @@ from sgl_plugins.backend import BackendCapabilityError
 from sgl_plugins.manager import PluginManager
 
 import sgl_adapters.lang as sgl
-from sgl_adapters.dspy import LM
+from sgl_adapters.dspy import LM, has_engine_contract
 from sgl_adapters.engines import EngineRegistry
 from sgl_adapters.langchain import ChatSGLang, SGLang
 
@@ -102,6 +102,26 @@ def test_chat_model_invoke_stream_usage(kind, served, manager, registry):
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
+def test_chat_model_streams_logprobs_or_refuses(kind, served, manager, registry):
+    """Streamed logprobs through the Backend protocol: backends with "logprobs" put each
+    chunk's tokens' logprobs in it (together invoke's tokens); the others refuse at once."""
+    model = chat(kind, served, manager, registry)
+    question = "Stream logprobs for backend " + kind
+    if kind in ("openai", "reverse"):
+        with pytest.raises(BackendCapabilityError, match=f"'{kind}' lacks capability 'logprobs'"):
+            list(model.stream(question, logprobs=True))
+        return
+    whole = model.invoke(question, logprobs=True, top_logprobs=1)
+    chunks = list(model.stream(question, logprobs=True, top_logprobs=1))
+    streamed = [
+        e for c in chunks for e in c.response_metadata.get("logprobs", {}).get("content", [])
+    ]
+    tokens = [e["token"] for e in whole.response_metadata["logprobs"]["content"]]
+    assert [e["token"] for e in streamed] == tokens and len(tokens) == 8
+    assert all(len(e["top_logprobs"]) == 1 for e in streamed)
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
 def test_chat_model_structured_output(kind, served, manager, registry):
     model = chat(kind, served, manager, registry, max_tokens=40).with_structured_output(SCHEMA)
     if kind == "reverse":
@@ -140,6 +160,10 @@ def test_llm_invoke_and_stream(kind, served, manager, registry):
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_dspy_lm_call_stream_and_typed_output(kind, served, manager, registry):
     backend, bkw = spec(kind, served, manager)
+    if not has_engine_contract():  # DSPy 3.3: the legacy LM (tests/test_dspy.py) is local-only
+        with pytest.raises(NotImplementedError, match="DSPy < 3.4 runs on the local backend only"):
+            LM(backend=backend, backend_kwargs=bkw, registry=registry)
+        return
     lm = LM(backend=backend, backend_kwargs=bkw, registry=registry, max_tokens=40)
     (out,) = lm(messages=[{"role": "user", "content": "Say hi"}], max_tokens=8)
     assert isinstance(out, str) and out
@@ -198,6 +222,8 @@ def test_openai_backend_refuses_what_it_cannot_do(served, manager):
         backend.generate("x", {"max_new_tokens": 2}, regex="[a-z]+")
     with pytest.raises(BackendCapabilityError, match="'openai' lacks capability 'logprobs'"):
         backend.generate("x", {"max_new_tokens": 2}, return_logprob=True)
+    with pytest.raises(BackendCapabilityError, match="'openai' lacks capability 'logprobs'"):
+        list(backend.stream("x", {"max_new_tokens": 2}, return_logprob=True))
     out = backend.generate("x", {"max_new_tokens": 30}, json_schema=json.dumps(SCHEMA))
     assert json.loads(out.text)["color"] in ("red", "green", "blue")
     backend.close()

@@ -252,3 +252,50 @@ def test_stress_small_pool_shared_prefixes_concurrent_submitters(gpu_llama):
     print(f"stress: {len(work)} requests, {m['retractions']} retractions, parted {parted}: {ties}")
     assert all(gap < NEAR_TIE for gap in ties), ties
     assert parted <= len(work) // 10, (parted, ties)
+
+
+def test_jump_forward_run_rounds_replay_graphs_unrolled(gpu_llama):
+    """A run round after jump-forward (rows carrying several forced tokens) replays a decode
+    graph unrolled, one row per token (model_runner), and gives what the eager extend gives:
+    the same tokens until a bf16 near-tie, with close logprobs."""
+    from sgl_engine import Engine
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 10},
+            "capital": {"type": "boolean"},
+            "continent": {"enum": ["Africa", "Asia", "Europe"]},
+        },
+        "required": ["name", "capital", "continent"],
+        "additionalProperties": False,
+    }
+    sp = {"max_new_tokens": 128, "temperature": 0, "json_schema": schema}
+    prompts = [f"Record {i}:" for i in range(12)]
+    outs = {}
+    for unroll in (False, True):
+        with Engine(
+            gpu_llama,
+            device="cuda",
+            dtype="bfloat16",
+            attention_backend="flashinfer",
+            cuda_graph_max_bs=64,
+            max_total_tokens=8192,
+            unroll_extends=unroll,
+        ) as eng:
+            outs[unroll] = eng.generate(prompts, sp, return_logprob=True)
+            assert (eng.runner.unrolled_passes > 0) == unroll
+            assert eng.runner.graphs.eager_fallbacks == 0
+            assert eng.metrics()["forced_tokens"] > 0
+            eng.check_invariants()
+    for eager, unrolled in zip(outs[False], outs[True], strict=True):
+        pairs = zip(
+            eager["meta_info"]["output_token_logprobs"],
+            unrolled["meta_info"]["output_token_logprobs"],
+            strict=False,
+        )
+        for (a, token_a, _), (b, token_b, _) in pairs:
+            if a is not None and b is not None:
+                assert abs(a - b) < 0.1, (a, b)
+            if token_a != token_b:
+                break

@@ -352,6 +352,40 @@ def test_response_format_and_logprobs_as_invoke_kwargs(chat):
     assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in lp)
 
 
+def _streamed_logprobs(chunks) -> list[dict]:
+    return [e for c in chunks for e in c.response_metadata.get("logprobs", {}).get("content", [])]
+
+
+def _same_logprobs(streamed: list[dict], whole: list[dict]) -> None:
+    """Same tokens and alternatives; logprobs equal up to float noise (stream and invoke run
+    in different batches)."""
+    assert [e["token"] for e in streamed] == [e["token"] for e in whole]
+    assert [e["logprob"] for e in streamed] == pytest.approx(
+        [e["logprob"] for e in whole], abs=1e-4
+    )
+    for s, w in zip(streamed, whole, strict=True):
+        assert [a["token"] for a in s["top_logprobs"]] == [a["token"] for a in w["top_logprobs"]]
+
+
+def test_streamed_chunks_carry_their_tokens_logprobs(chat):
+    """stream(..., logprobs=True): each chunk carries its own tokens' logprobs where ChatOpenAI
+    puts them (response_metadata["logprobs"]["content"]); greedy, they concatenate (and the
+    chunks add up) to invoke's list, sync and async."""
+    whole = chat.invoke("hello", logprobs=True, top_logprobs=2).response_metadata["logprobs"]
+    assert len(whole["content"]) == 12
+    chunks = list(chat.stream("hello", logprobs=True, top_logprobs=2))
+    assert len([c for c in chunks if c.response_metadata.get("logprobs")]) > 1
+    _same_logprobs(_streamed_logprobs(chunks), whole["content"])
+    full = sum(chunks[1:], chunks[0])
+    _same_logprobs(full.response_metadata["logprobs"]["content"], whole["content"])
+
+    async def run():
+        return [c async for c in chat.astream("hello", logprobs=True, top_logprobs=2)]
+
+    _same_logprobs(_streamed_logprobs(asyncio.run(run())), whole["content"])
+    assert not _streamed_logprobs(chat.stream("hello"))
+
+
 def test_tools_with_response_format_answer_json_or_call(chat):
     fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": Pet.model_json_schema()}}
     bound = chat.bind_tools([count], response_format=fmt, max_tokens=160)

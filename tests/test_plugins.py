@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from sgl_plugins import hookimpl
-from sgl_plugins.backend import Backend, BackendBase
+from sgl_plugins.backend import Backend, BackendBase, new_logprobs
 from sgl_plugins.builtin import local
 from sgl_plugins.builtin.local import EnginePool, LocalBackend, LocalBackendFactory
 from sgl_plugins.manager import (
@@ -352,6 +352,16 @@ class FakeEngine:
             return self._chunks(outs[0])
         return outs[0] if single else outs
 
+    def score(self, prefix, continuations):
+        """`Engine.score`'s own planning around this fake's `generate`."""
+        from sgl_engine.scoring import plan_scores
+
+        def encode(texts):
+            return [self.tokenizer.encode(t) for t in texts]
+
+        plan = plan_scores(prefix, continuations, encode, lambda text, field: None, 1 << 30)
+        return plan.results(self.generate(**plan.request().forwarded()))
+
     def _chunks(self, out):
         ids = out["output_ids"]
         for i in range(1, len(ids) + 1):
@@ -649,3 +659,15 @@ def test_close_skips_backend_classes_registered_as_factories():
     assert "http" in manager.backends()
     manager.close()
     manager.close()
+
+
+def test_stream_logprobs_are_read_cumulative_or_incremental():
+    """SGLang streams output logprobs cumulative (default) or new-only (incremental output);
+    a StreamChunk gets the new ones either way."""
+    a, b, c = (-0.5, 1, None), (-1.0, 2, None), (-2.0, 3, None)
+    tops = [[a], [b], [c]]
+    cumulative = {"output_token_logprobs": [a, b, c], "output_top_logprobs": tops}
+    assert new_logprobs({**cumulative, "completion_tokens": 3}, 1) == ((b, c), ((b,), (c,)))
+    incremental = {"output_token_logprobs": [c], "output_top_logprobs": [[c]]}
+    assert new_logprobs({**incremental, "completion_tokens": 3}, 2) == ((c,), ((c,),))
+    assert new_logprobs({"completion_tokens": 3}, 2) == ((), ())

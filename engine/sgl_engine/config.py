@@ -25,7 +25,9 @@ class EngineConfig:
     processes; NCCL on CUDA, gloo on the CPU); `tp_timeout_s` bounds each of their collectives.
     `decode_gemv` picks the kernel of one-row (batch-1 decode) linear layers on CUDA: cuBLAS, or
     the Triton matrix-vector kernel of models/gemv.py (faster on an H200; opt-in until the GPU
-    tests have run with it).
+    tests have run with it). `unroll_extends` replays small extends of running requests (the
+    rounds after jump-forward) as decode graphs, one row per token (model_runner; opt-in until it
+    has run on a GPU).
     """
 
     model_path: str | None = None
@@ -45,6 +47,7 @@ class EngineConfig:
     schedule_policy: str = "lpm"
     in_batch_prefix_min: int = 16
     enable_jump_forward: bool = True
+    unroll_extends: bool = False
     seed: int = 0
     trust_remote_code: bool = False
     cuda_graph_max_bs: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -17,6 +18,7 @@ from sgl_engine.model_runner import ModelRunner
 from sgl_engine.processor import RequestProcessor
 from sgl_engine.request import Req
 from sgl_engine.scheduler import Scheduler
+from sgl_engine.scoring import ContinuationLogprobs, ScorePlan, plan_scores
 
 _DONE = object()
 log = logging.getLogger(__name__)
@@ -215,8 +217,18 @@ class Engine:
         stream: bool = False,
         rid: str | list[str] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
-        """Generate for one request (a dict back) or a list (a list back); `stream=True`
-        returns an iterator of chunks whose `text` is cumulative and `delta` is new."""
+        """Generate for one request (a dict back) or a list (a list back); `stream=True` is
+        `stream(...)`. Blocks until the results are in; thread-safe (it only enqueues)."""
+        if stream:
+            return self.stream(
+                prompt,
+                sampling_params,
+                input_ids,
+                return_logprob,
+                logprob_start_len,
+                top_logprobs_num,
+                rid,
+            )
         reqs, single = self.builder.build(
             GenerateRequest(
                 prompt,
@@ -225,15 +237,43 @@ class Engine:
                 return_logprob,
                 logprob_start_len,
                 top_logprobs_num,
-                stream,
+                False,
                 rid,
             )
         )
-        if stream:
-            return self._stream_sync(reqs)
         channels = self._submit(reqs, None)
         results = [self._wait(ch) for ch in channels]
         return results[0] if single else results
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        sampling_params: dict | None = None,
+        input_ids: list[int] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        rid: str | None = None,
+    ) -> Iterator[dict]:
+        """Stream one request (n=1): an iterator of chunks as the text grows. Each chunk has
+        SGLang's result shape with a cumulative `text` and the new `delta`; the last one has
+        `meta_info["finish_reason"]` set. Arguments are validated now, in the caller's thread
+        (`InvalidRequestError`); the request is enqueued at the first `next()`. Closing the
+        iterator early (`break` drops it, or `.close()`) aborts the request, which frees its
+        KV slots on the scheduler thread; nothing else is locked or mutated by the caller."""
+        reqs, _ = self.builder.build(
+            GenerateRequest(
+                prompt,
+                sampling_params,
+                input_ids,
+                return_logprob,
+                logprob_start_len,
+                top_logprobs_num,
+                True,
+                rid,
+            )
+        )
+        return self._stream_sync(reqs)
 
     @staticmethod
     def _items(ch: _Channel) -> Iterator[dict]:
@@ -249,8 +289,7 @@ class Engine:
         try:
             yield from self._items(ch)
         finally:
-            if reqs[0].rid in self._channels:
-                self.abort(reqs[0].rid)
+            self._abort_live(reqs, [ch])
 
     async def async_generate(
         self,
@@ -313,8 +352,60 @@ class Engine:
             async for item in self._aitems(ch):
                 yield item
         finally:
-            if reqs[0].rid in self._channels:
-                self.abort(reqs[0].rid)
+            self._abort_live(reqs, [ch])
+
+    async def astream(
+        self,
+        prompt: str | None = None,
+        sampling_params: dict | None = None,
+        input_ids: list[int] | None = None,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        rid: str | None = None,
+    ) -> AsyncIterator[dict]:
+        """The asyncio twin of `stream`: `async for chunk in engine.astream(...)`. It is
+        `await async_generate(..., stream=True)` iterated, so arguments are checked (off the
+        event loop) at the first iteration. Cancelling the consuming task, or closing the
+        iterator (`aclose()`, `contextlib.aclosing`), aborts the request and frees its KV.
+        (A plain `break` leaves the closing to the event loop's async-generator finaliser.)"""
+        chunks = await self.async_generate(
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob,
+            logprob_start_len,
+            top_logprobs_num,
+            True,
+            rid,
+        )
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                yield chunk
+
+    def score(self, prefix: str, continuations: list[str]) -> list[ContinuationLogprobs]:
+        """Score each continuation of `prefix` by its tokens' logprobs (no generation): per
+        continuation the token ids, their logprobs, the sum and the count (see
+        `sgl_engine.scoring` for how the tokenisation boundary is handled). All continuations
+        go as one batch with `max_new_tokens=0`, so the shared prefix is prefilled once and
+        stays in the radix cache. Validates and tokenises in the caller's thread (bad input
+        raises `InvalidRequestError`), then blocks like `generate`; thread-safe."""
+        plan = self._plan_scores(prefix, continuations)
+        return plan.results(self.generate(**plan.request().forwarded()))
+
+    async def async_score(
+        self, prefix: str, continuations: list[str]
+    ) -> list[ContinuationLogprobs]:
+        """The asyncio twin of `score`: tokenises in a worker thread, then awaits
+        `async_generate` (cancelling aborts the batch and frees its KV)."""
+        plan = await asyncio.to_thread(self._plan_scores, prefix, continuations)
+        return plan.results(await self.async_generate(**plan.request().forwarded()))
+
+    def _plan_scores(self, prefix: str, continuations: list[str]) -> ScorePlan:
+        b = self.builder
+        return plan_scores(
+            prefix, continuations, b.encode, b.check_prompt_text, b.max_prompt_tokens
+        )
 
     def apply_chat_template(
         self,

@@ -168,8 +168,7 @@ class RequestBuilder:
                 raise InvalidRequestError("prompt must not be empty", "prompt")
             for t in texts:
                 self.check_prompt_text(t)
-            with self._tok_lock:
-                return [self.tokenizer.encode(t) for t in texts], single
+            return self.encode(texts), single
         lists = items
         if not isinstance(lists, list) or not lists:
             raise InvalidRequestError(
@@ -178,6 +177,16 @@ class RequestBuilder:
         for ids in lists:
             self._check_ids(ids)
         return [list(ids) for ids in lists], single
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Tokenise `texts` (unchecked) under the tokenizer lock."""
+        with self._tok_lock:
+            return [self.tokenizer.encode(t) for t in texts]
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """A prompt must have fewer tokens than this (the context, and the KV pool)."""
+        return min(self.context_length, self.pool_size)
 
     def check_prompt_text(self, text: str, name: str = "prompt") -> None:
         """Cheap checks before tokenising: valid Unicode, and not so long that it cannot fit

@@ -1,6 +1,16 @@
 """The model runner: plain-Python batch plans in, sampled token ids and logprobs out.
 
 This is the only place where the scheduler's lists become tensors (`ForwardBatch`) and back.
+
+Unrolled extends. A small extend of running requests (a run round where some rows jumped
+forward and carry several forced tokens; never a prompt) runs as a decode batch of one row per
+token: the row for a sequence's i-th new token reads the sequence's KV up to and including that
+token. Each layer stores every row's k/v before attending, so a row sees the tokens before it in
+the same step: the same causal attention as the extend, as decode-shaped rows. On CUDA that
+batch replays a decode graph (up to the largest captured size) instead of running the model
+eagerly; the hidden rows come out in the extend's token order, so logits and sampling read them
+unchanged. Opt-in (`unroll_extends=True`): it has passed its tests on the CPU but has not yet
+run on a GPU.
 """
 
 from __future__ import annotations
@@ -8,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +62,7 @@ class SeqInput:
     lp_targets: list[int] = field(default_factory=list)
     lp_top: int = 0
     sample: SampleSpec | None = None
+    running: bool = False  # a running request's pending tokens (a run round), not its prompt
 
 
 @dataclass
@@ -162,6 +174,8 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self.graphs = None
+        self.unroll_max_tokens = 0
+        self.unrolled_passes = 0
         max_bs = config.cuda_graph_max_bs
         if max_bs is None:
             max_bs = DEFAULT_GRAPH_MAX_BS if name == "flashinfer" else 0
@@ -179,6 +193,8 @@ class ModelRunner:
                 self.device,
                 context_length,
             )
+            if config.unroll_extends:
+                self.unroll_max_tokens = self.graphs.sizes[-1]
             log.info(
                 "%sCUDA graphs for batch sizes %s captured in %.1f s",
                 rank,
@@ -204,23 +220,28 @@ class ModelRunner:
         self,
         mode: ForwardMode,
         seqs: list[SeqInput],
-        bitmask: torch.Tensor | None = None,
+        bitmask: torch.Tensor | Callable[[], torch.Tensor | None] | None = None,
         input_ids: torch.Tensor | None = None,
     ) -> Launched:
         """Queue one forward pass and its sampling on the device; `collect` reads the result.
 
         `input_ids` (on the device, one per sequence) replaces the seqs' `new_ids`: a decode step
         can start from the previous step's sampled ids before they have reached the host. Until
-        `collect`, only the KV slots of this step are written.
+        `collect`, only the KV slots of this step are written. `bitmask` (the sampled rows'
+        grammar mask) may be a function that makes it: it is called once the forward pass is
+        queued, so on CUDA the host fills the mask while the device computes.
         """
         with self._guard():
             if self.driver is not None:
                 self.driver.publish(self.driver.plan(mode, seqs, input_ids), input_ids)
             batch = self._build(mode, seqs, input_ids)
-            hidden, graph = self._forward(batch)
+            hidden, graph = self._forward(batch, seqs)
+            if callable(bitmask):
+                bitmask = bitmask()
             launched = Launched(seqs, [SeqOutput() for _ in seqs])
             self._prompt_logprobs(hidden, batch, seqs, launched.outs)
-            if graph is not None and bitmask is None and _plain_greedy(seqs):
+            one_row_each = batch.num_tokens == len(seqs)
+            if graph is not None and one_row_each and bitmask is None and _plain_greedy(seqs):
                 sample = DeviceSample(graph.next_ids, graph.logprobs, graph.chosen, graph.packed[2])
                 self._ship(sample, launched, list(range(len(seqs))), graph.packed)
             else:
@@ -238,19 +259,61 @@ class ModelRunner:
         """A follower rank's half of rank 0's `launch`: the same forward pass and the same
         logits (their collectives), in the same order, without sampling."""
         batch = self._build(mode, seqs, input_ids)
-        hidden, graph = self._forward(batch)
+        hidden, graph = self._forward(batch, seqs)
         if any(s.lp_rows for s in seqs):
             self.model.logits(hidden[_logprob_rows(seqs)[0]])
         if sampled and not _logits_in_graph(graph, batch, sampled):
             self.model.logits(_last_rows(hidden, batch, sampled))
 
-    def _forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, Any]:
-        """Hidden states, and the graph's outputs (logits, greedy pick) when a graph ran."""
-        if self.graphs is not None and self.graphs.can_run(batch):
-            graph = self.graphs.run(batch)
+    def _forward(self, batch: ForwardBatch, seqs: list[SeqInput]) -> tuple[torch.Tensor, Any]:
+        """Hidden states (one row per token of `batch`, in its order), and the graph's outputs
+        (logits, greedy pick) when a graph ran. A small extend runs unrolled (module docstring);
+        counts those passes in `unrolled_passes`."""
+        run = self._unrolled(batch, seqs)
+        if self.graphs is not None and self.graphs.can_run(run):
+            graph = self.graphs.run(run)
             return graph.hidden, graph
-        self.attn.plan(batch)
-        return self.model(batch, self.pool, self.attn), None
+        self.attn.plan(run)
+        return self.model(run, self.pool, self.attn), None
+
+    def _unrolled(self, batch: ForwardBatch, seqs: list[SeqInput]) -> ForwardBatch:
+        """`batch` as a decode batch of one row per token, if it is an extend of running
+        requests of at most `unroll_max_tokens` tokens; else `batch` itself. The rows reuse the extend's token
+        tensors; row (r, i) reads the first `start + i + 1` of sequence r's KV indices, gathered
+        on the device from the extend's."""
+        if batch.mode is not ForwardMode.EXTEND or batch.num_tokens > self.unroll_max_tokens:
+            return batch
+        if not all(s.running for s in seqs):
+            return batch
+        lens: list[int] = []
+        indptr, shifts, offset = [0], [], 0
+        for s in seqs:
+            for i in range(len(s.new_ids)):
+                lens.append(s.start + i + 1)
+                shifts.append(offset - indptr[-1])
+                indptr.append(indptr[-1] + lens[-1])
+            offset += len(s.kv_slots)
+        rows, total = len(lens), indptr[-1]
+        host = list(range(rows + 1)) + indptr + shifts + lens
+        dev = to_device(host, torch.int32, batch.kv_indices.device)
+        shift = dev[2 * rows + 2 : 3 * rows + 2].long()
+        count = dev[3 * rows + 2 :].long()
+        gather = torch.arange(total, device=dev.device) + torch.repeat_interleave(
+            shift, count, output_size=total
+        )
+        self.unrolled_passes += 1
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=batch.input_ids,
+            positions=batch.positions,
+            out_cache_loc=batch.out_cache_loc,
+            qo_indptr=dev[: rows + 1],
+            kv_indptr=dev[rows + 1 : 2 * rows + 2],
+            kv_indices=batch.kv_indices[gather],
+            extend_lens=[1] * rows,
+            prefix_lens=[n - 1 for n in lens],
+            seq_lens=lens,
+        )
 
     def _guard(self):
         return self.driver.guard() if self.driver is not None else contextlib.nullcontext()
@@ -338,7 +401,8 @@ class ModelRunner:
         if bitmask is not None:
             from sgl_engine.grammar import bitmask_to_bool
 
-            allowed = bitmask_to_bool(bitmask[: len(idx)], self.vocab_size).to(logits.device)
+            packed = to_device(bitmask[: len(idx)], torch.int32, logits.device)
+            allowed = bitmask_to_bool(packed, self.vocab_size)
         sampled = self.sampler.on_device(
             logits,
             [s.params for s in specs],

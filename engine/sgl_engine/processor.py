@@ -96,7 +96,7 @@ class RequestProcessor:
             req.output_logprobs.append(out.logprob)
             req.output_top_logprobs.append(out.top)
         searched = len(req.text)
-        if req.stream or req.stop_matcher or req.grammar is not None:
+        if _reads_text(req):
             self._sync_text(req)
         if req.grammar is not None and not req.grammar.accept_token(token):
             req.finish = {"type": "abort", "message": _rejection(req.grammar, token)}
@@ -114,17 +114,18 @@ class RequestProcessor:
         step = apply_jump(req, self.tokenizer, self.context_length)
         if step is None:
             return None
-        if step.dropped:
+        if req.detok_fed > len(req.output_ids) - step.forced:  # it saw tokens the jump dropped
             req.detok, req.detok_fed, req.text = self._detokenizer(req), 0, ""
-        self._sync_text(req)
+        if _reads_text(req):
+            self._sync_text(req)
         self._check_finish(req, None, searched)
         self._flush_if_finished(req)
         return step
 
     def _sync_text(self, req: Req) -> None:
         """Give the detokeniser the output ids it has not seen. Requests that nobody reads the
-        text of before they finish (no stream, stop strings or grammar) are detokenised once,
-        at the end, instead of token by token."""
+        text of before they finish (no stream or stop strings; a grammar works on token ids)
+        are detokenised once, at the end, instead of token by token."""
         if req.detok_fed < len(req.output_ids):
             req.text += req.detok.add(req.output_ids[req.detok_fed :])
             req.detok_fed = len(req.output_ids)
@@ -211,6 +212,11 @@ class RequestProcessor:
             ],
             "output_top_logprobs": [_tops(t) for t in req.output_top_logprobs],
         }
+
+
+def _reads_text(req: Req) -> bool:
+    """Whether the request's text is read before it finishes (streamed or searched for stops)."""
+    return bool(req.stream or req.stop_matcher)
 
 
 def _rejection(grammar: Any, token: int) -> str:

@@ -337,8 +337,10 @@ class Scheduler:
         seqs = [
             self._seq_input(req, n, slots) for (req, n), slots in zip(batch, allocated, strict=True)
         ]
+        for s in seqs:
+            s.running = not prefill
         sampled = [req for (req, _), s in zip(batch, seqs, strict=True) if s.sample is not None]
-        bitmask = self.processor.fill_bitmask(sampled) if sampled else None
+        bitmask = (lambda: self.processor.fill_bitmask(sampled)) if sampled else None
         flight = self._launch(mode, batch, seqs, prefill, bitmask)
         if flight is None:
             return

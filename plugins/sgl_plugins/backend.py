@@ -81,10 +81,17 @@ class ContinuationScore:
     token_logprobs: tuple[float, ...] = ()
 
 
+LogprobEntry = tuple[float, int, "str | None"]
+"""SGLang's (logprob, token id, token text or None) of one token."""
+
+
 @dataclass(frozen=True)
 class StreamChunk:
     """A piece of a streamed call: `delta` is the new text, `text`/`output_ids` are cumulative.
-    The last chunk has `finish_reason` and `usage` set."""
+    The last chunk has `finish_reason` and `usage` set. When the call asked `return_logprob`,
+    `output_token_logprobs` (and `output_top_logprobs`, `top_logprobs_num` alternatives per
+    token) hold this chunk's new tokens only, like `delta`: over a whole stream they concatenate
+    to what `generate` returns in meta_info."""
 
     delta: str
     text: str
@@ -92,6 +99,8 @@ class StreamChunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     meta_info: Mapping[str, Any] = field(default_factory=dict)
+    output_token_logprobs: tuple[LogprobEntry, ...] = ()
+    output_top_logprobs: tuple[tuple[LogprobEntry, ...], ...] = ()
 
 
 @runtime_checkable
@@ -130,7 +139,9 @@ class Backend(Protocol):
     def stream(
         self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
     ) -> Iterator[StreamChunk]:
-        """One call, streamed."""
+        """One call, streamed. With `return_logprob=True` (and `top_logprobs_num`) every chunk
+        carries its new tokens' logprobs; a backend without "logprobs" raises
+        `BackendCapabilityError` before anything is generated."""
 
     def astream(
         self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
@@ -210,6 +221,7 @@ class BackendBase:
             result.finish_reason,
             result.usage,
             result.meta_info,
+            *new_logprobs(result.meta_info, 0),
         )
 
     async def astream(
@@ -321,15 +333,33 @@ def leaf_result_from_sglang(leaf: Leaf, out: Mapping[str, Any]) -> LeafResult:
     )
 
 
-def stream_chunk_from_sglang(chunk: Mapping[str, Any], previous_text: str = "") -> StreamChunk:
+def new_logprobs(
+    meta: Mapping[str, Any], sent: int
+) -> tuple[tuple[LogprobEntry, ...], tuple[tuple[LogprobEntry, ...], ...]]:
+    """The output logprobs of an SGLang stream chunk's new tokens, `sent` having come before.
+    SGLang sends them cumulative (all `completion_tokens` of them) or, with incremental
+    streaming output, the new ones only; both are read here."""
+    entries = list(meta.get("output_token_logprobs") or ())
+    tops = list(meta.get("output_top_logprobs") or ())
+    cumulative = len(entries) == meta.get("completion_tokens", len(entries)) >= sent
+    start = sent if cumulative else 0
+    new = tuple(tuple(e) for e in entries[start:])
+    top = tuple(tuple(tuple(a) for a in (t or ())) for t in tops[start : start + len(new)])
+    return new, top
+
+
+def stream_chunk_from_sglang(
+    chunk: Mapping[str, Any], previous_text: str = "", sent_logprobs: int = 0
+) -> StreamChunk:
     """Convert one SGLang stream chunk; without a "delta" key the delta is the cumulative
-    text past `previous_text`."""
+    text past `previous_text`, and logprobs are those past the `sent_logprobs` already sent."""
     meta = chunk.get("meta_info", {})
     finished = meta.get("finish_reason") is not None
     text = chunk.get("text", "")
     delta = chunk.get("delta")
     if delta is None:
         delta = text[len(previous_text) :] if text.startswith(previous_text) else text
+    new, top = new_logprobs(meta, sent_logprobs)
     return StreamChunk(
         delta=delta,
         text=text,
@@ -337,6 +367,8 @@ def stream_chunk_from_sglang(chunk: Mapping[str, Any], previous_text: str = "") 
         finish_reason=finish_fields(meta)[0] if finished else None,
         usage=usage_from_meta(meta) if finished else None,
         meta_info=dict(meta),
+        output_token_logprobs=new,
+        output_top_logprobs=top,
     )
 
 

@@ -9,7 +9,7 @@ dspy.configure(lm=LM())            # the embedded SmolLM2-135M-Instruct; or LM("
 `LM(...)` returns a `dspy.LM` on our engine contract (`SGLangEngine`) for DSPy 3.4 and newer,
 and an `SGLangLM` (`dspy.BaseLM`, forward/aforward) for DSPy 3.3. Structured outputs
 (JSONAdapter's `response_format`) are decoded under their schema, so they always parse;
-`ChatAdapter` here is DSPy's ChatAdapter with its field-marker format decoded under a regex.
+`ChatAdapter` here is DSPy's ChatAdapter with its field-marker format decoded under a grammar (bounded fields, valid tool names and arguments).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 
 import dspy
 
-from sgl_adapters.dspy.chat_adapter import ChatAdapter, constrained, field_format_regex
+from sgl_adapters.dspy.chat_adapter import ChatAdapter, constrained
+from sgl_adapters.dspy.field_grammar import field_format
 from sgl_adapters.engines import EngineRegistry, model_display_name
 
 
@@ -95,4 +96,4 @@ def LM(  # noqa: N802 - a factory that stands in for a class, like dspy.LM
     )
 
 
-__all__ = ["LM", "ChatAdapter", "constrained", "field_format_regex", "has_engine_contract"]
+__all__ = ["LM", "ChatAdapter", "constrained", "field_format", "has_engine_contract"]

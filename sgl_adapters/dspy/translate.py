@@ -138,7 +138,7 @@ def options_to_params(
     if schema is not None and "json_schema" not in params:
         params["json_schema"] = cap_strings(schema, defaults.max_string_length)
     if not _CONSTRAINT_KEYS & set(params):
-        params.update(constraint_params())
+        params.update(constraint_params(params["max_new_tokens"]))
     logprobs = None
     if options.get("logprobs"):
         logprobs = int(options.get("top_logprobs") or 0)

@@ -237,7 +237,7 @@ class ChatSGLang(SGLangParams, BaseChatModel):
     ) -> ChatResult:
         call = self._prepare(messages, stop, kwargs)
         if call.logprobs is not None:
-            leaf = {"return_logprob": True, "top_logprobs_num": call.logprobs}
+            leaf = _logprob_leaf(call)
             return self._result(call, [call.client.call(r, **leaf) for r in self._requests(call)])
         result = prefetch.take(call.client, call.request) if call.n == 1 else None
         results = [result] if result is not None else call.client.generate(self._requests(call))
@@ -252,7 +252,7 @@ class ChatSGLang(SGLangParams, BaseChatModel):
     ) -> ChatResult:
         call = self._prepare(messages, stop, kwargs)
         if call.logprobs is not None:
-            leaf = {"return_logprob": True, "top_logprobs_num": call.logprobs}
+            leaf = _logprob_leaf(call)
             requests = self._requests(call)
             return self._result(call, [await call.client.acall(r, **leaf) for r in requests])
         result = await prefetch.atake(call.client, call.request) if call.n == 1 else None
@@ -270,7 +270,7 @@ class ChatSGLang(SGLangParams, BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         call = self._prepare(messages, stop, kwargs)
         step = _Stepper(self, call)
-        for raw in call.client.stream(call.request):
+        for raw in call.client.stream(call.request, **_logprob_leaf(call)):
             chunk = step(raw)
             if chunk is not None:
                 if run_manager:
@@ -286,7 +286,7 @@ class ChatSGLang(SGLangParams, BaseChatModel):
     ) -> AsyncIterator[ChatGenerationChunk]:
         call = self._prepare(messages, stop, kwargs)
         step = _Stepper(self, call)
-        async for raw in call.client.astream(call.request):
+        async for raw in call.client.astream(call.request, **_logprob_leaf(call)):
             chunk = step(raw)
             if chunk is not None:
                 if run_manager:
@@ -396,6 +396,9 @@ class _Stepper:
         chunks = self.ids.chunks(step.calls)
         extra = {"reasoning_content": step.reasoning} if step.reasoning else {}
         metadata: dict[str, Any] = {}
+        new = raw.get("delta_logprobs") or {}
+        if self.call.logprobs is not None and new.get("output_token_logprobs"):
+            metadata["logprobs"] = chat_logprobs(self.call.client.tokenizer, new)
         if not last:
             if not step.content and not chunks and not extra and not metadata:
                 return None
@@ -422,6 +425,13 @@ class _Stepper:
             ),
             generation_info={"finish_reason": reason},
         )
+
+
+def _logprob_leaf(call: _Call) -> dict[str, Any]:
+    """The leaf options asking the backend for the call's logprobs (none when not asked)."""
+    if call.logprobs is None:
+        return {}
+    return {"return_logprob": True, "top_logprobs_num": call.logprobs}
 
 
 def _context_length(model: str | None) -> int | None:

@@ -52,6 +52,7 @@ class WorkerSpec:
     context_length: int
     random_weights: bool
     init_method: str
+    log_level: int = logging.WARNING
 
     def device(self, rank: int) -> torch.device:
         from sgl_engine.model_runner import pick_device
@@ -95,7 +96,13 @@ class TensorParallel:
         self.size = config.tp_size
         self._tmp = tempfile.mkdtemp(prefix="sgl-tp-")
         spec = WorkerSpec(
-            config, model_path, hf_config, context_length, random_weights, f"file://{self._tmp}/rdv"
+            config,
+            model_path,
+            hf_config,
+            context_length,
+            random_weights,
+            f"file://{self._tmp}/rdv",
+            logging.getLogger().getEffectiveLevel(),
         )
         self.failure: str | None = None
         self._stopping = threading.Event()
@@ -255,6 +262,7 @@ class TensorParallel:
             return
         self._stopping.set()
         if self.failure is None and getattr(self, "group", None) is not None:
+            _drain()
             with self._lock:
                 try:
                     self.group.broadcast_object(STOP)
@@ -263,12 +271,20 @@ class TensorParallel:
         self._stop_procs(grace=JOIN_S)
         if self._heartbeat is not None:
             self._heartbeat.join(JOIN_S)
-        destroy_group()
+        destroy_group(getattr(self, "group", None))
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
+
+
+def _drain() -> None:
+    """Wait for this rank's queued kernels. Every rank does so before leaving the group: a rank
+    that tears its communicator down with collectives still in flight strands its peers' halves
+    of them, and their next synchronisation never returns (seen at shutdown on two H200s)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _describe(code: int | None) -> str:

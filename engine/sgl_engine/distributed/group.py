@@ -8,12 +8,14 @@ raises instead of hanging the others.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _abort_process_group
 
 CONTROL_TIMEOUT = datetime.timedelta(minutes=30)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -79,9 +81,17 @@ def init_group(
     return TPGroup(rank, size, device_group)
 
 
-def destroy_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_group(group: TPGroup | None = None) -> None:
+    """Leave the groups. An NCCL device group is aborted rather than destroyed: destroying it
+    waits on the peers' communicators and hangs once they have exited (seen on two H200s when
+    rank 0 shut down after its followers had gone); aborting does not wait."""
+    if not dist.is_initialized():
+        return
+    dg = group.device_group if group is not None else None
+    if dg is not None and dist.get_backend(dg) == "nccl":
+        with contextlib.suppress(ValueError, RuntimeError):
+            _abort_process_group(dg)
+    dist.destroy_process_group()
 
 
 def shard_range(total: int, rank: int, size: int, what: str) -> tuple[int, int]:

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import faulthandler
+import logging
 import os
+import signal
 import threading
 import time
 
 import torch
 
-from sgl_engine.distributed.driver import HEARTBEAT, STOP, WorkerSpec
+from sgl_engine.distributed.driver import HEARTBEAT, STOP, WorkerSpec, _drain
 from sgl_engine.distributed.group import TPGroup, destroy_group, init_group
 
 
 def worker_main(index: int, spec: WorkerSpec) -> None:
-    """The process entry point (torch.multiprocessing calls it with index = rank - 1)."""
+    """The process entry point (torch.multiprocessing calls it with index = rank - 1). Logs at
+    the engine process's level; SIGUSR1 prints every thread's stack (for a rank that hangs)."""
     from sgl_engine.model_runner import ModelRunner
 
     rank = index + 1
+    logging.basicConfig(
+        level=spec.log_level, format=f"%(asctime)s rank {rank} %(name)s %(message)s"
+    )
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     _exit_with_parent()
     device = spec.device(rank)
     if device.type == "cuda":
@@ -36,8 +44,9 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             tp=group,
         )
         follow(runner, group)
+        _drain()
     finally:
-        destroy_group()
+        destroy_group(group)
 
 
 def follow(runner, group: TPGroup) -> None:

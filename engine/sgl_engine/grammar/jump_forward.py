@@ -107,6 +107,8 @@ def _append_accepted(
 
 def _before_special_text(tokenizer, text: str) -> str:
     """`text` up to the first occurrence of a special token's text."""
+    if not text:
+        return text
     cut = min((i for t in tokenizer.all_special_tokens if (i := text.find(t)) >= 0), default=-1)
     return text if cut < 0 else text[:cut]
 

@@ -86,16 +86,20 @@ def _sse_payload(line: str) -> dict | None:
 
 
 class _Deltas:
-    """SGLang streams cumulative text; chunks get `delta` = the new part."""
+    """SGLang streams cumulative text; chunks get `delta` = the new part (and the new
+    tokens' logprobs). Mutates only itself."""
 
     def __init__(self) -> None:
         self.text = ""
+        self.sent = 0
 
     def __call__(self, payload: dict) -> StreamChunk:
         text = payload.get("text", "")
         delta = text[len(self.text) :] if text.startswith(self.text) else text
         self.text = text
-        return stream_chunk_from_sglang({**payload, "delta": delta})
+        out = stream_chunk_from_sglang({**payload, "delta": delta}, sent_logprobs=self.sent)
+        self.sent += len(out.output_token_logprobs)
+        return out
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

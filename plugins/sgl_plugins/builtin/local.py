@@ -27,7 +27,7 @@ from sgl_plugins.backend import (
     single_leaf_graph,
     stream_chunk_from_sglang,
 )
-from sgl_plugins.graph import CallGraph, Leaf, LeafResult, common_prefix_len
+from sgl_plugins.graph import CallGraph, Leaf, LeafResult
 from sgl_plugins.hookspecs import hookimpl
 
 CHATML_TEMPLATE = (
@@ -167,10 +167,10 @@ class LocalBackend(BackendBase):
         self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None = None, **leaf
     ) -> Iterator[StreamChunk]:
         request = self._batch_request(single_leaf_graph(prompt, sampling_params, **leaf), 0)
-        text = ""
+        text, sent = "", 0
         for chunk in self.engine.generate(stream=True, **request):
-            out = stream_chunk_from_sglang(chunk, text)
-            text = out.text
+            out = stream_chunk_from_sglang(chunk, text, sent)
+            text, sent = out.text, sent + len(out.output_token_logprobs)
             yield out
 
     async def astream(
@@ -180,36 +180,22 @@ class LocalBackend(BackendBase):
         chunks = self.engine.async_generate(stream=True, **request)
         if inspect.isawaitable(chunks):
             chunks = await chunks
-        text = ""
+        text, sent = "", 0
         async for chunk in chunks:
-            out = stream_chunk_from_sglang(chunk, text)
-            text = out.text
+            out = stream_chunk_from_sglang(chunk, text, sent)
+            text, sent = out.text, sent + len(out.output_token_logprobs)
             yield out
 
     def score(self, prefix: str, continuations: Sequence[str]) -> list[ContinuationScore]:
-        """Prompt logprobs of each continuation, all submitted together with max_new_tokens=0
-        (the prefix is prefilled once). Continuation tokens are those of tokenize(prefix +
-        continuation) past its common prefix with tokenize(prefix)."""
+        """`Engine.score`: one batch with max_new_tokens=0 (the prefix is prefilled once); a
+        continuation's tokens are those of tokenize(prefix + continuation) past its common
+        prefix with tokenize(prefix). Bad input raises the engine's `InvalidRequestError`."""
         if not continuations:
             return []
-        tok = self.tokenizer
-        prefix_ids = tok.encode(prefix)
-        full = [tok.encode(prefix + c) for c in continuations]
-        starts = [common_prefix_len(prefix_ids, ids) for ids in full]
-        outs = self.engine.generate(
-            input_ids=full,
-            sampling_params=[{"max_new_tokens": 0} for _ in full],
-            return_logprob=True,
-            logprob_start_len=starts,
-        )
-        scores = []
-        for text, ids, start, out in zip(continuations, full, starts, outs, strict=True):
-            cont = ids[start:]
-            entries = out["meta_info"]["input_token_logprobs"][-len(cont) :] if cont else []
-            if [e[1] for e in entries] != cont:
-                raise RuntimeError(f"engine returned logprobs for the wrong tokens of {text!r}")
-            scores.append(continuation_score(text, cont, [e[0] for e in entries]))
-        return scores
+        return [
+            continuation_score(s.text, s.token_ids, s.token_logprobs)
+            for s in self.engine.score(prefix, list(continuations))
+        ]
 
     def metrics(self) -> dict[str, Any]:
         return dict(self.engine.metrics())
