@@ -456,6 +456,7 @@ class Engine:
             "forced_tokens": c.forced_tokens,
             "forward_passes_saved": c.forward_passes_saved,
             "overlapped_passes": c.overlapped_passes,
+            "mixed_passes": c.mixed_passes,
             "retractions": c.retractions,
             "internal_errors": c.internal_errors,
             "finished_requests": c.finished,

@@ -18,6 +18,13 @@ one's tokens are read back; it takes those tokens on the device, so the host wor
 (reading tokens, detokenising, finish checks, building the next batch) runs while the device
 computes the next. A request that finishes in step N had one more token computed by step N+1;
 that token and its slot are dropped when N+1 lands.
+
+Mixed chunks (`enable_mixed_chunk`, opt-in): a prefill round also carries every running
+request's pending tokens (one after a sampled token, several after a jump-forward) in the same
+extend, within `chunked_prefill_size`, so running requests advance in every pass instead of in a
+run round after each chunk. Only when nothing is in flight (a prefill round never overlaps), the
+running rows fit in the budget with room to spare, and the pool holds every row without
+retracting anyone; otherwise the round runs as without the flag.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ class Counters:
     sampled_tokens: int = 0
     forward_passes_saved: int = 0
     overlapped_passes: int = 0
+    mixed_passes: int = 0
     internal_errors: int = 0
 
 
@@ -132,11 +140,18 @@ class Scheduler:
             else:
                 self._land(self.inflight)
         else:
-            batch = [] if self.run_turn and self.running else self._schedule_prefill()
+            mix = self._mixable()
+            reserved = sum(n for _, n in mix)
+            batch = [] if self.run_turn and self.running else self._schedule_prefill(reserved)
             self.run_turn = False
-            if batch:
+            if batch and mix and self._room_for(batch, reserved):
+                self.counters.mixed_passes += 1
+                self._run(ForwardMode.EXTEND, batch + mix, prefill=True)
+            elif batch:
+                # with mixing on, requests that start running in this pass join the next chunk
+                mixes_next = self.config.enable_mixed_chunk and not self.running
                 self._run(ForwardMode.EXTEND, batch, prefill=True)
-                self.run_turn = self.chunked is not None
+                self.run_turn = self.chunked is not None and not mixes_next
             elif self.running:
                 self._run_running()
         touched, self.touched = self.touched, []
@@ -162,13 +177,32 @@ class Scheduler:
             reqs.sort(key=lambda r: -cached[id(r)])
         return reqs, cached
 
-    def _schedule_prefill(self) -> list[tuple[Req, int]]:
-        budget = self.chunk_budget if self.chunk_budget > 0 else 1 << 62
+    # ---- mixed chunks: running requests' pending tokens ride along a prefill pass -----------
+    def _mixable(self) -> list[tuple[Req, int]]:
+        """The running requests' pending rows if this round may mix them into its prefill pass
+        (`enable_mixed_chunk`, and they take at most half of the budget); else []."""
+        if not self.config.enable_mixed_chunk or not self.running or self.run_turn:
+            return []
+        mix = [(r, r.seq_len - len(r.slots)) for r in self.running]
+        if self.chunk_budget > 0 and 2 * sum(n for _, n in mix) > self.chunk_budget:
+            return []
+        return mix
+
+    def _room_for(self, batch: list[tuple[Req, int]], reserved: int) -> bool:
+        """Whether the pool holds the prefill rows plus `reserved` running rows as they stand;
+        if not, the running requests step in a run round of their own (which may retract)."""
+        planned = sum(n for _, n in batch) + reserved
+        return self.allocator.available() + self.cache.evictable_size() >= planned
+
+    def _schedule_prefill(self, reserved: int = 0) -> list[tuple[Req, int]]:
+        """The prefill rows of this round; `reserved` tokens of the budget are already taken
+        (the running rows of a mixed pass)."""
+        budget = self.chunk_budget - reserved if self.chunk_budget > 0 else 1 << 62
         batch: list[tuple[Req, int]] = []
         carried = self.chunked is not None
         if carried:
             req, self.chunked = self.chunked, None
-            n = min(req.seq_len - len(req.slots), budget // 4 if self.waiting else budget)
+            n = min(req.seq_len - len(req.slots), max(budget // 4, 1) if self.waiting else budget)
             if self._reserve(n, batch):
                 batch.append((req, n))
                 budget -= n
@@ -337,8 +371,9 @@ class Scheduler:
         seqs = [
             self._seq_input(req, n, slots) for (req, n), slots in zip(batch, allocated, strict=True)
         ]
-        for s in seqs:
-            s.running = not prefill
+        running = {id(r) for r in self.running}
+        for (req, _), s in zip(batch, seqs, strict=True):
+            s.running = not prefill or id(req) in running
         sampled = [req for (req, _), s in zip(batch, seqs, strict=True) if s.sample is not None]
         bitmask = (lambda: self.processor.fill_bitmask(sampled)) if sampled else None
         flight = self._launch(mode, batch, seqs, prefill, bitmask)
@@ -400,11 +435,12 @@ class Scheduler:
                 self.allocator.free(s.new_slots)
                 continue
             req.slots += s.new_slots
-            if flight.prefill:
+            prefill = flight.prefill and not s.running
+            if prefill:
                 self.counters.prefill_tokens += n
             else:
                 self.counters.decode_tokens += n
-            self._after_forward(req, s, out, flight.prefill)
+            self._after_forward(req, s, out, prefill)
 
     # ---- overlap: launch step N+1 from step N's sampled ids, then land step N ----------------
     def _overlappable(self, batch: list[tuple[Req, int]]) -> bool:
