@@ -234,11 +234,11 @@ def test_an_unexpected_scheduler_error_fails_requests_not_the_engine(tiny_llama,
     real = eng.scheduler._schedule_prefill
     calls = {"n": 0}
 
-    def broken():
+    def broken(*args):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return real()
+        return real(*args)
 
     eng.scheduler._schedule_prefill = broken
     out = eng.generate("hi", {**GREEDY, "max_new_tokens": 3})

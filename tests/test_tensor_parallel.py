@@ -73,6 +73,36 @@ def test_tp2_greedy_equals_tp1(tiny_model_dirs, make_engine, arch, extra):
     assert not dist.is_initialized()
 
 
+def test_tp2_mixed_chunks_equal_tp1(tiny_llama, make_engine):
+    """Mixed passes (prefill rows plus running rows, some of several jump-forward tokens, one
+    constrained) replay on the follower from the plan as any extend: TP=1's tokens."""
+    long_ids = [(7 * i) % 400 + 3 for i in range(200)]
+    prompts = [long_ids, [11, 12, 13], [21, 22], [31, 32, 33, 34]]
+    params = [{**GREEDY, "max_new_tokens": n} for n in (4, 12, 10)] + [
+        {**GREEDY, "max_new_tokens": 16, "regex": r"(yes|no), [0-9]{2}"}
+    ]
+    ref = make_engine(tiny_llama, chunked_prefill_size=32).generate(
+        input_ids=prompts, sampling_params=params
+    )
+    from sgl_engine import Engine
+
+    eng = Engine(
+        tiny_llama,
+        device="cpu",
+        max_total_tokens=4096,
+        tp_size=2,
+        chunked_prefill_size=32,
+        enable_mixed_chunk=True,
+    )
+    try:
+        got = eng.generate(input_ids=prompts, sampling_params=params)
+        assert eng.metrics()["mixed_passes"] > 0
+        eng.check_invariants()
+    finally:
+        eng.shutdown()
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in ref]
+
+
 def test_a_killed_rank_fails_its_requests_and_the_engine_shuts_down(tiny_llama, monkeypatch):
     import time
 
