@@ -1,9 +1,10 @@
 """The `ray` backend on a local Ray cluster (2 CPUs, no dashboard) with 2 replicas of a tiny
 random model: the Backend protocol, graph-aware placement of shared prefixes, a hung replica
 missing the call deadline, and a replica killed mid-request, restarted by Ray, and killed past
-`max_restarts`. One cluster and one backend (max_restarts=3) for the module (starting them is
-most of its time); the failure tests run last, in order: hanging replica 0 twice (a graph, a
-stream) uses its first two restarts, the kill its third, the next kill leaves it out."""
+`max_restarts`. One cluster and one backend (max_restarts=4) for the module (starting them is
+most of its time); the failure tests run last, in order: hanging replica 0 three times (a
+graph, a stream, an HTTP-server request) uses its first three restarts, the kill its fourth,
+the next kill leaves it out."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def manager():
 
 @pytest.fixture(scope="module")
 def ray_kwargs(tiny_model):
-    return {"replicas": 2, "model_path": tiny_model, "engine_kwargs": ENGINE, "max_restarts": 3}
+    return {"replicas": 2, "model_path": tiny_model, "engine_kwargs": ENGINE, "max_restarts": 4}
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +258,15 @@ def test_a_hung_replica_misses_the_call_deadline_and_comes_back(backend, ray_kwa
         chunks = list(timed.stream("Streams time out too", GREEDY))
         assert {c.meta_info["replica"] for c in chunks} == {1} and chunks[-1].finish_reason
         assert replica_set.restarts == [2, 0]
+        wait_until(lambda: router.live == [0, 1])
+
+        from sgl_plugins.builtin.ray import ReplicatedEngine
+
+        assert backend.flush_cache()  # the HTTP server's engine front: the same
+        ray.get(backend.replicas[0]._hang_for_tests.remote())
+        engine = ReplicatedEngine(timed)
+        out = engine.generate(prompt="Served anyway", sampling_params=GREEDY)
+        assert out["meta_info"]["replica"] == 1 and replica_set.restarts == [3, 0]
     finally:
         timed.close()
     wait_until(lambda: router.live == [0, 1])
@@ -289,25 +299,25 @@ def test_a_killed_replica_loses_no_request_restarts_then_stays_out(backend):
     assert all(r.finish_reason == "length" and len(r.output_ids) == 120 for r in results)
     assert {r.meta_info["replica"] for r in results} == {1}  # replica 0's leaves were re-run
 
-    # Ray restarts it (its third restart); the router takes it back with an empty tree.
+    # Ray restarts it (its fourth restart); the router takes it back with an empty tree.
     wait_until(lambda: router.live == [0, 1])
-    assert replica_set.restarts == [3, 0] and router.tree.size(0) == 0
+    assert replica_set.restarts == [4, 0] and router.tree.size(0) == 0
     fresh = [f"{w} comes back {i}" for i, w in enumerate("IJKL")]
     served = backend.run_graph(CallGraph.from_prompts(fresh, backend.tokenizer, GREEDY))
     assert 0 in {r.meta_info["replica"] for r in served}  # it gets leaves again
     assert backend.metrics()["replicas"][0]["prompt_tokens"] > 0
 
-    # A fourth death exceeds max_restarts=3: replica 0 stays out, and says so.
+    # A fifth death exceeds max_restarts=4: replica 0 stays out, and says so.
     os.kill(replica_set.pids[0], signal.SIGKILL)
     again = [f"{w} after the last kill {i}" for i, w in enumerate("MNOP")]
     results = backend.run_graph(CallGraph.from_prompts(again, backend.tokenizer, GREEDY))
     assert {r.meta_info["replica"] for r in results} == {1}
-    assert router.live == [1] and "max_restarts=3 reached" in router.down[0]
+    assert router.live == [1] and "max_restarts=4 reached" in router.down[0]
     assert set(backend.metrics()["replicas"]) == {1}
     with pytest.raises(ray.exceptions.ActorDiedError):  # Ray counted the same restarts
         ray.get(backend.replicas[0].ready.remote())
 
     ray.kill(backend.replicas[1])  # no_restart: Ray gives up on it at once
-    with pytest.raises(NoReplicaError, match="replica 0: .*max_restarts=3 reached") as info:
+    with pytest.raises(NoReplicaError, match="replica 0: .*max_restarts=4 reached") as info:
         backend.generate("Anyone?", GREEDY)
     assert "replica 1: dead, not restarted by Ray" in str(info.value)

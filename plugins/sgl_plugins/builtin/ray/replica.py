@@ -53,9 +53,11 @@ class Replica:
         return self.backend.score(prefix, continuations)
 
     def generate(self, request: dict[str, Any]) -> Any:
+        self._running.wait()
         return self.backend.engine.generate(**request)
 
     def generate_stream(self, request: dict[str, Any]) -> Iterator[dict]:
+        self._running.wait()
         yield from self.backend.engine.generate(stream=True, **request)
 
     def abort(self, rid: str) -> None:
@@ -71,6 +73,6 @@ class Replica:
         self.backend.close()
 
     def _hang_for_tests(self) -> None:
-        """Make later `run_graph`, `stream` and `score` calls block until this actor is killed
-        (a hung replica, for the call-deadline tests; a restarted actor runs again)."""
+        """Make later calls that run requests block until this actor is killed (a hung
+        replica, for the call-deadline tests; a restarted actor runs again)."""
         self._running.clear()
