@@ -88,6 +88,19 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         choices=("graph_aware", "cache_aware", "least_loaded", "round_robin"),
         help="how --dp routes requests (default graph_aware)",
     )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        help="how often Ray restarts a --dp replica that died (0: never; default 3)",
+    )
+    parser.add_argument(
+        "--call-timeout",
+        type=float,
+        default=None,
+        help="seconds a --dp replica may take for one request before it counts as hung "
+        "(killed, restarted, the request re-sent); default: no deadline",
+    )
     parser.set_defaults(func=run_serve)
 
 
@@ -106,6 +119,8 @@ def run_serve(args: argparse.Namespace) -> int:
             replicas=args.dp,
             engine_kwargs=engine_kwargs_from_args(args),
             policy=args.router_policy,
+            max_restarts=args.max_restarts,
+            call_timeout_s=args.call_timeout,
         )
         engine = ReplicatedEngine(backend, owns_backend=True)
     serve_from_args(args, families=get_plugin_manager().model_families(), engine=engine)

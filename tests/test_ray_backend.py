@@ -1,11 +1,16 @@
 """The `ray` backend on a local Ray cluster (2 CPUs, no dashboard) with 2 replicas of a tiny
-random model: the Backend protocol, graph-aware placement of shared prefixes, and a replica
-killed mid-request. One cluster and one backend for the module (starting them is most of its
-time); the kill test runs last."""
+random model: the Backend protocol, graph-aware placement of shared prefixes, a hung replica
+missing the call deadline, and a replica killed mid-request, restarted by Ray, and killed past
+`max_restarts`. One cluster and one backend (max_restarts=4) for the module (starting them is
+most of its time); the failure tests run last, in order: hanging replica 0 three times (a
+graph, a stream, an HTTP-server request) uses its first three restarts, the kill its fourth,
+the next kill leaves it out."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -41,7 +46,7 @@ def manager():
 
 @pytest.fixture(scope="module")
 def ray_kwargs(tiny_model):
-    return {"replicas": 2, "model_path": tiny_model, "engine_kwargs": ENGINE}
+    return {"replicas": 2, "model_path": tiny_model, "engine_kwargs": ENGINE, "max_restarts": 4}
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +228,55 @@ def test_the_http_server_over_replicas(backend):
         assert info["internal_states"][0]["prompt_tokens"] > 0
 
 
-def test_a_killed_replica_does_not_lose_other_requests(backend):
+def wait_until(condition, timeout_s: float = 180) -> None:
+    """Poll `condition` until true; fail after `timeout_s` (a bound, not an assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def test_a_hung_replica_misses_the_call_deadline_and_comes_back(backend, ray_kwargs):
+    from sgl_plugins.builtin.ray import RayBackend
+
+    router, replica_set = backend.router, backend.replica_set
+    timed = RayBackend(pool=backend._pool, call_timeout_s=5, **ray_kwargs)
+    try:
+        assert timed.replica_set is replica_set
+        assert backend.flush_cache()  # empty trees: "room" sends the first unit to replica 0
+        ray.get(backend.replicas[0]._hang_for_tests.remote())
+        prompts = [f"{w} hangs or not {i}" for i, w in enumerate("ABCD")]
+        results = timed.run_graph(CallGraph.from_prompts(prompts, backend.tokenizer, GREEDY))
+        assert all(r.error is None and r.meta_info["replica"] == 1 for r in results)
+        assert replica_set.restarts == [1, 0]  # replica 0 was killed for Ray to restart
+        assert "missed a 5s call deadline" in router.down[0]
+        wait_until(lambda: router.live == [0, 1])
+        assert router.tree.size(0) == 0 and replica_set.restarts == [1, 0]
+
+        assert backend.flush_cache()  # a stream waiting for its first chunk: the same
+        ray.get(backend.replicas[0]._hang_for_tests.remote())
+        chunks = list(timed.stream("Streams time out too", GREEDY))
+        assert {c.meta_info["replica"] for c in chunks} == {1} and chunks[-1].finish_reason
+        assert replica_set.restarts == [2, 0]
+        wait_until(lambda: router.live == [0, 1])
+
+        from sgl_plugins.builtin.ray import ReplicatedEngine
+
+        assert backend.flush_cache()  # the HTTP server's engine front: the same
+        ray.get(backend.replicas[0]._hang_for_tests.remote())
+        engine = ReplicatedEngine(timed)
+        out = engine.generate(prompt="Served anyway", sampling_params=GREEDY)
+        assert out["meta_info"]["replica"] == 1 and replica_set.restarts == [3, 0]
+    finally:
+        timed.close()
+    wait_until(lambda: router.live == [0, 1])
+    assert backend.generate("Back again?", GREEDY).error is None
+
+
+def test_a_killed_replica_loses_no_request_restarts_then_stays_out(backend):
+    from sgl_plugins.routing import NoReplicaError
+
+    router, replica_set = backend.router, backend.replica_set
     long = {"max_new_tokens": 120, "temperature": 0, "ignore_eos": True}
     prompts = [f"{word} is the question number {i}" for i, word in enumerate("ABCDEFGH")]
     graph = CallGraph.from_prompts(prompts, backend.tokenizer, long)
@@ -238,18 +291,33 @@ def test_a_killed_replica_does_not_lose_other_requests(backend):
     worker = threading.Thread(target=run)
     worker.start()
     victim = backend.replicas[0]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if ray.get(victim.metrics.remote())["running"] > 0:
-            break
-        time.sleep(0.05)
-    ray.kill(victim)
+    wait_until(lambda: ray.get(victim.metrics.remote())["running"] > 0, 30)
+    os.kill(replica_set.pids[0], signal.SIGKILL)
     worker.join(timeout=120)
     assert "error" not in out, out.get("error")
     results = out["results"]
     assert all(r.finish_reason == "length" and len(r.output_ids) == 120 for r in results)
     assert {r.meta_info["replica"] for r in results} == {1}  # replica 0's leaves were re-run
-    assert backend.router.live == [1]
-    after = backend.generate("Still serving?", GREEDY)
-    assert after.meta_info["replica"] == 1 and after.error is None
+
+    # Ray restarts it (its fourth restart); the router takes it back with an empty tree.
+    wait_until(lambda: router.live == [0, 1])
+    assert replica_set.restarts == [4, 0] and router.tree.size(0) == 0
+    fresh = [f"{w} comes back {i}" for i, w in enumerate("IJKL")]
+    served = backend.run_graph(CallGraph.from_prompts(fresh, backend.tokenizer, GREEDY))
+    assert 0 in {r.meta_info["replica"] for r in served}  # it gets leaves again
+    assert backend.metrics()["replicas"][0]["prompt_tokens"] > 0
+
+    # A fifth death exceeds max_restarts=4: replica 0 stays out, and says so.
+    os.kill(replica_set.pids[0], signal.SIGKILL)
+    again = [f"{w} after the last kill {i}" for i, w in enumerate("MNOP")]
+    results = backend.run_graph(CallGraph.from_prompts(again, backend.tokenizer, GREEDY))
+    assert {r.meta_info["replica"] for r in results} == {1}
+    assert router.live == [1] and "max_restarts=4 reached" in router.down[0]
     assert set(backend.metrics()["replicas"]) == {1}
+    with pytest.raises(ray.exceptions.ActorDiedError):  # Ray counted the same restarts
+        ray.get(backend.replicas[0].ready.remote())
+
+    ray.kill(backend.replicas[1])  # no_restart: Ray gives up on it at once
+    with pytest.raises(NoReplicaError, match="replica 0: .*max_restarts=4 reached") as info:
+        backend.generate("Anyone?", GREEDY)
+    assert "replica 1: dead, not restarted by Ray" in str(info.value)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -120,6 +122,33 @@ def test_a_removed_replica_gets_nothing_and_loses_its_tree():
     router.remove(1)
     with pytest.raises(NoReplicaError):
         router.route((1,))
+
+
+def test_a_restored_replica_comes_back_empty_and_stale_calls_do_not_touch_it():
+    router = Router(2, RouterConfig(policy="graph_aware"))
+    old = router.route((1, 2, 3, 4))
+    assert router.remove(old.replica, "died; restarting", epoch=old.epoch, restarting=True)
+    assert not router.remove(old.replica, epoch=old.epoch)  # a second caller saw it too
+    assert router.stats()["down"] == {old.replica: "died; restarting"}
+    router.restore(old.replica)
+    assert router.live == [0, 1] and router.tree.size(old.replica) == 0
+    new = router.route((5, 6), weight=2)
+    assert new.replica == old.replica and new.epoch == old.epoch + 1  # the room is there
+    router.release(old.replica, 1, old.epoch)  # a late release of the old incarnation
+    assert not router.remove(old.replica, epoch=old.epoch)  # nor a late failure
+    assert router.loads[old.replica] == 2 and old.replica in router.live
+
+
+def test_routing_waits_for_a_restarting_replica_and_says_why_none_is_left():
+    router = Router(2)
+    router.remove(0, "gave up", restarting=False)
+    router.remove(1, "restarting", restarting=True)
+    threading.Timer(0.05, router.restore, (1,)).start()
+    assert router.route((1,), wait_s=30).replica == 1  # waited for the restart
+    router.remove(1, "restarting", restarting=True)
+    threading.Timer(0.05, router.give_up, (1, "dead after max_restarts=3")).start()
+    with pytest.raises(NoReplicaError, match="replica 0: gave up; replica 1: dead after"):
+        router.route((1,), wait_s=None)
 
 
 def test_bad_policy_is_rejected():

@@ -21,7 +21,7 @@ BALANCES = ("bounded", "threshold")
 
 
 class NoReplicaError(RuntimeError):
-    """Every replica has been removed (died); nothing can be routed."""
+    """No replica is live (each died, is restarting or gave up); nothing can be routed."""
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,17 @@ class Decision:
     replica: int
     matched_tokens: int  # of the routing key, per the approximate tree (0 unless cache-aware)
     reason: str  # "round_robin" | "least_loaded" | "cache" | "room" | "balance"
+    epoch: int = 0  # the replica's incarnation when routed (see `Router.remove`)
 
 
 class Router:
     """Picks a replica for each routing unit and tracks in-flight load per replica.
 
-    Thread-safe: `route`, `release`, `remove` and `stats` take one lock; they mutate the loads,
-    the counters and the prefix tree.
+    Thread-safe: `route`, `release`, `remove`, `restore`, `give_up` and `stats` take one lock
+    (a condition: `route` may wait on it for a restarting replica); they mutate the loads, the
+    counters, the live list and the prefix tree. A replica's epoch counts its removals, so a
+    late failure or release of a call routed before a restart does not touch the new
+    incarnation.
     """
 
     def __init__(self, num_replicas: int, config: RouterConfig | None = None) -> None:
@@ -80,22 +84,39 @@ class Router:
         self.loads = [0] * num_replicas
         self.live = list(range(num_replicas))
         self.reasons: dict[str, int] = {}
+        self.epochs = [0] * num_replicas
+        self.down: dict[int, str] = {}  # replica not live -> why (restarting, dead)
+        self.restarting: set[int] = set()
         self._next = 0
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
 
     @property
     def num_replicas(self) -> int:
         return len(self.loads)
 
     def route(
-        self, key: Sequence[int], prompts: Iterable[Sequence[int]] = (), weight: int = 1
+        self,
+        key: Sequence[int],
+        prompts: Iterable[Sequence[int]] = (),
+        weight: int = 1,
+        *,
+        wait_s: float | None = 0.0,
     ) -> Decision:
         """Choose a replica for a unit whose shared prompt prefix is `key`; record `prompts`
-        (the full prompts sent) as held by it and add `weight` to its load."""
+        (the full prompts sent) as held by it and add `weight` to its load. With no replica
+        live but some restarting, wait up to `wait_s` seconds (None: until one is back or
+        none is restarting); then NoReplicaError saying why each replica is out."""
         with self._lock:
+            self._lock.wait_for(lambda: self.live or not self.restarting, wait_s)
             if not self.live:
-                raise NoReplicaError("no live replica left to route to")
+                raise NoReplicaError(self._no_replica_message())
             decision = self._choose(key, weight)
+            decision = Decision(
+                decision.replica,
+                decision.matched_tokens,
+                decision.reason,
+                self.epochs[decision.replica],
+            )
             replica = decision.replica
             self.loads[replica] += weight
             self.reasons[decision.reason] = self.reasons.get(decision.reason, 0) + 1
@@ -106,18 +127,61 @@ class Router:
                     self.tree.evict(replica, int(self.config.max_tree_tokens * 0.9))
             return decision
 
-    def release(self, replica: int, weight: int = 1) -> None:
-        """`weight` leaves routed to `replica` have finished (or failed)."""
+    def release(self, replica: int, weight: int = 1, epoch: int | None = None) -> None:
+        """`weight` leaves routed to `replica` (in `epoch`, when given) have finished or
+        failed; a release from an earlier epoch is ignored."""
         with self._lock:
-            self.loads[replica] = max(0, self.loads[replica] - weight)
+            if epoch is None or epoch == self.epochs[replica]:
+                self.loads[replica] = max(0, self.loads[replica] - weight)
 
-    def remove(self, replica: int) -> None:
-        """Stop routing to `replica` (it died) and forget what it held."""
+    def remove(
+        self,
+        replica: int,
+        reason: str = "died",
+        *,
+        epoch: int | None = None,
+        restarting: bool = False,
+    ) -> bool:
+        """Stop routing to `replica` (it died or hung) and forget what it held; `restarting`:
+        it may come back (`restore`). Returns False, doing nothing, when `epoch` is given and
+        is not the replica's current one or the replica is already out (another caller saw
+        the same death first)."""
+        with self._lock:
+            if replica not in self.live or (epoch is not None and epoch != self.epochs[replica]):
+                return False
+            self.live.remove(replica)
+            self.tree.remove_tenant(replica)
+            self.loads[replica] = 0
+            self.epochs[replica] += 1
+            self.down[replica] = reason
+            if restarting:
+                self.restarting.add(replica)
+            self._lock.notify_all()
+            return True
+
+    def restore(self, replica: int) -> None:
+        """`replica` is back (restarted with an empty cache): route to it again, holding
+        nothing in the tree and no load."""
+        with self._lock:
+            self.tree.remove_tenant(replica)
+            self.loads[replica] = 0
+            self.down.pop(replica, None)
+            self.restarting.discard(replica)
+            if replica not in self.live:
+                self.live.append(replica)
+                self.live.sort()
+            self._lock.notify_all()
+
+    def give_up(self, replica: int, reason: str) -> None:
+        """`replica` will not come back; `reason` goes into NoReplicaError's message."""
         with self._lock:
             if replica in self.live:
                 self.live.remove(replica)
-            self.tree.remove_tenant(replica)
-            self.loads[replica] = 0
+                self.tree.remove_tenant(replica)
+                self.epochs[replica] += 1
+            self.down[replica] = reason
+            self.restarting.discard(replica)
+            self._lock.notify_all()
 
     def forget(self, replicas: Iterable[int]) -> None:
         """Forget what `replicas` hold (their caches were flushed); they stay live."""
@@ -132,8 +196,13 @@ class Router:
                 "live_replicas": list(self.live),
                 "in_flight": list(self.loads),
                 "tree_tokens": [self.tree.size(r) for r in range(self.num_replicas)],
+                "down": dict(self.down),
                 "decisions": dict(self.reasons),
             }
+
+    def _no_replica_message(self) -> str:
+        why = "; ".join(f"replica {r}: {self.down.get(r, 'removed')}" for r in sorted(self.down))
+        return "no live replica left to route to" + (f" ({why})" if why else "")
 
     def _choose(self, key: Sequence[int], weight: int) -> Decision:
         policy = self.config.policy

@@ -8,14 +8,19 @@ from one graph travel as one sub-graph, so it prefills their shared nodes once.
 Replica failure: a replica whose actor dies is removed from the router (and its part of the
 prefix tree forgotten); the leaves it had in flight are routed again and re-run on the live
 replicas (generation restarts from the prompt, so no partial output is lost or duplicated). A
-stream that already yielded chunks cannot be resumed and fails with `ReplicaDiedError`. When
-no replica is left, calls fail with `NoReplicaError`. Dead replicas are not restarted.
+stream that already yielded chunks cannot be resumed and fails with `ReplicaDiedError`. Ray
+restarts the dead replica (up to `max_restarts` times) and the router takes it back, with an
+empty tree, once its engine answers (`replica_set.py`). With `call_timeout_s`, a call (or a
+stream's wait for its next chunk) that takes longer counts as a hung replica: its actor is
+killed (and restarted) and its leaves re-routed. When no replica is live, calls wait for one
+that is restarting and fail with `NoReplicaError`, saying why each is out, when none is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +30,7 @@ from sgl_plugins.backend import (
     ContinuationScore,
     StreamChunk,
 )
-from sgl_plugins.builtin.ray.replica_set import ReplicaPool
+from sgl_plugins.builtin.ray.replica_set import DEFAULT_MAX_RESTARTS, ReplicaPool
 from sgl_plugins.routing import Decision, Router, RouterConfig, Unit, graph_units, subgraph
 
 NUMERIC_RATIOS = ("hit_rate", "kv_usage")
@@ -35,6 +40,10 @@ class ReplicaDiedError(RuntimeError):
     """A replica died while streaming to the caller; the partial output cannot be resumed."""
 
 
+class _Hung(Exception):
+    """A call to a replica missed `call_timeout_s`."""
+
+
 class RayBackend(BackendBase):
     """`replicas` engine actors of (model_path, engine_kwargs), routed by `policy` (one of
     `sgl_plugins.routing.POLICIES`). Thread-safe: the router locks; Ray handles are shared.
@@ -42,7 +51,12 @@ class RayBackend(BackendBase):
     `ray_init`: keyword arguments for `ray.init` when Ray is not initialised yet (default: a
     local cluster without dashboard). `replica_options`: Ray actor options per replica
     (default one CPU, one GPU when engine_kwargs ask for device="cuda"). `max_concurrency`:
-    calls a replica serves at once (its engine batches them).
+    calls a replica serves at once (its engine batches them). `max_restarts`: how often Ray
+    restarts a replica that died (0: never). `call_timeout_s`: the deadline of one call to a
+    replica (a sub-graph, a score, the wait for a stream's next chunk); a replica missing it
+    is treated as hung (killed, restarted) and the call re-routed. None (default): no
+    deadline, because one sub-graph may legitimately decode for minutes; set it above your
+    longest call. Per backend, not part of the shared replica set.
     """
 
     capabilities = CAPABILITIES
@@ -59,6 +73,8 @@ class RayBackend(BackendBase):
         replica_options: Mapping[str, Any] | None = None,
         max_concurrency: int = 256,
         ray_init: Mapping[str, Any] | None = None,
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
+        call_timeout_s: float | None = None,
         chat_template: str | None = None,
         pool: ReplicaPool | None = None,
         name: str = "ray",
@@ -71,6 +87,9 @@ class RayBackend(BackendBase):
         self.name = name
         self.model_name = model_path if model_path is not None else model
         self.chat_template = chat_template
+        if call_timeout_s is not None and call_timeout_s <= 0:
+            raise ValueError("call_timeout_s must be > 0 (or None: no deadline)")
+        self.call_timeout_s = call_timeout_s
         self._closed = False
         self._lock = threading.Lock()
         self._pool = pool if pool is not None else ReplicaPool()
@@ -82,6 +101,7 @@ class RayBackend(BackendBase):
             replica_options=replica_options,
             max_concurrency=max_concurrency,
             ray_init=ray_init,
+            max_restarts=max_restarts,
         )
         self._ray = self.replica_set.ray
 
@@ -115,28 +135,30 @@ class RayBackend(BackendBase):
     ) -> Iterator[StreamChunk]:
         key = self._tokens(prompt)
         while True:
-            decision = self.router.route(key, (key,))
+            decision = self._route(key, (key,))
             actor = self.replicas[decision.replica]
             sent = 0
             try:
-                for ref in actor.stream.options(num_returns="streaming").remote(
+                refs = actor.stream.options(num_returns="streaming").remote(
                     prompt, sampling_params, leaf
-                ):
+                )
+                while (ref := self._next(refs)) is not None:
                     chunk = self._ray.get(ref)
                     sent += 1
                     yield dataclasses.replace(
                         chunk, meta_info={**chunk.meta_info, "replica": decision.replica}
                     )
                 return
-            except self._ray.exceptions.RayActorError as exc:
-                self._lost(decision.replica)
+            except (self._ray.exceptions.RayActorError, _Hung) as exc:
+                self._lost(decision, exc)
                 if sent:
                     raise ReplicaDiedError(
-                        f"replica {decision.replica} of backend {self.name!r} died after "
-                        f"streaming {sent} chunk(s); a stream cannot be resumed elsewhere"
+                        f"replica {decision.replica} of backend {self.name!r} "
+                        f"{'hung' if isinstance(exc, _Hung) else 'died'} after streaming "
+                        f"{sent} chunk(s); a stream cannot be resumed elsewhere"
                     ) from exc
             finally:
-                self.router.release(decision.replica)
+                self.router.release(decision.replica, epoch=decision.epoch)
 
     def score(self, prefix: str, continuations: Sequence[str]) -> list[ContinuationScore]:
         if not continuations:
@@ -180,25 +202,29 @@ class RayBackend(BackendBase):
         """Route `units`, run one sub-graph per replica, store results by leaf id; returns the
         units of replicas that died (to route again)."""
         by_replica: dict[int, list[Unit]] = {}
+        epochs: dict[int, Decision] = {}
         for unit in units:
-            decision: Decision = self.router.route(unit.key, unit.prompts, len(unit.leaves))
+            decision: Decision = self._route(unit.key, unit.prompts, len(unit.leaves))
             by_replica.setdefault(decision.replica, []).append(unit)
+            epochs[decision.replica] = decision
         calls = []
         for replica, group in by_replica.items():
             leaf_ids = sorted(i for unit in group for i in unit.leaves)
             sub, original = subgraph(graph, leaf_ids)
             calls.append((replica, group, original, self.replicas[replica].run_graph.remote(sub)))
+        deadline = self._deadline()
         retry: list[Unit] = []
         for replica, group, original, ref in calls:
             weight = sum(len(u.leaves) for u in group)
+            decision = epochs[replica]
             try:
-                outs = self._ray.get(ref)
-            except self._ray.exceptions.RayActorError:
-                self._lost(replica)
+                outs = self._get(ref, deadline)
+            except (self._ray.exceptions.RayActorError, _Hung) as exc:
+                self._lost(decision, exc)
                 retry.extend(group)
                 continue
             finally:
-                self.router.release(replica, weight)
+                self.router.release(replica, weight, decision.epoch)
             for leaf_id, out in zip(original, outs, strict=True):
                 leaf = graph.leaf(leaf_id)
                 results[leaf_id] = dataclasses.replace(
@@ -211,16 +237,44 @@ class RayBackend(BackendBase):
 
     def _routed_call(self, key: Sequence[int], call: Any) -> Any:
         while True:
-            decision = self.router.route(key, (key,))
+            decision = self._route(key, (key,))
             try:
-                return self._ray.get(call(self.replicas[decision.replica]))
-            except self._ray.exceptions.RayActorError:
-                self._lost(decision.replica)
+                return self._get(call(self.replicas[decision.replica]), self._deadline())
+            except (self._ray.exceptions.RayActorError, _Hung) as exc:
+                self._lost(decision, exc)
             finally:
-                self.router.release(decision.replica)
+                self.router.release(decision.replica, epoch=decision.epoch)
 
-    def _lost(self, replica: int) -> None:
-        self.router.remove(replica)
+    def _route(self, key: Sequence[int], prompts: Any, weight: int = 1) -> Decision:
+        """Route, waiting (up to `call_timeout_s`) for a restarting replica if none is live."""
+        return self.router.route(key, prompts, weight, wait_s=self.call_timeout_s)
+
+    def _deadline(self) -> float | None:
+        return None if self.call_timeout_s is None else time.monotonic() + self.call_timeout_s
+
+    def _get(self, ref: Any, deadline: float | None) -> Any:
+        """`ray.get(ref)` by `deadline` (monotonic), else `_Hung`."""
+        if deadline is None:
+            return self._ray.get(ref)
+        try:
+            return self._ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+        except self._ray.exceptions.GetTimeoutError:
+            raise _Hung from None
+
+    def _next(self, refs: Any) -> Any:
+        """The stream's next chunk ref (None at its end), waiting at most `call_timeout_s`."""
+        if self.call_timeout_s is not None:
+            ready, _ = self._ray.wait([refs], timeout=self.call_timeout_s)
+            if not ready:
+                raise _Hung
+        return next(refs, None)
+
+    def _lost(self, decision: Decision, exc: BaseException) -> None:
+        """Take the replica of a failed call out of routing (a hung one is also killed)."""
+        if isinstance(exc, _Hung):
+            self.replica_set.hung(decision.replica, decision.epoch, self.call_timeout_s or 0)
+        else:
+            self.replica_set.lost(decision.replica, decision.epoch)
 
     def _tokens(self, prompt: str | Sequence[int]) -> tuple[int, ...]:
         if isinstance(prompt, str):

@@ -7,6 +7,7 @@ once, which the engine batches together (it is thread-safe). Nothing here import
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,8 @@ class Replica:
 
         self.index = index
         self.backend = LocalBackend(model_path, name=f"ray-replica-{index}", **engine_kwargs)
+        self._running = threading.Event()
+        self._running.set()
 
     def ready(self) -> tuple[int, int]:
         """(replica index, process id) once the engine has loaded."""
@@ -36,20 +39,25 @@ class Replica:
         return self.backend.engine.hf_config
 
     def run_graph(self, graph: Any) -> list[Any]:
+        self._running.wait()
         return self.backend.run_graph(graph)
 
     def stream(
         self, prompt: str | Sequence[int], sampling_params: Mapping[str, Any] | None, leaf: dict
     ) -> Iterator[Any]:
+        self._running.wait()
         yield from self.backend.stream(prompt, sampling_params, **leaf)
 
     def score(self, prefix: str, continuations: Sequence[str]) -> list[Any]:
+        self._running.wait()
         return self.backend.score(prefix, continuations)
 
     def generate(self, request: dict[str, Any]) -> Any:
+        self._running.wait()
         return self.backend.engine.generate(**request)
 
     def generate_stream(self, request: dict[str, Any]) -> Iterator[dict]:
+        self._running.wait()
         yield from self.backend.engine.generate(stream=True, **request)
 
     def abort(self, rid: str) -> None:
@@ -63,3 +71,8 @@ class Replica:
 
     def shutdown(self) -> None:
         self.backend.close()
+
+    def _hang_for_tests(self) -> None:
+        """Make later calls that run requests block until this actor is killed (a hung
+        replica, for the call-deadline tests; a restarted actor runs again)."""
+        self._running.clear()

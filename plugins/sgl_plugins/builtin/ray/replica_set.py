@@ -5,18 +5,28 @@ front of them, and the pool that shares sets between backends.
 options) and counts references, like the `local` backend's `EnginePool`: front doors that ask
 the same `ray` backend by name share one set of actors (weights load once per replica). The
 last `release` of a set shuts its engines down and kills its actors; Ray itself stays up.
+
+Restarts are Ray's: each actor is created with `max_restarts` (and `max_task_retries=0`: the
+backend re-routes a failed call itself, to a live replica, rather than waiting for the
+restart). When a call sees a replica die (`lost`) or miss its deadline (`hung`: the actor is
+killed so that Ray restarts it), the router stops routing to it and a `ready` probe is sent;
+when the probe answers (Ray queues nothing for a restarting actor: an "actor is restarting"
+answer is probed again shortly), the router takes the replica back with an empty prefix tree.
+Once Ray gives up (`ActorDiedError`, after `max_restarts` restarts) the replica stays out.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sgl_plugins.builtin.local import EnginePool
 from sgl_plugins.routing import NoReplicaError, Router, RouterConfig
 
 DEFAULT_INIT = {"include_dashboard": False, "configure_logging": False}
+DEFAULT_MAX_RESTARTS = 3
+PROBE_INTERVAL_S = 0.2
 
 
 def import_ray() -> Any:
@@ -29,7 +39,10 @@ def import_ray() -> Any:
 
 class ReplicaSet:
     """`num_replicas` actors each holding an engine, and a `Router` over them. Thread-safe:
-    the router locks, the tokenizer is fetched once under a lock, Ray handles are shared."""
+    the router locks, the tokenizer is fetched once under a lock, Ray handles are shared;
+    `lost`/`hung` and the probes' callbacks (on Ray's threads) update the router and
+    `restarts`/`pids` under the set's lock. `max_restarts`: restarts Ray may make of each
+    replica (0: never)."""
 
     def __init__(
         self,
@@ -40,7 +53,10 @@ class ReplicaSet:
         replica_options: Mapping[str, Any] | None = None,
         max_concurrency: int = 256,
         ray_init: Mapping[str, Any] | None = None,
+        max_restarts: int = DEFAULT_MAX_RESTARTS,
     ) -> None:
+        if max_restarts < 0:
+            raise ValueError("max_restarts must be >= 0")
         ray = import_ray()
         if not ray.is_initialized():
             ray.init(**{**DEFAULT_INIT, **dict(ray_init or {})})
@@ -49,11 +65,19 @@ class ReplicaSet:
         self.ray = ray
         self.router = Router(num_replicas, router_config)
         options = dict(replica_options or default_options(engine_kwargs))
-        actor = ray.remote(Replica).options(max_concurrency=max_concurrency, **options)
+        actor = ray.remote(Replica).options(
+            max_concurrency=max_concurrency,
+            max_restarts=max_restarts,
+            max_task_retries=0,
+            **options,
+        )
         kwargs = dict(engine_kwargs)
+        self.max_restarts = max_restarts
+        self.restarts = [0] * num_replicas
         self.replicas = [actor.remote(i, model_path, kwargs) for i in range(num_replicas)]
         self.pids = dict(ray.get([r.ready.remote() for r in self.replicas]))
         self._lock = threading.Lock()
+        self._closed = False
         self._tokenizer: Any = None
 
     @property
@@ -66,14 +90,69 @@ class ReplicaSet:
     def call_any(self, call: Any) -> Any:
         """`call(actor)` on the first live replica that answers."""
         for replica in list(self.router.live):
+            epoch = self.router.epochs[replica]
             try:
                 return self.ray.get(call(self.replicas[replica]))
             except self.ray.exceptions.RayActorError:
-                self.router.remove(replica)
-        raise NoReplicaError("no live replica left")
+                self.lost(replica, epoch)
+        raise NoReplicaError(f"no live replica answered (router: {self.router.stats()['down']})")
+
+    def lost(self, replica: int, epoch: int, why: str = "died", kill: bool = False) -> bool:
+        """A call routed to `replica` in `epoch` saw it die (or, with `kill`, hang: its actor
+        is killed here): take it out of routing and, while restarts remain, wait for Ray's
+        restart. False when another call saw it first."""
+        with self._lock:
+            used, limit = self.restarts[replica], self.max_restarts
+            restart = used < limit
+            if restart:
+                reason = f"{why}; restarting (restart {used + 1} of max_restarts={limit})"
+            else:
+                reason = f"{why}; not restarted: max_restarts={limit} reached"
+            if not self.router.remove(replica, reason, epoch=epoch, restarting=restart):
+                return False
+            if restart:
+                self.restarts[replica] += 1
+            old_pid = self.pids.get(replica) if kill else None
+        if kill:
+            self.ray.kill(self.replicas[replica], no_restart=not restart)
+        if restart:
+            self._probe(replica, old_pid)
+        return True
+
+    def hung(self, replica: int, epoch: int, timeout_s: float) -> None:
+        """A call to `replica` missed its `timeout_s` deadline: treat it as hung -- out of
+        routing, and its actor killed (Ray restarts it while restarts remain)."""
+        self.lost(replica, epoch, f"missed a {timeout_s:g}s call deadline", kill=True)
+
+    def _probe(self, replica: int, old_pid: int | None = None) -> None:
+        """Ask the restarting `replica` whether it is up; an answer from `old_pid` (the
+        process killed for hanging, not dead yet) does not count."""
+        if self._closed:
+            return
+        ref = self.replicas[replica].ready.remote()
+        ref.future().add_done_callback(lambda f: self._probed(replica, old_pid, f))
+
+    def _probed(self, replica: int, old_pid: int | None, future: Any) -> None:
+        """On a Ray thread: the probe of a restarting replica answered."""
+        if self._closed:
+            return
+        exc = future.exception()
+        if exc is None and future.result()[1] != old_pid:
+            with self._lock:
+                self.pids[replica] = future.result()[1]
+            self.router.restore(replica)
+        elif exc is None or isinstance(exc, self.ray.exceptions.ActorUnavailableError):
+            _later(PROBE_INTERVAL_S, lambda: self._probe(replica, old_pid))
+        else:
+            self.router.give_up(
+                replica,
+                f"dead, not restarted by Ray (max_restarts={self.max_restarts}): "
+                f"{str(exc).splitlines()[0]}",
+            )
 
     def shutdown(self) -> None:
         """Stop the engines, kill the actors (nothing to do once Ray itself is shut down)."""
+        self._closed = True
         if not self.ray.is_initialized():
             return
         for r in list(self.router.live):
@@ -95,6 +174,12 @@ class ReplicaPool(EnginePool):
 
     def acquire(self, model_path: str | None, **spec: Any) -> tuple[Any, ReplicaSet]:
         return super().acquire(model_path, spec)
+
+
+def _later(delay_s: float, call: Callable[[], None]) -> None:
+    timer = threading.Timer(delay_s, call)
+    timer.daemon = True
+    timer.start()
 
 
 def default_options(engine_kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,19 +4,22 @@ uses (`async_generate`, `abort`, `metrics`, `flush_cache`, `tokenizer`, ...), so
 
 Routing: one HTTP request (a prompt, or a list of prompts sent together) is one unit, routed
 by its prompts' common token prefix with the backend's router -- a batch sharing a prefix is
-prefilled once, on one replica. A replica that dies before answering is dropped and the
-request re-sent to another; a stream that already sent chunks fails (it cannot be resumed).
+prefilled once, on one replica. A replica that dies before answering (or, with the
+backend's `call_timeout_s`, does not answer a non-streamed request in time) is taken out of
+routing (and restarted by Ray, see `replica_set.py`) and the request re-sent to another; a
+stream that already sent chunks fails (it cannot be resumed).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from sgl_engine.inputs import GenerateRequest
 
 from sgl_plugins.builtin.ray.backend import RayBackend, ReplicaDiedError
-from sgl_plugins.routing import prompt_units
+from sgl_plugins.routing import NoReplicaError, prompt_units
 
 
 class ReplicatedEngine:
@@ -75,17 +78,23 @@ class ReplicatedEngine:
     async def _generate(self, request: dict, key: tuple[int, ...], prompts: list) -> Any:
         ray = self.backend._ray
         router = self.backend.router
+        timeout = self.backend.call_timeout_s
+        replicas = self.backend.replica_set
         while True:
-            decision = router.route(key, prompts, max(1, len(prompts)))
+            decision = await self._route(key, prompts, max(1, len(prompts)))
+            ref = self.backend.replicas[decision.replica].generate.remote(request)
             try:
-                out = await self.backend.replicas[decision.replica].generate.remote(request)
+                out = await asyncio.wait_for(asyncio.ensure_future(ref), timeout)
+            except TimeoutError:
+                replicas.hung(decision.replica, decision.epoch, timeout or 0)
+                continue
             except ray.exceptions.RayActorError:
-                router.remove(decision.replica)
+                replicas.lost(decision.replica, decision.epoch)
                 continue
             except ray.exceptions.RayTaskError as exc:
                 raise _cause(exc) from None
             finally:
-                router.release(decision.replica, max(1, len(prompts)))
+                router.release(decision.replica, max(1, len(prompts)), decision.epoch)
             return _tag(out, decision.replica)
 
     async def _stream(
@@ -94,7 +103,7 @@ class ReplicatedEngine:
         ray = self.backend._ray
         router = self.backend.router
         while True:
-            decision = router.route(key, prompts)
+            decision = await self._route(key, prompts)
             actor = self.backend.replicas[decision.replica]
             sent = 0
             try:
@@ -105,7 +114,7 @@ class ReplicatedEngine:
                     yield _tag(chunk, decision.replica)
                 return
             except ray.exceptions.RayActorError as exc:
-                router.remove(decision.replica)
+                self.backend.replica_set.lost(decision.replica, decision.epoch)
                 if sent:
                     raise ReplicaDiedError(
                         f"replica {decision.replica} died after {sent} chunk(s)"
@@ -113,7 +122,19 @@ class ReplicatedEngine:
             except ray.exceptions.RayTaskError as exc:
                 raise _cause(exc) from None
             finally:
-                router.release(decision.replica)
+                router.release(decision.replica, epoch=decision.epoch)
+
+    async def _route(self, key: tuple[int, ...], prompts: list, weight: int = 1) -> Any:
+        """Route at once while a replica is live, else wait (in a thread) for a restart."""
+        router = self.backend.router
+        if router.live:
+            try:
+                return router.route(key, prompts, weight)
+            except NoReplicaError:
+                pass
+        return await asyncio.to_thread(
+            router.route, key, prompts, weight, wait_s=self.backend.call_timeout_s
+        )
 
     def _routing_key(
         self, request: GenerateRequest
