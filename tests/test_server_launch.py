@@ -42,6 +42,7 @@ def test_gpu_flags_become_engine_config_fields(monkeypatch):
             "--cuda-graph-max-bs=0",
             "--mem-fraction-static=0.7",
             "--chunked-prefill-size=2048",
+            "--enable-mixed-chunk",
             "--disable-radix-cache",
             "--no-overlap-schedule",
         ],
@@ -52,6 +53,7 @@ def test_gpu_flags_become_engine_config_fields(monkeypatch):
         "cuda_graph_max_bs": 0,
         "mem_fraction_static": 0.7,
         "chunked_prefill_size": 2048,
+        "enable_mixed_chunk": True,
         "disable_radix_cache": True,
         "overlap_schedule": False,
     }

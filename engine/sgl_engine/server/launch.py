@@ -136,6 +136,7 @@ ENGINE_ARGS = (
     "cuda_graph_max_bs",
     "mem_fraction_static",
     "chunked_prefill_size",
+    "enable_mixed_chunk",
     "disable_radix_cache",
     "overlap_schedule",
     "tp_size",
@@ -191,6 +192,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         type=int,
         default=None,
         help="longest prefill chunk per forward pass, in tokens",
+    )
+    parser.add_argument(
+        "--enable-mixed-chunk",
+        action="store_true",
+        default=None,
+        help="add running requests' next tokens to each prefill chunk (default off)",
     )
     parser.add_argument(
         "--disable-radix-cache",
