@@ -38,6 +38,7 @@ from bench_gpu import (  # noqa: E402
     GPU_ENGINE,
     JSON_PARAMS,
     _median,
+    _sync,
     _valid_city,
     json_prompts,
     llama_dir,
@@ -61,11 +62,6 @@ CPU_ENGINE = dict(
 
 def tiny_model_dir(root: Path, layers: int) -> Path:
     return llama_dir(root, f"json-breakdown-tiny-{layers}", dict(TINY, num_hidden_layers=layers))
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class Timers:
