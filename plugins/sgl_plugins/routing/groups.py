@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sgl_plugins.graph import common_prefix_len
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -110,9 +112,5 @@ def _common_prefix(seqs: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
     first = seqs[0]
     n = len(first)
     for s in seqs[1:]:
-        n = min(n, len(s))
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
+        n = common_prefix_len(first[:n], s)
     return first[:n]
