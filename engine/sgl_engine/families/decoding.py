@@ -15,7 +15,7 @@ from sgl_engine.families.grammar import (
 )
 from sgl_engine.families.registry import ModelFamily
 
-_KEYS = ("regex", "json_schema", "ebnf", "choices")
+CONSTRAINT_KEYS = ("regex", "json_schema", "ebnf", "choices")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def plan_decoding(
     offered). A constraint already in `params` becomes the non-call answer; when tools or
     reasoning need one grammar for everything, `params` (mutated) gets it as `ebnf`."""
     opened = family.reasoning.opened_by(prompt) if family.reasoning else None
-    given = any(params.get(k) is not None for k in _KEYS)
+    given = any(params.get(k) is not None for k in CONSTRAINT_KEYS)
     constraint = constraint_ebnf(params) if given else None
     ebnf = constraint
     if specs:
@@ -53,7 +53,7 @@ def plan_decoding(
     if family.reasoning is not None:
         ebnf = with_reasoning(ebnf, family.reasoning, opened)
     if ebnf is not constraint or family.reasoning is not None:
-        for key in _KEYS:
+        for key in CONSTRAINT_KEYS:
             params.pop(key, None)
         params["ebnf"] = ebnf
     return Decoding(ebnf, bool(specs) and mode != "none", family.reasoning is not None, opened)

@@ -18,26 +18,21 @@ from sgl_engine.errors import InvalidRequestError
 from sgl_engine.families import (
     ModelFamily,
     OutputStream,
-    constraint_ebnf,
     parse_output,
     prepare_chat,
-    tool_grammar,
-    with_reasoning,
 )
 from sgl_engine.families.chat import tool_specs
+from sgl_engine.families.decoding import CONSTRAINT_KEYS, plan_decoding
 from sgl_engine.server.protocol import ChatCompletionRequest, ToolChoice
-
-_CONSTRAINTS = ("regex", "json_schema", "ebnf", "choices")
 
 
 @dataclass(frozen=True)
 class ChatPlan:
-    """A chat request made concrete: prompt text, the answer's grammar (None: free), and how
-    to read the answer (tool calls parsed only when tools were offered)."""
+    """A chat request made concrete: prompt text and how to read the answer (tool calls parsed
+    only when tools were offered); the answer's grammar is in the request's params."""
 
     family: ModelFamily
     prompt: str
-    ebnf: str | None
     parse_tools: bool
     reasoning: bool
     opened: bool | None
@@ -78,24 +73,19 @@ def plan_chat(eng: Any, body: ChatCompletionRequest, family: ModelFamily, params
         raise InvalidRequestError(
             f"the chat template rejected the messages: {exc}", "messages"
         ) from None
-    reasoning = family.reasoning if body.separate_reasoning else None
-    opened = family.reasoning.opened_by(prompt) if family.reasoning else None
-    ebnf = None
-    if body.tools:
-        ebnf = tool_grammar(
-            family.tool_format, specs, mode, parallel=body.parallel_tool_calls is not False
-        )
-        for key in _CONSTRAINTS:
+    if body.tools:  # the tool grammar's own text answer replaces a request's constraint
+        for key in CONSTRAINT_KEYS:
             params.pop(key, None)
-    elif family.reasoning is not None and any(params.get(k) is not None for k in _CONSTRAINTS):
-        ebnf = constraint_ebnf(params)
-        for key in _CONSTRAINTS:
-            params.pop(key, None)
-    if ebnf is not None and family.reasoning is not None:
-        ebnf = with_reasoning(ebnf, family.reasoning, opened)
-    if ebnf is not None:
-        params["ebnf"] = ebnf
-    return ChatPlan(family, prompt, ebnf, mode != "none", reasoning is not None, opened)
+    decoding = plan_decoding(
+        family,
+        prompt,
+        params,
+        specs if body.tools else None,
+        mode,
+        parallel=body.parallel_tool_calls is not False,
+    )
+    reasoning = family.reasoning is not None and bool(body.separate_reasoning)
+    return ChatPlan(family, prompt, mode != "none", reasoning, decoding.opened)
 
 
 def new_call_id() -> str:
