@@ -27,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 from sgl_engine.config import EngineConfig
-from sgl_engine.distributed.group import TPGroup, destroy_group, init_group
+from sgl_engine.distributed.group import TPGroup, destroy_group, drain, init_group
 from sgl_engine.errors import EngineUnavailableError
 from sgl_engine.forward_batch import ForwardMode
 
@@ -262,7 +262,7 @@ class TensorParallel:
             return
         self._stopping.set()
         if self.failure is None and getattr(self, "group", None) is not None:
-            _drain()
+            drain()
             with self._lock:
                 try:
                     self.group.broadcast_object(STOP)
@@ -277,14 +277,6 @@ class TensorParallel:
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
-
-
-def _drain() -> None:
-    """Wait for this rank's queued kernels. Every rank does so before leaving the group: a rank
-    that tears its communicator down with collectives still in flight strands its peers' halves
-    of them, and their next synchronisation never returns (seen at shutdown on two H200s)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def _describe(code: int | None) -> str:

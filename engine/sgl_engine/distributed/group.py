@@ -81,6 +81,14 @@ def init_group(
     return TPGroup(rank, size, device_group)
 
 
+def drain() -> None:
+    """Wait for this rank's queued kernels. Every rank does so before leaving the group: a rank
+    that tears its communicator down with collectives still in flight strands its peers' halves
+    of them, and their next synchronisation never returns (seen at shutdown on two H200s)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def destroy_group(group: TPGroup | None = None) -> None:
     """Leave the groups. An NCCL device group is aborted rather than destroyed: destroying it
     waits on the peers' communicators and hangs once they have exited (seen on two H200s when

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from sgl_engine.distributed.driver import HEARTBEAT, STOP, WorkerSpec, _drain
-from sgl_engine.distributed.group import TPGroup, destroy_group, init_group
+from sgl_engine.distributed.driver import HEARTBEAT, STOP, WorkerSpec
+from sgl_engine.distributed.group import TPGroup, destroy_group, drain, init_group
 
 
 def worker_main(index: int, spec: WorkerSpec) -> None:
@@ -44,7 +44,7 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             tp=group,
         )
         follow(runner, group)
-        _drain()
+        drain()
     finally:
         destroy_group(group)
 
