@@ -112,7 +112,7 @@ def compare(ref: list[dict], got: list[dict]) -> dict:
     }
 
 
-def batch1(eng, tp: int, smoke: bool) -> dict:
+def batch1(eng, smoke: bool) -> dict:
     """Batch-1 decode, median of 3 runs, against the roofline of one rank's shard."""
     if not smoke:
         return decode_roofline(eng, shard_bytes(eng))
@@ -167,7 +167,7 @@ def phase_7b(root: Path, results: dict, out: str | None, args) -> None:
             probes[tp] = probe(eng)
             if args.probe_only:
                 return {}
-            return {"decode_bs1": batch1(eng, tp, args.smoke), "shard_bytes": shard_bytes(eng)}
+            return {"decode_bs1": batch1(eng, args.smoke), "shard_bytes": shard_bytes(eng)}
 
         def report(res, tp=tp):
             emit(results, out, **{f"{shape} tp{tp}": res})
@@ -186,7 +186,7 @@ def phase_70b(root: Path, results: dict, out: str | None, args) -> None:
     path = llama_dir(root, f"llama-{shape}-shape", SHAPES[shape])
 
     def work(eng):
-        res = {"mmlu": mmlu(eng), "decode_bs1": batch1(eng, 2, args.smoke)}
+        res = {"mmlu": mmlu(eng), "decode_bs1": batch1(eng, args.smoke)}
         res["shard_bytes"] = shard_bytes(eng)
         res["kv_slots"] = eng.runner.num_slots
         return res
