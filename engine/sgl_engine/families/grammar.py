@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from sgl_engine.families.reasoning import ReasoningFormat
@@ -30,12 +30,17 @@ def lit(text: str) -> str:
 
 def rename_root(ebnf: str, new: str) -> str:
     """`ebnf` with its rule `root` (and references to it, outside literals) renamed."""
+    return _outside_literals(ebnf, lambda text: _ROOT_RE.sub(new, text))
+
+
+def _outside_literals(ebnf: str, edit: Callable[[str], str]) -> str:
+    """`ebnf` with `edit` applied to every stretch between its string literals."""
     out, pos = [], 0
     for m in _LITERAL_RE.finditer(ebnf):
-        out.append(_ROOT_RE.sub(new, ebnf[pos : m.start()]))
+        out.append(edit(ebnf[pos : m.start()]))
         out.append(m.group(0))
         pos = m.end()
-    out.append(_ROOT_RE.sub(new, ebnf[pos:]))
+    out.append(edit(ebnf[pos:]))
     return "".join(out)
 
 
@@ -58,13 +63,7 @@ def namespaced(ebnf: str, rule: str) -> str:
     def rename(m: re.Match) -> str:
         return rule if m.group(1) == "root" else f"{rule}_{m.group(1)}"
 
-    out, pos = [], 0
-    for m in _LITERAL_RE.finditer(ebnf):
-        out.append(pattern.sub(rename, ebnf[pos : m.start()]))
-        out.append(m.group(0))
-        pos = m.end()
-    out.append(pattern.sub(rename, ebnf[pos:]))
-    return "".join(out)
+    return _outside_literals(ebnf, lambda text: pattern.sub(rename, text))
 
 
 def merge(*parts: str) -> str:
