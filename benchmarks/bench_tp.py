@@ -16,13 +16,16 @@ decode pays in latency. Engine start-up phases are logged with timestamps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import gc
 import json
 import logging
+import os
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +71,7 @@ ENGINE = dict(
 )
 SMOKE_ENGINE = dict(device="cpu", dtype="float32", random_weights=True, max_total_tokens=4096)
 NEAR_TIE = 0.05
+SHUTDOWN_DUMP_S = 7.0
 
 
 def emit(results: dict, out: str | None, **new) -> None:
@@ -88,28 +92,44 @@ def probe(eng, n: int = 16, new: int = 32) -> list[dict]:
     for o in outs:
         tops = o["meta_info"]["output_top_logprobs"]
         gaps = [t[0][0] - t[1][0] for t in tops]
-        res.append({"ids": o["output_ids"], "gaps": gaps})
+        lps = [t[0] for t in o["meta_info"]["output_token_logprobs"]]
+        res.append({"ids": o["output_ids"], "gaps": gaps, "lps": lps})
     return res
 
 
 def compare(ref: list[dict], got: list[dict]) -> dict:
-    equal, tie, real = 0, [], []
+    """Position of each prompt's first differing token and the reference's top-2 gap there.
+    `logprob_noise`: the largest difference of the chosen token's logprob at positions before
+    the first divergence (how far the two runs' numerics drift apart); a divergence is
+    `within_noise` when its gap is under twice that, and a near-tie under NEAR_TIE."""
+    equal, tie, real, noise, within = 0, [], [], 0.0, 0
     for r, g in zip(ref, got, strict=True):
-        i = next(
-            (k for k, (a, b) in enumerate(zip(r["ids"], g["ids"], strict=True)) if a != b), None
-        )
+        i = _first_diff(r, g)
+        upto = len(r["ids"]) if i is None else i
+        for a, b in zip(r["lps"][:upto], g["lps"][:upto], strict=True):
+            noise = max(noise, abs(a - b))
         if i is None:
             equal += 1
         elif r["gaps"][i] < NEAR_TIE:
             tie.append((i, round(r["gaps"][i], 4)))
         else:
             real.append((i, round(r["gaps"][i], 4)))
+    for r, g in zip(ref, got, strict=True):
+        i = _first_diff(r, g)
+        within += i is not None and r["gaps"][i] < 2 * noise
     return {
         "prompts": len(ref),
         "identical": equal,
         "near_tie_divergences": tie,
         "real_divergences": real,
+        "logprob_noise": round(noise, 4),
+        "divergences_within_noise": within,
     }
+
+
+def _first_diff(r: dict, g: dict) -> int | None:
+    pairs = zip(r["ids"], g["ids"], strict=True)
+    return next((k for k, (a, b) in enumerate(pairs) if a != b), None)
 
 
 def batch1(eng, smoke: bool) -> dict:
@@ -148,7 +168,9 @@ def run(path: Path, tp: int, work, engine: dict, report) -> None:
         report(out)
         t = time.perf_counter()
     finally:
+        watch = _stack_dumps_after(SHUTDOWN_DUMP_S, eng)
         eng.shutdown()
+        watch()
         del eng
         gc.collect()
         if torch.cuda.is_available():
@@ -156,29 +178,72 @@ def run(path: Path, tp: int, work, engine: dict, report) -> None:
     logging.info("tp=%d engine shut down in %.1f s", tp, time.perf_counter() - t)
 
 
+def _stack_dumps_after(seconds: float, eng):
+    """If shutdown takes over `seconds`, print every rank's thread stacks: the followers' once
+    (their SIGUSR1 handler; before rank 0's grace period for them ends), rank 0's every
+    `seconds` (faulthandler). Returns the cancel function."""
+    driver = getattr(eng.runner, "driver", None)
+    pids = list(driver.pids) if driver is not None else []
+
+    def dump() -> None:
+        logging.error("shutdown still running after %.0f s: thread stacks follow", seconds)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGUSR1)
+
+    faulthandler.dump_traceback_later(seconds, repeat=True, exit=False)
+    timer = threading.Timer(seconds, dump)
+    timer.daemon = True
+    timer.start()
+
+    def cancel() -> None:
+        faulthandler.cancel_dump_traceback_later()
+        timer.cancel()
+
+    return cancel
+
+
 def phase_7b(root: Path, results: dict, out: str | None, args) -> None:
     shape = "smoke" if args.smoke else args.shape or "7b"
     path = llama_dir(root, f"llama-{shape}-shape", SHAPES[shape])
     engine = SMOKE_ENGINE if args.smoke else ENGINE
-    probes = {}
-    for tp in args.tp:
+    probes: dict[str, list[dict]] = {}
+    runs = [(tp, mode) for tp in args.tp for mode in (args.all_reduce if tp > 1 else ["-"])]
+    for tp, mode in runs:
+        label = f"{shape} tp{tp}" + (f" {mode}" if tp > 1 else "")
 
-        def work(eng, tp=tp):
-            probes[tp] = probe(eng)
-            if args.probe_only:
-                return {}
-            return {"decode_bs1": batch1(eng, args.smoke), "shard_bytes": shard_bytes(eng)}
+        def work(eng, label=label):
+            probes[label] = probe(eng)
+            if args.probes:
+                Path(args.probes, f"{label}.json").write_text(json.dumps(probes[label]))
+            res = {"all_reduce_path": _path(eng)}
+            if not args.probe_only:
+                res.update(decode_bs1=batch1(eng, args.smoke), shard_bytes=shard_bytes(eng))
+            return res
 
-        def report(res, tp=tp):
-            emit(results, out, **{f"{shape} tp{tp}": res})
-            if len(probes) == 2:
-                emit(results, out, **{f"{shape} greedy tp2 vs tp1": compare(probes[1], probes[2])})
-            if len(probes) == 2 and not args.probe_only:
-                r1 = results[f"{shape} tp1"]["decode_bs1"]["ours_tok_s"]
+        def report(res, label=label, tp=tp):
+            emit(results, out, **{label: res})
+            ref = f"{shape} tp1"
+            saved = Path(args.probes or ".", f"{ref}.json")
+            if ref not in probes and args.probes and saved.exists():
+                probes[ref] = json.loads(saved.read_text())
+            if tp == 1 or ref not in probes:
+                return
+            emit(results, out, **{f"{label}: greedy vs tp1": compare(probes[ref], probes[label])})
+            if not args.probe_only and ref in results:
+                r1 = results[ref]["decode_bs1"]["ours_tok_s"]
                 r2 = res["decode_bs1"]["ours_tok_s"]
-                emit(results, out, **{f"{shape} bs1 speedup tp2/tp1": r2 / r1})
+                emit(results, out, **{f"{label}: bs1 speedup over tp1": r2 / r1})
 
-        run(path, tp, work, engine, report)
+        extra = {} if tp == 1 else {"tp_all_reduce": mode}
+        run(path, tp, work, {**engine, **extra}, report)
+
+
+def _path(eng) -> str:
+    tp = eng.runner.tp
+    if tp is None:
+        return "none"
+    return "one_shot" if tp.fast is not None else "device_group"
 
 
 def phase_70b(root: Path, results: dict, out: str | None, args) -> None:
@@ -204,8 +269,13 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), help="another model shape for a phase")
     ap.add_argument("--tp", default="1,2", help="tp sizes of the 7b phase")
     ap.add_argument("--probe-only", action="store_true", help="7b phase: greedy comparison only")
+    ap.add_argument("--probes", default=None, help="folder to save/load the greedy probes")
+    ap.add_argument(
+        "--all-reduce", default="auto", help="tp_all_reduce modes of the 7b phase's TP>1 runs"
+    )
     args = ap.parse_args()
     args.tp = [int(t) for t in args.tp.split(",")]
+    args.all_reduce = args.all_reduce.split(",")
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cuda = torch.cuda.is_available() and not args.smoke

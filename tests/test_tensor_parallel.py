@@ -157,3 +157,22 @@ def test_serve_tp_flag_reaches_the_engine(monkeypatch):
     parser = launch.add_serve_arguments(argparse.ArgumentParser())
     launch.serve_from_args(parser.parse_args(["--tp", "2"]))
     assert seen["tp_size"] == 2
+
+
+def test_a_hung_group_teardown_is_bounded_and_logged(monkeypatch, caplog):
+    """A communicator whose teardown never returns costs an error in the log, not a hung
+    shutdown (the teardown thread is left behind, a daemon)."""
+    import threading
+
+    from sgl_engine.distributed import group as group_mod
+
+    release = threading.Event()
+    monkeypatch.setattr(group_mod.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(group_mod, "_destroy", lambda group, abort: release.wait(30))
+    try:
+        assert group_mod.destroy_group(None, timeout_s=0.2) is False
+        assert "did not finish in 0 s" in caplog.text
+    finally:
+        release.set()
+    monkeypatch.setattr(group_mod, "_destroy", lambda group, abort: None)
+    assert group_mod.destroy_group(None, timeout_s=5) is True

@@ -23,6 +23,8 @@ class EngineConfig:
     backend only; None: 64 when the backend is flashinfer, 0 = off). `tp_size` shards the model
     over that many ranks (tensor parallelism: rank 0 in this process, the others in worker
     processes; NCCL on CUDA, gloo on the CPU); `tp_timeout_s` bounds each of their collectives.
+    `tp_all_reduce` picks the path of small all-reduces on CUDA: "auto" (the one-shot kernel over
+    peer memory when every rank can map it, else NCCL), "one_shot" (required) or "nccl".
     `decode_gemv` picks the kernel of one-row (batch-1 decode) linear layers on CUDA: cuBLAS, or
     the Triton matrix-vector kernel of models/gemv.py (faster on an H200; opt-in until the GPU
     tests have run with it). `unroll_extends` replays small extends of running requests (the
@@ -59,6 +61,7 @@ class EngineConfig:
     max_top_logprobs: int = 20
     tp_size: int = 1
     tp_timeout_s: float = 300.0
+    tp_all_reduce: str = "auto"
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
@@ -78,6 +81,8 @@ class EngineConfig:
             raise ValueError("cuda_graph_max_bs must be >= 0 (0 turns CUDA graphs off)")
         if self.tp_size < 1:
             raise ValueError("tp_size must be >= 1")
+        if self.tp_all_reduce not in ("auto", "nccl", "one_shot"):
+            raise ValueError("tp_all_reduce must be 'auto', 'nccl' or 'one_shot'")
         if self.tp_timeout_s <= 0:
             raise ValueError("tp_timeout_s must be positive")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:

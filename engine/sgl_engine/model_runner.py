@@ -16,6 +16,7 @@ run on a GPU.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -156,6 +157,8 @@ class ModelRunner:
             config.decode_gemv,
         )
         log.info("%smodel built on %s in %.1f s", rank, self.device, time.perf_counter() - t0)
+        if tp is not None and tp.enable_one_shot(config.tp_all_reduce, self.dtype, self.device):
+            log.info("%ssmall all-reduces take the one-shot path", rank)
         mc = self.model_config.shard(tp.size if tp is not None else 1)
         self.num_slots = config.max_total_tokens or self._auto_pool_size(config, mc)
         if tp is not None:
@@ -319,9 +322,18 @@ class ModelRunner:
         return self.driver.guard() if self.driver is not None else contextlib.nullcontext()
 
     def shutdown(self) -> None:
-        """Stop the other tensor-parallel ranks, if this runner started them."""
+        """Stop the other tensor-parallel ranks, if this runner started them (after `release`)."""
         if self.driver is not None:
+            self.release()
             self.driver.shutdown()
+
+    def release(self) -> None:
+        """Drop the CUDA graphs and the one-shot buffer before the process group goes: captured
+        collectives and mapped peer memory belong to the communicators being torn down."""
+        self.graphs = None
+        if self.tp is not None:
+            self.tp.fast = None
+        gc.collect()
 
     @torch.inference_mode()
     def collect(self, launched: Launched) -> list[SeqOutput]:

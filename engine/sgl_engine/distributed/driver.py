@@ -261,17 +261,23 @@ class TensorParallel:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        if self.failure is None and getattr(self, "group", None) is not None:
+        group = getattr(self, "group", None)
+        left = group is None
+        if self.failure is None and group is not None:
             drain()
             with self._lock:
                 try:
                     self.group.broadcast_object(STOP)
                 except Exception:  # noqa: BLE001 -- they are killed below
                     log.warning("could not tell the tensor-parallel ranks to stop")
+                else:
+                    destroy_group(group)  # with the followers, which do the same now
+                    left = True  # done, or stuck in its thread: never a second teardown
         self._stop_procs(grace=JOIN_S)
         if self._heartbeat is not None:
             self._heartbeat.join(JOIN_S)
-        destroy_group(getattr(self, "group", None))
+        if not left:
+            destroy_group(group, abort=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     @property

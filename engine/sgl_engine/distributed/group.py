@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _abort_process_group
 
+from sgl_engine.distributed import one_shot
+
+log = logging.getLogger(__name__)
+
 CONTROL_TIMEOUT = datetime.timedelta(minutes=30)
+DESTROY_TIMEOUT_S = 15.0
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
@@ -28,15 +35,26 @@ class TPGroup:
     rank: int
     size: int
     device_group: Any = None
+    fast: one_shot.OneShotAllReduce | None = None
 
     @property
     def is_driver(self) -> bool:
         return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum `x` over the ranks, in place; returns it."""
+        """Sum `x` over the ranks and return the sum: a new tensor on the one-shot path (small
+        messages, when enabled), else `x` summed in place over the device group."""
+        if self.fast is not None and self.fast.fits(x):
+            return self.fast(x)
         dist.all_reduce(x, group=self.device_group)
         return x
+
+    def enable_one_shot(self, mode: str, dtype: torch.dtype, device: torch.device) -> bool:
+        """Collective (every rank, same `mode`, before any CUDA graph is captured): set up the
+        one-shot all-reduce for `dtype` messages per `mode` (see `one_shot.setup`). Mutates
+        `fast`; returns whether the path is on."""
+        self.fast = one_shot.setup(mode, self.device_group, dtype, device, self.min_int)
+        return self.fast is not None
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's [n, d] `x` along the last dimension (rank order): one
@@ -89,14 +107,39 @@ def drain() -> None:
         torch.cuda.synchronize()
 
 
-def destroy_group(group: TPGroup | None = None) -> None:
-    """Leave the groups. An NCCL device group is aborted rather than destroyed: destroying it
-    waits on the peers' communicators and hangs once they have exited (seen on two H200s when
-    rank 0 shut down after its followers had gone); aborting does not wait."""
+def destroy_group(
+    group: TPGroup | None = None, abort: bool = False, timeout_s: float = DESTROY_TIMEOUT_S
+) -> bool:
+    """Leave the groups, waiting at most `timeout_s`; returns whether the teardown finished.
+
+    Normally every rank calls this at about the same time, all still alive and idle (rank 0
+    right after telling the followers to stop, before waiting for them to exit): NCCL's
+    teardown is collective (it finalises with the peers), so a rank that destroys its group
+    after its peers have exited waits for them forever (seen on two H200s). `abort` (a rank
+    died) aborts the NCCL communicator instead, which does not wait for peers. The teardown
+    runs in a daemon thread so that a communicator that still hangs costs an error in the log,
+    not the engine's shutdown; this process then cannot start another tensor-parallel engine.
+    """
     if not dist.is_initialized():
-        return
+        return True
+    thread = threading.Thread(
+        target=_destroy, args=(group, abort), name="sgl-tp-destroy", daemon=True
+    )
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.error(
+            "leaving the tensor-parallel process group did not finish in %.0f s; left behind "
+            "(this process cannot start another tensor-parallel engine)",
+            timeout_s,
+        )
+        return False
+    return True
+
+
+def _destroy(group: TPGroup | None, abort: bool) -> None:
     dg = group.device_group if group is not None else None
-    if dg is not None and dist.get_backend(dg) == "nccl":
+    if abort and dg is not None and dist.get_backend(dg) == "nccl":
         with contextlib.suppress(ValueError, RuntimeError):
             _abort_process_group(dg)
     dist.destroy_process_group()

@@ -44,9 +44,11 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             tp=group,
         )
         follow(runner, group)
+        runner.release()
         drain()
     finally:
-        destroy_group(group)
+        if not destroy_group(group):
+            os._exit(0)  # a hung communicator teardown would hang the interpreter's exit too
 
 
 def follow(runner, group: TPGroup) -> None:

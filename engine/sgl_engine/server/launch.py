@@ -140,6 +140,7 @@ ENGINE_ARGS = (
     "disable_radix_cache",
     "overlap_schedule",
     "tp_size",
+    "tp_all_reduce",
 )
 """The `EngineConfig` fields `serve` takes from the command line (flags with dashes)."""
 
@@ -218,6 +219,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         type=int,
         default=None,
         help="tensor parallel over this many GPUs (or CPU processes), one process per rank",
+    )
+    parser.add_argument(
+        "--tp-all-reduce",
+        choices=("auto", "nccl", "one_shot"),
+        default=None,
+        help="path of small all-reduces on GPUs: one-shot over peer memory or NCCL "
+        "(default auto: one-shot when every rank can)",
     )
     parser.add_argument(
         "--graceful-timeout",
