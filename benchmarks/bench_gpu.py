@@ -35,10 +35,9 @@ GPU_ENGINE = dict(
     dtype="bfloat16",
     random_weights=True,
     attention_backend="flashinfer",
-    # decode graphs to 160 rows: a JSON run round after jump-forward (~100 tokens over 64 rows)
-    # then replays a graph, unrolled, instead of running eagerly (model_runner's docstring)
-    cuda_graph_max_bs=160,
-    unroll_extends=True,
+    # decode graphs to 256 rows: a JSON run round after jump-forward (~130 tokens over 64 rows,
+    # some over 160) then replays a graph, unrolled, instead of running eagerly (model_runner)
+    cuda_graph_max_bs=256,
     chunked_prefill_size=8192,
     mem_fraction_static=0.6,
     decode_gemv="triton",

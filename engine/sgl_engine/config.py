@@ -28,8 +28,8 @@ class EngineConfig:
     `decode_gemv` picks the kernel of one-row (batch-1 decode) linear layers on CUDA: cuBLAS, or
     the Triton matrix-vector kernel of models/gemv.py (faster on an H200; opt-in until the GPU
     tests have run with it). `unroll_extends` replays small extends of running requests (the
-    rounds after jump-forward) as decode graphs, one row per token (model_runner; opt-in until it
-    has run on a GPU). `enable_mixed_chunk` adds the running requests' next tokens to each
+    rounds after jump-forward) as decode graphs, one row per token (model_runner; None: whenever
+    decode graphs are captured). `enable_mixed_chunk` adds the running requests' next tokens to each
     prefill pass (a chunk of a long prompt, or new prompts) within `chunked_prefill_size`, so
     they decode during a long prefill instead of once between its chunks (scheduler docstring).
     """
@@ -51,7 +51,7 @@ class EngineConfig:
     schedule_policy: str = "lpm"
     in_batch_prefix_min: int = 16
     enable_jump_forward: bool = True
-    unroll_extends: bool = False
+    unroll_extends: bool | None = None
     enable_mixed_chunk: bool = False
     seed: int = 0
     trust_remote_code: bool = False

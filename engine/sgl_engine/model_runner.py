@@ -9,8 +9,9 @@ token. Each layer stores every row's k/v before attending, so a row sees the tok
 the same step: the same causal attention as the extend, as decode-shaped rows. On CUDA that
 batch replays a decode graph (up to the largest captured size) instead of running the model
 eagerly; the hidden rows come out in the extend's token order, so logits and sampling read them
-unchanged. Opt-in (`unroll_extends=True`): it has passed its tests on the CPU but has not yet
-run on a GPU.
+unchanged. On by default wherever decode graphs exist (`unroll_extends=False` turns it off): on an
+H200 it gives the eager extend's records and turns jump-forward's run rounds from eager passes
+into graph replays (benchmarks/RESULTS.md, issue 18).
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ class ModelRunner:
                 self.device,
                 context_length,
             )
-            if config.unroll_extends:
+            if config.unroll_extends is not False:
                 self.unroll_max_tokens = self.graphs.sizes[-1]
             log.info(
                 "%sCUDA graphs for batch sizes %s captured in %.1f s",
