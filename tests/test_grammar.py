@@ -3,6 +3,7 @@ UTF-8 guard and jump-forward retokenisation (tiny tokenizer, model vocab 512 > 4
 
 from __future__ import annotations
 
+import importlib
 import json
 import threading
 
@@ -468,3 +469,32 @@ def test_jump_forward_tokens_on_arbitrary_ids_is_exact_or_skips(tok, ids, forced
         assert tok.decode(ids[: len(ids) - k] + new) == tok.decode(ids) + forced
     else:
         assert k == 0
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(text=st.text(max_size=16), ids=st.lists(st.integers(0, 399), max_size=10))
+def test_jump_codec_equals_the_tokenizers_own_encode_and_decode(tok, text, ids):
+    """Jump-forward calls a fast tokenizer's backend directly; it must agree with the wrapper
+    (special tokens kept, no clean-up) on any text and any ids, special ones included."""
+    jf = importlib.import_module("sgl_engine.grammar.jump_forward")
+
+    assert jf._backend(tok) is not None
+    assert jf._encode(tok, text) == tok.encode(text, add_special_tokens=False)
+    want = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert jf._decode(tok, ids) == want
+
+
+def test_jump_codec_falls_back_to_a_slow_tokenizer():
+    jf = importlib.import_module("sgl_engine.grammar.jump_forward")
+
+    class Slow:
+        is_fast = False
+
+        def encode(self, text, add_special_tokens=True):
+            return [ord(c) for c in text]
+
+        def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+            return "".join(map(chr, ids))
+
+    assert jf._encode(Slow(), "ab") == [97, 98]
+    assert jf._decode(Slow(), [97, 98]) == "ab"
