@@ -175,3 +175,36 @@ def test_reasoning_content_whole_and_streamed(servers):
     assert (streamed, content) == (reasoning, whole.content or "")
     raw = client.chat.completions.create(**kwargs, extra_body={"separate_reasoning": False})
     assert raw.choices[0].message.content.strip() == reasoning
+
+
+PET = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "legs": {"enum": [2, 4]}},
+    "required": ["name", "legs"],
+    "additionalProperties": False,
+}
+
+
+def test_tools_with_response_format_answer_schema_json_or_calls(servers):
+    """tools + response_format: a text answer follows the schema, calls follow their tools';
+    with tool_choice "none" every answer is schema JSON (the format was dropped before)."""
+    client = servers["qwen3"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET}}
+    kwargs = dict(
+        model="qwen3",
+        messages=ASK,
+        tools=[WEATHER, ADD],
+        response_format=fmt,
+        temperature=1.0,
+        max_tokens=120,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    for seed in range(4):
+        out = client.chat.completions.create(seed=seed, **kwargs).choices[0]
+        _validate(out.message.tool_calls or [])
+        if not out.message.tool_calls:
+            jsonschema.validate(json.loads(out.message.content), PET)
+    for seed in range(2):
+        out = client.chat.completions.create(seed=seed, tool_choice="none", **kwargs).choices[0]
+        assert not out.message.tool_calls
+        jsonschema.validate(json.loads(out.message.content), PET)

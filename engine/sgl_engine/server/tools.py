@@ -22,7 +22,7 @@ from sgl_engine.families import (
     prepare_chat,
 )
 from sgl_engine.families.chat import tool_specs
-from sgl_engine.families.decoding import CONSTRAINT_KEYS, plan_decoding
+from sgl_engine.families.decoding import plan_decoding
 from sgl_engine.server.protocol import ChatCompletionRequest, ToolChoice
 
 
@@ -58,7 +58,9 @@ def _mode(body: ChatCompletionRequest) -> tuple[str, list[dict]]:
 
 def plan_chat(eng: Any, body: ChatCompletionRequest, family: ModelFamily, params: dict) -> ChatPlan:
     """The plan of a chat request; moves the request's own constraint in `params` into the
-    plan's grammar when one is needed (tools, or reasoning before a constraint)."""
+    plan's grammar when one is needed (tools, or reasoning before a constraint). With tools,
+    a `response_format` is what a text answer must follow (as LangChain's and DSPy's doors do);
+    "required" or a named tool_choice leaves no text answer."""
     mode, specs = _mode(body)
     raw = [m.model_dump(exclude_none=True) for m in body.messages]
     if mode == "auto":
@@ -73,9 +75,6 @@ def plan_chat(eng: Any, body: ChatCompletionRequest, family: ModelFamily, params
         raise InvalidRequestError(
             f"the chat template rejected the messages: {exc}", "messages"
         ) from None
-    if body.tools:  # the tool grammar's own text answer replaces a request's constraint
-        for key in CONSTRAINT_KEYS:
-            params.pop(key, None)
     decoding = plan_decoding(
         family,
         prompt,
