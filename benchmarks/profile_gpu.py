@@ -1,12 +1,11 @@
 """Where a step's time goes on the GPU (7B-shaped model, random bf16 weights).
 
-    python benchmarks/profile_gpu.py [--small] [--cascade-kernels]
+    python benchmarks/profile_gpu.py [--small] [--kernels] [--skip-mmlu]
 
 Prints: batch-1 decode through the engine vs the bare CUDA-graph replay (the GPU floor of a
 step) and the scheduler thread's cProfile; the MMLU-style workload's per-step timeline
-(mode, batch size, wall ms) and cProfile; with `--cascade-kernels`, one layer of batch-64
-decode attention over a shared 1,024-token prefix, plain paged decode vs shared-prefix
-(cascade) attention, time and agreement.
+(mode, batch size, wall ms) and cProfile. Shared-prefix (cascade) attention kernels are
+compared in cascade_kernels.py.
 """
 
 from __future__ import annotations
@@ -102,77 +101,14 @@ def eager_kernels(eng, tokens: int = 32, top: int = 14) -> list[tuple[str, int, 
     return rows[:top]
 
 
-def cascade_kernels() -> dict:
-    import flashinfer
-
-    dev, dt = "cuda", torch.bfloat16
-    nh, hd, bs, shared, own, slots = 32, 128, 64, 1024, 65, 1 << 17
-    k = torch.randn(slots, 1, nh, hd, device=dev, dtype=dt)
-    v = torch.randn(slots, 1, nh, hd, device=dev, dtype=dt)
-    q = torch.randn(bs, nh, hd, device=dev, dtype=dt)
-    prefix = torch.randperm(slots // 2, device=dev)[:shared].int()
-    own_idx = (slots // 2 + torch.randperm(slots // 2, device=dev)[: bs * own]).int()
-    full = torch.cat([torch.cat([prefix, own_idx[i * own : (i + 1) * own]]) for i in range(bs)])
-    ws = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
-    ws2 = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
-    i32 = dict(dtype=torch.int32)
-    ones = torch.ones(bs, **i32)
-
-    def decode(indptr, indices):
-        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
-        wrapper.plan(indptr, indices, ones, nh, nh, hd, 1, q_data_type=dt, kv_data_type=dt)
-        return wrapper
-
-    dec = decode(torch.arange(bs + 1, **i32) * (shared + own), full)
-    ref = dec.run(q, (k, v))
-    pre = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws2, "NHD")
-    pre.plan(
-        torch.tensor([0, bs], **i32),
-        torch.tensor([0, shared], **i32),
-        prefix,
-        torch.ones(1, **i32),
-        nh,
-        nh,
-        hd,
-        1,
-        causal=False,
-        q_data_type=dt,
-        kv_data_type=dt,
-    )
-    dec2 = decode(torch.arange(bs + 1, **i32) * own, own_idx)
-
-    def cascade():
-        o, s = dec2.run(q, (k, v), return_lse=True)
-        o2, s2 = pre.run(q, (k, v), return_lse=True)
-        flashinfer.merge_state_in_place(o, s, o2, s2)
-        return o
-
-    out = cascade()
-    err = (out.float() - ref.float()).abs().max().item()
-
-    def t(fn, reps=200):
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / reps * 1e3
-
-    return {"plain_ms": t(lambda: dec.run(q, (k, v))), "cascade_ms": t(cascade), "max_err": err}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--cascade-kernels", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="eager bs1 decode's kernel table")
     ap.add_argument("--skip-mmlu", action="store_true")
     args = ap.parse_args()
     from sgl_engine import Engine
 
-    if args.cascade_kernels:
-        print("cascade kernels (one layer, bs 64, shared 1024 + own 65):", cascade_kernels())
     path = model_dir(Path("/tmp/sgl-bench"), args.small)
     common = GPU_ENGINE
     sp = {"max_new_tokens": 128, "temperature": 0, "ignore_eos": True}
