@@ -413,6 +413,11 @@ def main() -> None:
     ap.add_argument("--only-json", action="store_true", help="run only the JSON decode workload")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json-requests", type=int, default=64)
+    ap.add_argument(
+        "--cascade",
+        action="store_true",
+        help="also run ours with cascade_attention (shared-prefix decode graphs), side by side",
+    )
     args = ap.parse_args()
     path = model_dir(Path(args.root), args.small)
     results: dict = {
@@ -434,6 +439,11 @@ def main() -> None:
     ours(path, "ours", {}, results)
     ours(path, "ours radix off", {"disable_radix_cache": True}, results)
     ours(path, "ours no jump-forward", {"enable_jump_forward": False}, results, workloads=False)
+    if args.cascade:
+        ours(path, "ours cascade", {"cascade_attention": True}, results)
+        results["cascade on/off mmlu"] = (
+            results["ours cascade"]["mmlu"]["req_s"] / results["ours"]["mmlu"]["req_s"]
+        )
     if not args.skip_hf:
         transformers_baselines(path, results)
     jf, nojf = results["ours"]["json"], results["ours no jump-forward"]["json"]

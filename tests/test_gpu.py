@@ -331,3 +331,44 @@ def test_tp2_one_shot_all_reduce_equals_nccl(gpu_llama):
         la = [x[0] for x in a["meta_info"]["output_token_logprobs"]]
         lb = [x[0] for x in b["meta_info"]["output_token_logprobs"]]
         assert la == pytest.approx(lb, abs=1e-3)
+
+
+def test_cascade_decode_graphs_equal_plain_graphs(gpu_llama):
+    """Decode graphs that read a few-shot batch's shared prefix once (cascade_attention) give
+    what the plain graphs give: the same tokens until a bf16 near-tie, close logprobs."""
+    import random
+
+    from sgl_engine import Engine
+    from sgl_engine.cuda_graph import CASCADE_MIN_PREFIX, CASCADE_MIN_ROWS
+
+    rng = random.Random(3)
+    shared = [rng.randrange(3, 400) for _ in range(CASCADE_MIN_PREFIX + 44)]
+    prompts = [
+        shared + [rng.randrange(3, 400) for _ in range(8)] for _ in range(2 * CASCADE_MIN_ROWS)
+    ]
+    sp = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    outs = {}
+    for cascade in (False, True):
+        with Engine(
+            gpu_llama,
+            device="cuda",
+            dtype="bfloat16",
+            attention_backend="flashinfer",
+            cuda_graph_max_bs=32,
+            max_total_tokens=16384,
+            cascade_attention=cascade,
+        ) as eng:
+            eng.generate(input_ids=prompts[:1], sampling_params={**sp, "max_new_tokens": 1})
+            outs[cascade] = eng.generate(input_ids=prompts, sampling_params=sp, return_logprob=True)
+            assert (eng.runner.graphs.cascade_replays > 0) == cascade
+            eng.check_invariants()
+    for plain, split in zip(outs[False], outs[True], strict=True):
+        pairs = zip(
+            plain["meta_info"]["output_token_logprobs"],
+            split["meta_info"]["output_token_logprobs"],
+            strict=True,
+        )
+        for (a, token_a, _), (b, token_b, _) in pairs:
+            assert abs(a - b) <= 0.05 + 0.02 * abs(a), (a, b)
+            if token_a != token_b:
+                break

@@ -69,6 +69,7 @@ def test_unrolled_batch_reads_each_tokens_kv_prefix():
         seqs.append(SeqInput(new, start, slots[start:], slots, running=True))
     runner = ModelRunner.__new__(ModelRunner)
     runner.device, runner.unroll_max_tokens, runner.unrolled_passes = torch.device("cpu"), 64, 0
+    runner.shared_prefix_min = 0
     extend = runner._build(ForwardMode.EXTEND, seqs, None)
     got = runner._unrolled(extend, seqs)
     ids, pos, loc, kv = [], [], [], []

@@ -10,6 +10,11 @@ Steps that need the general sampler take the graph's logits.
 All graphs share one KV-index buffer sized by `kv_index_capacity`: a decode batch lists every
 slot of every sequence, and sequences sharing a radix prefix repeat the shared slots, so what a
 batch carries is bounded by its rows times the context length, not by the pool size.
+
+With `cascade`, sizes of at least CASCADE_MIN_ROWS also get a shared-prefix graph: a batch whose
+rows all share at least CASCADE_MIN_PREFIX leading slots (`ForwardBatch.shared_prefix`) replays
+it, reading the shared slots once for all rows (`CascadeDecode`); its rows' own slots go in the
+same shared index buffer, the shared slots in one of context-length entries.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from sgl_engine.forward_batch import ForwardBatch, ForwardMode
 from sgl_engine.kv_cache import KVPool
 
 KV_INDEX_CAP = 1 << 25
+CASCADE_MIN_ROWS = 8
+CASCADE_MIN_PREFIX = 256
 
 
 def default_batch_sizes(max_bs: int) -> list[int]:
@@ -74,6 +81,7 @@ class CudaGraphRunner:
         batch_sizes: list[int],
         device: torch.device,
         context_length: int,
+        cascade: bool = False,
     ) -> None:
         self.model, self.pool, self.attn = model, pool, attn
         self.sizes = sorted(batch_sizes)
@@ -87,12 +95,19 @@ class CudaGraphRunner:
         self.outputs: dict[int, GraphOutput] = {}
         self.wrappers: dict[int, Any] = {}
         self.eager_fallbacks = 0
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_outputs: dict[int, GraphOutput] = {}
+        self.cascade_meta: dict[int, Any] = {}
+        self.cascade_replays = 0
+        self.shared_indices = torch.zeros(max(context_length, 1), dtype=torch.int32, device=device)
         self.mempool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():  # as the replays run: no autograd state on the pool
             for bs in reversed(self.sizes):
                 self._capture(bs)
+                if cascade and bs >= CASCADE_MIN_ROWS:
+                    self._capture_cascade(bs)
 
-    def _static_batch(self, bs: int) -> ForwardBatch:
+    def _static_batch(self, bs: int, meta: Any = None) -> ForwardBatch:
         zeros = torch.zeros(bs + 1, dtype=torch.int32, device=self.input_ids.device)
         return ForwardBatch(
             mode=ForwardMode.DECODE,
@@ -105,7 +120,7 @@ class CudaGraphRunner:
             extend_lens=[1] * bs,
             prefix_lens=[0] * bs,
             seq_lens=[1] * bs,
-            attn_metadata=self.wrappers[bs],
+            attn_metadata=self.wrappers[bs] if meta is None else meta,
         )
 
     def _plan(self, bs: int, kv_lens: list[int], kv_indices: torch.Tensor) -> None:
@@ -128,7 +143,18 @@ class CudaGraphRunner:
     def _capture(self, bs: int) -> None:
         self.wrappers[bs] = self.attn.graph_decode_wrapper(bs, self.kv_indices)
         self._plan(bs, [1] * bs, torch.zeros(bs, dtype=torch.int32, device=self.input_ids.device))
-        batch = self._static_batch(bs)
+        self.graphs[bs], self.outputs[bs] = self._record(self._static_batch(bs))
+
+    def _capture_cascade(self, bs: int) -> None:
+        meta = self.attn.graph_cascade(bs, self.kv_indices, self.shared_indices)
+        zeros = torch.zeros(bs, dtype=torch.int32, device=self.input_ids.device)
+        self.attn.plan_cascade(meta, bs, zeros[:1], [1] * bs, zeros)
+        self.cascade_meta[bs] = meta
+        self.cascade_graphs[bs], self.cascade_outputs[bs] = self._record(
+            self._static_batch(bs, meta)
+        )
+
+    def _record(self, batch: ForwardBatch) -> tuple[torch.cuda.CUDAGraph, GraphOutput]:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -137,8 +163,8 @@ class CudaGraphRunner:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            self.outputs[bs] = self._forward(batch)
-        self.graphs[bs] = graph
+            out = self._forward(batch)
+        return graph, out
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """Decode batches up to the largest size whose KV indices fit the shared buffer (always,
@@ -162,9 +188,23 @@ class CudaGraphRunner:
             self.positions[n:bs].zero_()
             self.out_loc[n:bs].zero_()
         pad = torch.zeros(bs - n, dtype=torch.int32, device=batch.kv_indices.device)
-        self._plan(bs, batch.seq_lens + [1] * (bs - n), torch.cat([batch.kv_indices, pad]))
-        self.graphs[bs].replay()
-        o = self.outputs[bs]
+        shared = batch.shared_prefix
+        if shared and bs in self.cascade_graphs:
+            own = [length - shared for length in batch.seq_lens] + [1] * (bs - n)
+            self.attn.plan_cascade(
+                self.cascade_meta[bs],
+                bs,
+                batch.kv_indices[:shared],
+                own,
+                torch.cat([batch.own_indices, pad]),
+            )
+            self.cascade_graphs[bs].replay()
+            self.cascade_replays += 1
+            o = self.cascade_outputs[bs]
+        else:
+            self._plan(bs, batch.seq_lens + [1] * (bs - n), torch.cat([batch.kv_indices, pad]))
+            self.graphs[bs].replay()
+            o = self.outputs[bs]
         return GraphOutput(
             o.hidden[:n],
             o.logits[:n],

@@ -23,6 +23,10 @@ class ForwardBatch:
     `kv_indices[kv_indptr[i]:kv_indptr[i+1]]`, the layout flashinfer's paged kernels take.
 
     The attention backend stores whatever it plans once per batch in `attn_metadata`.
+
+    `shared_prefix` (decode batches built with `shared_prefix_min`): the number of leading KV
+    slots every row has in common (0 if under that minimum); `kv_indices[:shared_prefix]` are
+    they, and `own_indices[own_indptr[i]:own_indptr[i+1]]` are row i's slots after them.
     """
 
     mode: ForwardMode
@@ -36,6 +40,9 @@ class ForwardBatch:
     prefix_lens: list[int]
     seq_lens: list[int]
     attn_metadata: Any = field(default=None)
+    shared_prefix: int = 0
+    own_indptr: torch.Tensor | None = None
+    own_indices: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -56,18 +63,34 @@ class ForwardBatch:
         prefix_lens: list[int],
         kv_slots: list[list[int]],
         device: torch.device,
+        shared_prefix_min: int = 0,
     ) -> ForwardBatch:
         """`input_ids` may already be a tensor on `device` (the overlapped decode step takes the
-        previous step's sampled ids without reading them back)."""
+        previous step's sampled ids without reading them back). With `shared_prefix_min`, a
+        decode batch also gets its rows' common leading slots split off (class docstring)."""
         qo, kv = [0], [0]
         for n, slots in zip(extend_lens, kv_slots, strict=True):
             qo.append(qo[-1] + n)
             kv.append(kv[-1] + len(slots))
         flat = np.fromiter(itertools.chain.from_iterable(kv_slots), dtype=np.int32, count=kv[-1])
-        int32 = to_device(
-            np.concatenate([np.asarray(qo + kv, np.int32), flat]), torch.int32, device
-        )
+        shared = 0
+        if mode is ForwardMode.DECODE and shared_prefix_min > 0:
+            shared = shared_prefix_len(kv_slots)
+            shared = shared if shared >= shared_prefix_min else 0
+        parts = [np.asarray(qo + kv, np.int32), flat]
+        if shared:
+            own = [0]
+            for slots in kv_slots:
+                own.append(own[-1] + len(slots) - shared)
+            own_flat = np.fromiter(
+                itertools.chain.from_iterable(s[shared:] for s in kv_slots),
+                dtype=np.int32,
+                count=own[-1],
+            )
+            parts += [np.asarray(own, np.int32), own_flat]
+        int32 = to_device(np.concatenate(parts), torch.int32, device)
         n = len(extend_lens) + 1
+        end = 2 * n + kv[-1]
         on_device = isinstance(input_ids, torch.Tensor)
         int64 = to_device(
             positions + out_cache_loc + ([] if on_device else input_ids), torch.int64, device
@@ -80,11 +103,34 @@ class ForwardBatch:
             out_cache_loc=int64[tokens : 2 * tokens],
             qo_indptr=int32[:n],
             kv_indptr=int32[n : 2 * n],
-            kv_indices=int32[2 * n :],
+            kv_indices=int32[2 * n : end],
             extend_lens=list(extend_lens),
             prefix_lens=list(prefix_lens),
             seq_lens=[len(s) for s in kv_slots],
+            shared_prefix=shared,
+            own_indptr=int32[end : end + n] if shared else None,
+            own_indices=int32[end + n :] if shared else None,
         )
+
+
+def shared_prefix_len(kv_slots: list[list[int]]) -> int:
+    """How many leading slots all of `kv_slots` have in common, below each one's last slot (a
+    decode row's own new token). A slot holds one token's KV: two rows holding the same slot at
+    position p share the radix-tree node there, so they share every position before p too.
+    That makes "all rows agree at p" monotone in p, and a binary search over p finds the
+    length in O(rows x log length)."""
+    if len(kv_slots) < 2:
+        return 0
+    first = kv_slots[0]
+    lo, hi = 0, min(len(s) for s in kv_slots) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        slot = first[mid - 1]
+        if all(s[mid - 1] == slot for s in kv_slots):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def to_device(values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

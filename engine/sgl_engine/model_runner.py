@@ -180,12 +180,17 @@ class ModelRunner:
         self.graphs = None
         self.unroll_max_tokens = 0
         self.unrolled_passes = 0
+        self.shared_prefix_min = 0
         max_bs = config.cuda_graph_max_bs
         if max_bs is None:
             max_bs = DEFAULT_GRAPH_MAX_BS if name == "flashinfer" else 0
         log.info("%sKV pool of %d slots, %s attention", rank, self.num_slots, name)
         if max_bs > 0 and name == "flashinfer":
-            from sgl_engine.cuda_graph import CudaGraphRunner, default_batch_sizes
+            from sgl_engine.cuda_graph import (
+                CASCADE_MIN_PREFIX,
+                CudaGraphRunner,
+                default_batch_sizes,
+            )
 
             t0 = time.perf_counter()
 
@@ -196,7 +201,10 @@ class ModelRunner:
                 default_batch_sizes(min(max_bs, config.max_running_requests)),
                 self.device,
                 context_length,
+                cascade=config.cascade_attention,
             )
+            if config.cascade_attention:
+                self.shared_prefix_min = CASCADE_MIN_PREFIX
             if config.unroll_extends is not False:
                 self.unroll_max_tokens = self.graphs.sizes[-1]
             log.info(
@@ -384,6 +392,7 @@ class ModelRunner:
             [s.start for s in seqs],
             [s.kv_slots for s in seqs],
             self.device,
+            self.shared_prefix_min,
         )
 
     def _prompt_logprobs(self, hidden, batch: ForwardBatch, seqs, outs) -> None:

@@ -3,6 +3,10 @@
 The pool's per-layer buffers [slots + 1, 2, Hkv, D] are viewed as pages of size 1
 ([slots + 1, 2, 1, Hkv, D], NHD layout), so a sequence's KV is the list of its slot ids.
 
+Decode graphs may split a batch's attention at the KV prefix all its rows share (`CascadeDecode`,
+opt-in `cascade_attention`): the prefix is read once for every row, which a few-shot batch of
+an MHA model otherwise reads once per row.
+
 A wrapper's plan is written to a pinned host buffer and copied to the device asynchronously;
 with overlapped steps the next plan could overwrite that buffer before the copy has run, so each
 plan waits for the previous plan's copy (an event, normally long passed) before it starts.
@@ -10,6 +14,7 @@ plan waits for the previous plan's copy (an event, normally long passed) before 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -112,6 +117,63 @@ class FlashInferAttentionBackend:
             ),
         )
 
+    def graph_cascade(
+        self, batch_size: int, own_indices: torch.Tensor, shared_indices: torch.Tensor
+    ) -> CascadeDecode:
+        """Fixed-buffer wrappers of a shared-prefix decode of `batch_size` rows, for capture in
+        a CUDA graph: a non-causal prefill of all rows over the shared slots (`shared_indices`
+        holds up to the context length of them), and a decode of each row over its own slots
+        (`own_indices`, shareable like `graph_decode_wrapper`'s)."""
+        i32 = dict(dtype=torch.int32, device=self.device)
+        shared = self.fi.BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace,
+            "NHD",
+            use_cuda_graph=True,
+            qo_indptr_buf=torch.zeros(2, **i32),
+            paged_kv_indptr_buf=torch.zeros(2, **i32),
+            paged_kv_indices_buf=shared_indices,
+            paged_kv_last_page_len_buf=torch.ones(1, **i32),
+        )
+        own = self.graph_decode_wrapper(batch_size, own_indices)
+        return CascadeDecode(shared, own, self.fi.merge_state_in_place)
+
+    def plan_cascade(
+        self,
+        meta: CascadeDecode,
+        batch_size: int,
+        shared: torch.Tensor,
+        own_lens: list[int],
+        own_indices: torch.Tensor,
+    ) -> None:
+        """Plan both halves of a shared-prefix decode: every row over the slots `shared` (on
+        the device), then row i over its `own_lens[i]` slots in `own_indices`."""
+        self._wait_for_last_plan()
+        meta.shared.plan(
+            pinned([0, batch_size]),
+            pinned([0, int(shared.numel())]),
+            shared,
+            pinned([1]),
+            self.nh,
+            self.nkv,
+            self.hd,
+            1,
+            causal=False,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
+        meta.own.plan(
+            pinned(_indptr(own_lens)),
+            own_indices,
+            pinned([1] * batch_size),
+            self.nh,
+            self.nkv,
+            self.hd,
+            1,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
+        self._planned.record()
+
     def forward(
         self,
         q: torch.Tensor,
@@ -126,6 +188,23 @@ class FlashInferAttentionBackend:
         cache = pool.kv[layer].unsqueeze(2)
         o = batch.attn_metadata.run(q.contiguous(), cache)
         return o.reshape(q.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class CascadeDecode:
+    """A decode batch's attention split at the KV prefix all its rows share (cascade
+    attention): the prefix is read once for every row instead of once per row. `run` has the
+    decode wrapper's signature, so the model's layers take it as their planned metadata."""
+
+    shared: Any
+    own: Any
+    merge: Any
+
+    def run(self, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        o, lse = self.own.run(q, cache, return_lse=True)
+        o_shared, lse_shared = self.shared.run(q, cache, return_lse=True)
+        self.merge(o, lse, o_shared, lse_shared)
+        return o
 
 
 def pinned(values: list[int]) -> torch.Tensor:
