@@ -119,3 +119,34 @@ def test_config_and_serve_flag():
     parser = launch.add_serve_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--tp", "2", "--tp-all-reduce", "nccl"])
     assert launch.engine_kwargs_from_args(args)["tp_all_reduce"] == "nccl"
+
+
+def test_a_step_waiting_on_a_dead_peers_one_shot_kernel_fails_instead_of_hanging():
+    """The one-shot kernel spins at its barrier for a peer that died (no timeout, no abort), so
+    the step's event never fires: the runner polls it and raises the watchdog's failure."""
+    from types import SimpleNamespace
+
+    from sgl_engine.distributed.driver import TensorParallelError
+    from sgl_engine.model_runner import ModelRunner
+
+    class NeverReady:
+        synchronized = False
+
+        def query(self) -> bool:
+            return False
+
+        def synchronize(self) -> None:
+            self.synchronized = True
+
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.tp = TPGroup(0, 2, device_group=object(), fast=fake())
+    runner.driver = SimpleNamespace(failure="tensor-parallel rank 1 (pid 7) was killed by SIGKILL")
+    with pytest.raises(TensorParallelError, match="rank 1 .* SIGKILL"):
+        runner._wait(NeverReady())
+    runner.release()  # after a death the graphs are kept: one may still be spinning
+    assert runner.tp.fast is not None
+
+    runner.tp.fast = None  # NCCL's collectives abort: a plain blocking wait
+    event = NeverReady()
+    runner._wait(event)
+    assert event.synchronized

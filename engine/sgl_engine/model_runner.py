@@ -40,6 +40,8 @@ DEFAULT_GRAPH_MAX_BS = 64
 
 log = logging.getLogger(__name__)
 
+POLL_S = 50e-6
+
 
 @dataclass
 class SampleSpec:
@@ -336,9 +338,28 @@ class ModelRunner:
             self.release()
             self.driver.shutdown()
 
+    def _wait(self, event: Any) -> None:
+        """Wait for a launched step's event. A TP engine on the one-shot path polls instead of
+        blocking: if a peer dies mid-step, the one-shot kernel spins at its barrier for good
+        (it has no timeout and no abort, unlike NCCL), so a blocking wait would never return;
+        polling sees the watchdog's failure and raises it, failing the step's requests."""
+        if self.driver is None or self.tp is None or self.tp.fast is None:
+            event.synchronize()
+            return
+        from sgl_engine.distributed.driver import TensorParallelError
+
+        while not event.query():
+            if self.driver.failure is not None:
+                raise TensorParallelError(self.driver.failure)
+            time.sleep(POLL_S)
+
     def release(self) -> None:
         """Drop the CUDA graphs and the one-shot buffer before the process group goes: captured
-        collectives and mapped peer memory belong to the communicators being torn down."""
+        collectives and mapped peer memory belong to the communicators being torn down. After a
+        rank died they are kept: a graph may still be running a kernel that waits for the dead
+        rank, and destroying it could wait too."""
+        if self.driver is not None and self.driver.failure is not None:
+            return
         self.graphs = None
         if self.tp is not None:
             self.tp.fast = None
@@ -351,7 +372,7 @@ class ModelRunner:
             return launched.outs
         if launched.ready is not None:
             with self._guard():
-                launched.ready.synchronize()
+                self._wait(launched.ready)
         out = DeviceSample.unpack(launched.host.tolist(), launched.sampled.logprobs)
         specs = [launched.seqs[i].sample for i in launched.rows]
         k = max(s.top_logprobs_num for s in specs)
