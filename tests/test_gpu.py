@@ -372,3 +372,37 @@ def test_cascade_decode_graphs_equal_plain_graphs(gpu_llama):
             assert abs(a - b) <= 0.05 + 0.02 * abs(a), (a, b)
             if token_a != token_b:
                 break
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("mode", ["one_shot", "nccl"])
+def test_tp2_killed_rank_fails_the_stream_instead_of_hanging(gpu_llama, mode):
+    """A follower killed mid-stream on GPUs: the stream ends as an abort naming the rank (the
+    one-shot kernel then spins for good, so rank 0 must poll rather than block), a later
+    request fails the same way, and shutdown returns."""
+    import os
+    import signal
+
+    from sgl_engine import Engine
+
+    eng = Engine(
+        gpu_llama,
+        device="cuda",
+        dtype="bfloat16",
+        attention_backend="flashinfer",
+        cuda_graph_max_bs=16,
+        max_total_tokens=8192,
+        tp_size=2,
+        tp_all_reduce=mode,
+    )
+    try:
+        (pid,) = eng.runner.driver.pids
+        stream = eng.generate("hi", {**GREEDY, "max_new_tokens": 100000}, stream=True)
+        assert next(stream)["meta_info"]["finish_reason"] is None
+        os.kill(pid, signal.SIGKILL)
+        reason = list(stream)[-1]["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "tensor-parallel rank 1" in reason["message"]
+        later = eng.generate("hello", {**GREEDY, "max_new_tokens": 3})
+        assert later["meta_info"]["finish_reason"]["type"] == "abort"
+    finally:
+        eng.shutdown()
