@@ -62,19 +62,7 @@ class FlashInferAttentionBackend:
         else:
             qo_indptr = pinned(_indptr(batch.extend_lens))
             self._wait_for_last_plan()
-            self.prefill.plan(
-                qo_indptr,
-                kv_indptr,
-                batch.kv_indices,
-                last,
-                self.nh,
-                self.nkv,
-                self.hd,
-                1,
-                causal=True,
-                q_data_type=self.dtype,
-                kv_data_type=self.dtype,
-            )
+            self._plan_prefill(self.prefill, qo_indptr, kv_indptr, batch.kv_indices, last, True)
             self._planned.record()
             batch.attn_metadata = self.prefill
 
@@ -83,6 +71,12 @@ class FlashInferAttentionBackend:
     ) -> None:
         """Plan a decode wrapper; `kv_indptr` and `last` are host tensors (pinned: see `pinned`)."""
         self._wait_for_last_plan()
+        self._plan_decode(wrapper, kv_indptr, kv_indices, last)
+        self._planned.record()
+
+    def _plan_decode(
+        self, wrapper: Any, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, last: torch.Tensor
+    ) -> None:
         wrapper.plan(
             kv_indptr,
             kv_indices,
@@ -94,7 +88,29 @@ class FlashInferAttentionBackend:
             q_data_type=self.dtype,
             kv_data_type=self.dtype,
         )
-        self._planned.record()
+
+    def _plan_prefill(
+        self,
+        wrapper: Any,
+        qo_indptr: torch.Tensor,
+        kv_indptr: torch.Tensor,
+        kv_indices: torch.Tensor,
+        last: torch.Tensor,
+        causal: bool,
+    ) -> None:
+        wrapper.plan(
+            qo_indptr,
+            kv_indptr,
+            kv_indices,
+            last,
+            self.nh,
+            self.nkv,
+            self.hd,
+            1,
+            causal=causal,
+            q_data_type=self.dtype,
+            kv_data_type=self.dtype,
+        )
 
     def _wait_for_last_plan(self) -> None:
         self._planned.synchronize()
@@ -148,29 +164,16 @@ class FlashInferAttentionBackend:
         """Plan both halves of a shared-prefix decode: every row over the slots `shared` (on
         the device), then row i over its `own_lens[i]` slots in `own_indices`."""
         self._wait_for_last_plan()
-        meta.shared.plan(
+        self._plan_prefill(
+            meta.shared,
             pinned([0, batch_size]),
             pinned([0, int(shared.numel())]),
             shared,
             pinned([1]),
-            self.nh,
-            self.nkv,
-            self.hd,
-            1,
             causal=False,
-            q_data_type=self.dtype,
-            kv_data_type=self.dtype,
         )
-        meta.own.plan(
-            pinned(_indptr(own_lens)),
-            own_indices,
-            pinned([1] * batch_size),
-            self.nh,
-            self.nkv,
-            self.hd,
-            1,
-            q_data_type=self.dtype,
-            kv_data_type=self.dtype,
+        self._plan_decode(
+            meta.own, pinned(_indptr(own_lens)), own_indices, pinned([1] * batch_size)
         )
         self._planned.record()
 
