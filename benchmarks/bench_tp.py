@@ -102,7 +102,7 @@ def compare(ref: list[dict], got: list[dict]) -> dict:
     `logprob_noise`: the largest difference of the chosen token's logprob at positions before
     the first divergence (how far the two runs' numerics drift apart); a divergence is
     `within_noise` when its gap is under twice that, and a near-tie under NEAR_TIE."""
-    equal, tie, real, noise, within = 0, [], [], 0.0, 0
+    equal, tie, real, noise, gaps = 0, [], [], 0.0, []
     for r, g in zip(ref, got, strict=True):
         i = _first_diff(r, g)
         upto = len(r["ids"]) if i is None else i
@@ -110,13 +110,10 @@ def compare(ref: list[dict], got: list[dict]) -> dict:
             noise = max(noise, abs(a - b))
         if i is None:
             equal += 1
-        elif r["gaps"][i] < NEAR_TIE:
-            tie.append((i, round(r["gaps"][i], 4)))
-        else:
-            real.append((i, round(r["gaps"][i], 4)))
-    for r, g in zip(ref, got, strict=True):
-        i = _first_diff(r, g)
-        within += i is not None and r["gaps"][i] < 2 * noise
+            continue
+        gaps.append(r["gaps"][i])
+        (tie if r["gaps"][i] < NEAR_TIE else real).append((i, round(r["gaps"][i], 4)))
+    within = sum(gap < 2 * noise for gap in gaps)
     return {
         "prompts": len(ref),
         "identical": equal,
