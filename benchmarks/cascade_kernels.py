@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import accumulate
 
 import torch
 
@@ -52,15 +53,15 @@ def case(mode: str, nh: int, nkv: int, bs=64, shared=1024, own=64, slots=1 << 17
     common = dict(q_data_type=dt, kv_data_type=dt)
 
     def paged(lens_q, lens_kv, indices, causal, w):
-        kp = torch.tensor([0] + list(_cumsum(lens_kv)), **i32)
+        kp = torch.tensor(list(accumulate(lens_kv, initial=0)), **i32)
         last = torch.ones(len(lens_kv), **i32)
-        if mode == "decode" and lens_q is None:
+        if lens_q is None:  # decode: one query row per sequence
             wr = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 w, "NHD", use_tensor_cores=nh // nkv >= 4
             )
             wr.plan(kp, indices, last, nh, nkv, hd, 1, **common)
         else:
-            qo = torch.tensor([0] + list(_cumsum(lens_q)), **i32)
+            qo = torch.tensor(list(accumulate(lens_q, initial=0)), **i32)
             wr = flashinfer.BatchPrefillWithPagedKVCacheWrapper(w, "NHD")
             wr.plan(qo, kp, indices, last, nh, nkv, hd, 1, causal=causal, **common)
         return wr
@@ -99,13 +100,6 @@ def case(mode: str, nh: int, nkv: int, bs=64, shared=1024, own=64, slots=1 << 17
         "cascade_us": round(kernel_us(cascade), 1),
         "max_err": err,
     }
-
-
-def _cumsum(xs):
-    t = 0
-    for x in xs:
-        t += x
-        yield t
 
 
 def main() -> None:
