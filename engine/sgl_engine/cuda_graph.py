@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sgl_engine.attention.flashinfer_backend import pinned
+from sgl_engine.attention.flashinfer_backend import indptr, pinned
 from sgl_engine.forward_batch import ForwardBatch, ForwardMode
 from sgl_engine.kv_cache import KVPool
 
@@ -124,10 +124,9 @@ class CudaGraphRunner:
         )
 
     def _plan(self, bs: int, kv_lens: list[int], kv_indices: torch.Tensor) -> None:
-        indptr = [0]
-        for n in kv_lens:
-            indptr.append(indptr[-1] + n)
-        self.attn.plan_decode(self.wrappers[bs], pinned(indptr), kv_indices, pinned([1] * bs))
+        self.attn.plan_decode(
+            self.wrappers[bs], pinned(indptr(kv_lens)), kv_indices, pinned([1] * bs)
+        )
 
     def _forward(self, batch: ForwardBatch) -> GraphOutput:
         hidden = self.model(batch, self.pool, self.attn)

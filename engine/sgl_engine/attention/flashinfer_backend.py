@@ -15,6 +15,7 @@ plan waits for the previous plan's copy (an event, normally long passed) before 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -54,13 +55,13 @@ class FlashInferAttentionBackend:
         return self.nh // self.nkv >= 4
 
     def plan(self, batch: ForwardBatch) -> None:
-        kv_indptr = pinned(_indptr(batch.seq_lens))
+        kv_indptr = pinned(indptr(batch.seq_lens))
         last = pinned([1] * batch.batch_size)
         if batch.mode is ForwardMode.DECODE:
             self.plan_decode(self.decode, kv_indptr, batch.kv_indices, last)
             batch.attn_metadata = self.decode
         else:
-            qo_indptr = pinned(_indptr(batch.extend_lens))
+            qo_indptr = pinned(indptr(batch.extend_lens))
             self._wait_for_last_plan()
             self._plan_prefill(self.prefill, qo_indptr, kv_indptr, batch.kv_indices, last, True)
             self._planned.record()
@@ -172,9 +173,7 @@ class FlashInferAttentionBackend:
             pinned([1]),
             causal=False,
         )
-        self._plan_decode(
-            meta.own, pinned(_indptr(own_lens)), own_indices, pinned([1] * batch_size)
-        )
+        self._plan_decode(meta.own, pinned(indptr(own_lens)), own_indices, pinned([1] * batch_size))
         self._planned.record()
 
     def forward(
@@ -216,8 +215,6 @@ def pinned(values: list[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32).pin_memory()
 
 
-def _indptr(lens: list[int]) -> list[int]:
-    out = [0]
-    for n in lens:
-        out.append(out[-1] + n)
-    return out
+def indptr(lens: list[int]) -> list[int]:
+    """Offsets of ragged rows of `lens` items: [0, l0, l0 + l1, ...]."""
+    return list(accumulate(lens, initial=0))
