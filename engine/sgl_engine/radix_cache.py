@@ -322,5 +322,14 @@ class RadixCache:
         return tuple(key[pos : pos + self.page_size])
 
 
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids `a` and `b` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def _short(xs: list[int], limit: int = 8) -> str:
     return str(xs) if len(xs) <= limit else f"[{', '.join(map(str, xs[:limit]))}, ...]+{len(xs)}"

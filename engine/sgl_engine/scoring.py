@@ -20,6 +20,7 @@ from typing import Any
 
 from sgl_engine.errors import InvalidRequestError
 from sgl_engine.inputs import GenerateRequest, check_text
+from sgl_engine.radix_cache import common_prefix_len
 
 
 @dataclass(frozen=True)
@@ -37,14 +38,6 @@ class ContinuationLogprobs:
     @property
     def logprob_mean(self) -> float:
         return self.logprob_sum / self.num_tokens
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass(frozen=True)
@@ -116,7 +109,7 @@ def plan_scores(
             raise InvalidRequestError(
                 f"prefix + {field} has {len(ids)} tokens; at most {max_tokens - 1} fit", field
             )
-        start = _common_prefix_len(prefix_ids, ids)
+        start = common_prefix_len(prefix_ids, ids)
         if start == 0:
             raise InvalidRequestError(
                 f"{field} merges with the whole prefix into its first token, which has no "

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sgl_engine.grammar.xgrammar_backend import GrammarMatcher
+from sgl_engine.radix_cache import common_prefix_len
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def jump_forward_tokens(
         head, tail = ids[: len(ids) - j], ids[len(ids) - j :]
         new = _encode(tokenizer, _decode(tokenizer, tail) + forced)
         if special.isdisjoint(new) and _decode(tokenizer, head + new) == target:
-            common = _common_prefix(tail, new)
+            common = common_prefix_len(tail, new)
             return j - common, new[common:]
     return 0, []
 
@@ -138,12 +139,3 @@ def _backend(tokenizer):
     if not getattr(tokenizer, "is_fast", False):
         return None
     return getattr(tokenizer, "backend_tokenizer", None)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
