@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from sgl_engine.attention.flashinfer_backend import indptr, pinned
-from sgl_engine.forward_batch import ForwardBatch, ForwardMode
+from sgl_engine.attention.flashinfer_backend import pinned
+from sgl_engine.forward_batch import ForwardBatch, ForwardMode, indptr
 from sgl_engine.kv_cache import KVPool
 
 KV_INDEX_CAP = 1 << 25
@@ -99,7 +99,11 @@ class CudaGraphRunner:
         self.cascade_outputs: dict[int, GraphOutput] = {}
         self.cascade_meta: dict[int, Any] = {}
         self.cascade_replays = 0
-        self.shared_indices = torch.zeros(max(context_length, 1), dtype=torch.int32, device=device)
+        self.shared_indices = (
+            torch.zeros(max(context_length, 1), dtype=torch.int32, device=device)
+            if cascade
+            else None
+        )
         self.mempool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():  # as the replays run: no autograd state on the pool
             for bs in reversed(self.sizes):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -68,10 +69,10 @@ class ForwardBatch:
         """`input_ids` may already be a tensor on `device` (the overlapped decode step takes the
         previous step's sampled ids without reading them back). With `shared_prefix_min`, a
         decode batch also gets its rows' common leading slots split off (class docstring)."""
-        qo, kv = [0], [0]
-        for n, slots in zip(extend_lens, kv_slots, strict=True):
-            qo.append(qo[-1] + n)
-            kv.append(kv[-1] + len(slots))
+        if len(extend_lens) != len(kv_slots):
+            raise ValueError("extend_lens and kv_slots differ in length")
+        seq_lens = [len(s) for s in kv_slots]
+        qo, kv = indptr(extend_lens), indptr(seq_lens)
         flat = np.fromiter(itertools.chain.from_iterable(kv_slots), dtype=np.int32, count=kv[-1])
         shared = 0
         if mode is ForwardMode.DECODE and shared_prefix_min > 0:
@@ -79,9 +80,7 @@ class ForwardBatch:
             shared = shared if shared >= shared_prefix_min else 0
         parts = [np.asarray(qo + kv, np.int32), flat]
         if shared:
-            own = [0]
-            for slots in kv_slots:
-                own.append(own[-1] + len(slots) - shared)
+            own = indptr(n - shared for n in seq_lens)
             own_flat = np.fromiter(
                 itertools.chain.from_iterable(s[shared:] for s in kv_slots),
                 dtype=np.int32,
@@ -106,11 +105,16 @@ class ForwardBatch:
             kv_indices=int32[2 * n : end],
             extend_lens=list(extend_lens),
             prefix_lens=list(prefix_lens),
-            seq_lens=[len(s) for s in kv_slots],
+            seq_lens=seq_lens,
             shared_prefix=shared,
             own_indptr=int32[end : end + n] if shared else None,
             own_indices=int32[end + n :] if shared else None,
         )
+
+
+def indptr(lens: Iterable[int]) -> list[int]:
+    """Offsets of ragged rows of `lens` items: [0, l0, l0 + l1, ...]."""
+    return list(itertools.accumulate(lens, initial=0))
 
 
 def shared_prefix_len(kv_slots: list[list[int]]) -> int:

@@ -15,12 +15,11 @@ plan waits for the previous plan's copy (an event, normally long passed) before 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import Any
 
 import torch
 
-from sgl_engine.forward_batch import ForwardBatch, ForwardMode
+from sgl_engine.forward_batch import ForwardBatch, ForwardMode, indptr
 from sgl_engine.kv_cache import KVPool
 
 WORKSPACE_BYTES = 256 << 20
@@ -213,8 +212,3 @@ def pinned(values: list[int]) -> torch.Tensor:
     """An int32 host tensor in pinned memory: its copy to the device never waits for the
     device's queued work."""
     return torch.tensor(values, dtype=torch.int32).pin_memory()
-
-
-def indptr(lens: list[int]) -> list[int]:
-    """Offsets of ragged rows of `lens` items: [0, l0, l0 + l1, ...]."""
-    return list(accumulate(lens, initial=0))
