@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+TP_ALL_REDUCE_MODES = ("auto", "nccl", "one_shot")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -85,7 +87,7 @@ class EngineConfig:
             raise ValueError("cuda_graph_max_bs must be >= 0 (0 turns CUDA graphs off)")
         if self.tp_size < 1:
             raise ValueError("tp_size must be >= 1")
-        if self.tp_all_reduce not in ("auto", "nccl", "one_shot"):
+        if self.tp_all_reduce not in TP_ALL_REDUCE_MODES:
             raise ValueError("tp_all_reduce must be 'auto', 'nccl' or 'one_shot'")
         if self.tp_timeout_s <= 0:
             raise ValueError("tp_timeout_s must be positive")

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
+from sgl_engine.config import TP_ALL_REDUCE_MODES
+
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 1 << 20
 ALIGN = 16
-MODES = ("auto", "nccl", "one_shot")
 
 
 class OneShotAllReduce:
@@ -73,8 +74,8 @@ def setup(
     path off everywhere before the collective rendezvous. Sets TORCH_SYMM_MEM_DISABLE_MULTICAST
     (unless already set): this path never uses multicast, so the rendezvous need not create it.
     """
-    if mode not in MODES:
-        raise ValueError(f"tp_all_reduce must be one of {MODES}")
+    if mode not in TP_ALL_REDUCE_MODES:
+        raise ValueError(f"tp_all_reduce must be one of {TP_ALL_REDUCE_MODES}")
     if mode == "nccl" or device.type != "cuda":
         if mode == "one_shot":
             raise ValueError("tp_all_reduce='one_shot' needs CUDA devices")

@@ -9,6 +9,7 @@ import os
 import threading
 from typing import Any
 
+from sgl_engine.config import TP_ALL_REDUCE_MODES
 from sgl_engine.server.app import DEFAULT_MAX_BODY_BYTES, create_app, is_loopback
 
 API_KEY_ENV = "SGL_ADAPTERS_API_KEY"
@@ -222,7 +223,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument(
         "--tp-all-reduce",
-        choices=("auto", "nccl", "one_shot"),
+        choices=TP_ALL_REDUCE_MODES,
         default=None,
         help="path of small all-reduces on GPUs: one-shot over peer memory or NCCL "
         "(default auto: one-shot when every rank can)",
