@@ -428,11 +428,14 @@ def _drift(got: list[dict], ref: list[dict]) -> float:
 def test_tp2_killed_rank_fails_the_stream_instead_of_hanging(gpu_llama, mode):
     """A follower killed mid-stream on GPUs: the stream ends as an abort naming the rank (the
     one-shot kernel then spins for good, so rank 0 must poll rather than block), a later
-    request fails the same way, and shutdown returns. Last in this file, one_shot last: its
+    request fails the same way, and shutdown returns having left the process group (so that
+    the process could start another engine). Last in this file, one_shot last: its
     spinning kernel keeps GPU 0 busy until the process exits."""
+    import faulthandler
     import os
     import signal
 
+    import torch.distributed as dist
     from sgl_engine import Engine
 
     eng = Engine(
@@ -454,3 +457,6 @@ def test_tp2_killed_rank_fails_the_stream_instead_of_hanging(gpu_llama, mode):
         assert later["meta_info"]["finish_reason"]["type"] == "abort"
     finally:
         eng.shutdown()
+    if dist.is_initialized():
+        faulthandler.dump_traceback(all_threads=True)  # where the teardown thread is stuck
+    assert not dist.is_initialized(), "the process group outlived the engine"
