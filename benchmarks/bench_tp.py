@@ -203,7 +203,7 @@ def _stack_dumps_after(seconds: float, eng):
 def phase_7b(root: Path, results: dict, out: str | None, args) -> None:
     shape = "smoke" if args.smoke else args.shape or "7b"
     path = llama_dir(root, f"llama-{shape}-shape", SHAPES[shape])
-    engine = SMOKE_ENGINE if args.smoke else ENGINE
+    engine = SMOKE_ENGINE if args.smoke else {**ENGINE, "decode_gemv": args.decode_gemv}
     probes: dict[str, list[dict]] = {}
     runs = [(tp, mode) for tp in args.tp for mode in (args.all_reduce if tp > 1 else ["-"])]
     for tp, mode in runs:
@@ -253,7 +253,7 @@ def phase_70b(root: Path, results: dict, out: str | None, args) -> None:
         res["kv_slots"] = eng.runner.num_slots
         return res
 
-    engine = SMOKE_ENGINE if args.smoke else ENGINE
+    engine = SMOKE_ENGINE if args.smoke else {**ENGINE, "decode_gemv": args.decode_gemv}
     run(path, 2, work, engine, lambda r: emit(results, out, **{f"{shape} tp2 mmlu": r}))
 
 
@@ -270,6 +270,7 @@ def main() -> None:
     ap.add_argument(
         "--all-reduce", default="auto", help="tp_all_reduce modes of the 7b phase's TP>1 runs"
     )
+    ap.add_argument("--decode-gemv", default="cublas", help="the engine's decode_gemv (GPU)")
     args = ap.parse_args()
     args.tp = [int(t) for t in args.tp.split(",")]
     args.all_reduce = args.all_reduce.split(",")

@@ -195,7 +195,9 @@ class ModelRunner:
             )
 
             t0 = time.perf_counter()
-
+            cascade = config.cascade_attention
+            if cascade is None:
+                cascade = mc.num_heads == mc.num_kv_heads
             self.graphs = CudaGraphRunner(
                 self.model,
                 self.pool,
@@ -203,9 +205,9 @@ class ModelRunner:
                 default_batch_sizes(min(max_bs, config.max_running_requests)),
                 self.device,
                 context_length,
-                cascade=config.cascade_attention,
+                cascade=cascade,
             )
-            if config.cascade_attention:
+            if cascade:
                 self.shared_prefix_min = CASCADE_MIN_PREFIX
             if config.unroll_extends is not False:
                 self.unroll_max_tokens = self.graphs.sizes[-1]
