@@ -423,6 +423,78 @@ def _drift(got: list[dict], ref: list[dict]) -> float:
     return sum(diffs) / len(diffs)
 
 
+@pytest.mark.parametrize("n,k", [(12288, 4096), (22016, 4096), (77, 300)])
+def test_fused_gemv_kernels_match_the_unfused_ops_in_bf16(n, k):
+    """On the GPU's own bf16 roundings: the new residual is torch's bf16 sum exactly, and y is
+    gemv of TorchOps' normed row (and of its SiLU-mul) to bf16 precision."""
+    from sgl_engine.models.fused_gemv import gemv_add_rmsnorm, gemv_silu_mul
+    from sgl_engine.models.gemv import gemv
+    from sgl_engine.models.ops import TorchOps
+
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    x, res = torch.randn(2, 1, k, device=dev, dtype=dt)
+    gamma = torch.rand(k, device=dev, dtype=dt) + 0.5
+    w = torch.randn(n, k, device=dev, dtype=dt) / k**0.5
+    close = dict(atol=2e-2, rtol=2e-2)
+    before = (x.clone(), res.clone())
+    y, new_res = gemv_add_rmsnorm(x, res, gamma, 1e-5, w)
+    normed, ref_res = TorchOps.add_rmsnorm(x, res, gamma, 1e-5)
+    assert torch.equal(new_res, ref_res)
+    assert torch.equal(x, before[0]) and torch.equal(res, before[1])
+    torch.testing.assert_close(y, gemv(normed, w), **close)
+    y, same = gemv_add_rmsnorm(x, None, gamma, 1e-5, w)
+    assert same is x
+    torch.testing.assert_close(y, gemv(TorchOps.rmsnorm(x, gamma, 1e-5), w), **close)
+    gate_up = 3 * torch.randn(1, 2 * n, device=dev, dtype=dt)
+    w_down = torch.randn(k, n, device=dev, dtype=dt) / n**0.5
+    got = gemv_silu_mul(gate_up, w_down)
+    torch.testing.assert_close(got, gemv(TorchOps.silu_mul(gate_up), w_down), **close)
+
+
+@pytest.mark.parametrize(
+    "tp_size",
+    [
+        1,
+        pytest.param(
+            2,
+            marks=pytest.mark.skipif(
+                torch.cuda.device_count() < 2, reason="needs two CUDA devices"
+            ),
+        ),
+    ],
+)
+def test_fused_decode_as_accurate_as_triton_decode_at_batch_1(gpu_llama, tp_size):
+    """decode_gemv="fused" (norms and SiLU-mul inside the products at one row, in the bs-1
+    graph and eagerly) one request at a time and in a batch that shrinks to one row: its
+    chosen-token logprobs no further from an fp32 engine than "triton"'s are (two bf16 paths
+    drift apart through the layers, so each is measured against fp32); under TP the fused
+    down_proj keeps its all-reduce."""
+    from sgl_engine import Engine
+
+    sp = {**GREEDY, "max_new_tokens": 24}
+    lengths = [{**sp, "max_new_tokens": 6 + 6 * i} for i in range(len(PROMPTS))]
+    fp32 = {"device": "cuda", "dtype": "float32", "attention_backend": "torch"}
+    runs = [("fp32", 0, 1, fp32)]
+    for graphs in (8, 0) if tp_size == 1 else (8,):
+        for gemv in ("triton", "fused"):
+            extra = {**BF16_FLASHINFER, "decode_gemv": gemv, "cuda_graph_max_bs": graphs}
+            runs.append((gemv, graphs, tp_size, extra))
+    outs = {}
+    for gemv, graphs, tp, extra in runs:
+        with Engine(gpu_llama, **extra, max_total_tokens=8192, tp_size=tp) as eng:
+            fused = [layer.fused is not None for layer in eng.runner.model.layers]
+            assert all(fused) == (gemv == "fused") and any(fused) == all(fused)
+            solo = [eng.generate(p, sp, return_logprob=True) for p in PROMPTS]
+            batch = eng.generate(PROMPTS, lengths, return_logprob=True)
+            outs[gemv, graphs] = solo + batch
+            eng.check_invariants()
+    for graphs in {g for _, g, _, _ in runs[1:]}:
+        err_triton = _drift(outs["triton", graphs], outs["fp32", 0])
+        err_fused = _drift(outs["fused", graphs], outs["fp32", 0])
+        assert err_fused <= 2 * err_triton + 0.02, (graphs, err_fused, err_triton)
+
+
 KILL_CHILD = """
 import json, os, signal, sys, time
 import torch.distributed as dist
