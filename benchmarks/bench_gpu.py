@@ -4,10 +4,7 @@ off, and (for the MMLU-style workload) transformers `generate` and `generate_bat
 
     python benchmarks/bench_gpu.py [--small] [--skip-hf] [--json out.json]
 
-`--small` uses a 2-layer model of the same width for a quick smoke run. Batch-1 decode is
-measured against the weight-streaming roofline with GPU_ENGINE's `decode_gemv` ("decode bs1")
-and with the fused kernels ("decode bs1 fused"), side by side; `--only-decode-bs1` measures
-just those.
+`--small` uses a 2-layer model of the same width for a quick smoke run.
 """
 
 from __future__ import annotations
@@ -347,32 +344,6 @@ def decode_roofline(eng, model_bytes: int, repeats: int = 3) -> dict:
     }
 
 
-def decode_bs1(path: Path, decode_gemv: str) -> dict:
-    """decode_roofline of an engine as GPU_ENGINE but with `decode_gemv`."""
-    from sgl_engine import Engine
-
-    with Engine(str(path), **{**GPU_ENGINE, "decode_gemv": decode_gemv}) as eng:
-        nbytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
-        out = decode_roofline(eng, nbytes)
-        eng.check_invariants()
-    del eng
-    release_gpu_memory()
-    print(json.dumps({f"decode bs1 {decode_gemv}": out}), flush=True)
-    return out
-
-
-def fused_side_by_side(path: Path, results: dict) -> None:
-    """The fused kernels' "decode bs1 fused" beside "decode bs1" (measured by `ours`, or here
-    when absent) and their ratio."""
-    if "decode bs1" not in results:
-        results["decode bs1"] = decode_bs1(path, GPU_ENGINE["decode_gemv"])
-    results["decode bs1 fused"] = decode_bs1(path, "fused")
-    base = GPU_ENGINE["decode_gemv"]
-    results[f"decode bs1 fused/{base}"] = (
-        results["decode bs1 fused"]["ours_tok_s"] / results["decode bs1"]["ours_tok_s"]
-    )
-
-
 def repeated(fn, repeats: int = 3) -> dict:
     """`fn()` returns a dict with req_s: the first run's dict plus every run's req_s."""
     outs = [fn() for _ in range(repeats)]
@@ -447,11 +418,6 @@ def main() -> None:
         action="store_true",
         help="also run ours with cascade_attention off (the 7B shape is MHA: on by default)",
     )
-    ap.add_argument(
-        "--only-decode-bs1",
-        action="store_true",
-        help="run only batch-1 decode against the roofline, GPU_ENGINE's gemv and the fused one",
-    )
     args = ap.parse_args()
     path = model_dir(Path(args.root), args.small)
     results: dict = {
@@ -470,15 +436,7 @@ def main() -> None:
         results["json decode"] = json_decode(path, common, args.json_requests)
         print(json.dumps(results, indent=1, default=str))
         return
-    if args.only_decode_bs1:
-        fused_side_by_side(path, results)
-        text = json.dumps(results, indent=1, default=str)
-        print(text)
-        if args.json:
-            Path(args.json).write_text(text)
-        return
     ours(path, "ours", {}, results)
-    fused_side_by_side(path, results)
     ours(path, "ours radix off", {"disable_radix_cache": True}, results)
     ours(path, "ours no jump-forward", {"enable_jump_forward": False}, results, workloads=False)
     if args.no_cascade:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Any
 
 TP_ALL_REDUCE_MODES = ("auto", "nccl", "one_shot")
-DECODE_GEMV_MODES = ("cublas", "triton", "fused")
 
 
 @dataclass(frozen=True)
@@ -30,9 +29,7 @@ class EngineConfig:
     peer memory when every rank can map it, else NCCL), "one_shot" (required) or "nccl".
     `decode_gemv` picks the kernel of one-row (batch-1 decode) linear layers on CUDA: cuBLAS, or
     the Triton matrix-vector kernel of models/gemv.py (faster on an H200; opt-in until the GPU
-    tests have run with it), or "fused": that kernel plus models/fused_gemv.py's, which fold each
-    residual add + RMSNorm into the qkv / gate_up product after it and SiLU-and-mul into
-    down_proj's (three fewer kernels per layer; opt-in until measured on a GPU). `unroll_extends` replays small extends of running requests (the
+    tests have run with it). `unroll_extends` replays small extends of running requests (the
     rounds after jump-forward) as decode graphs, one row per token (model_runner; None: whenever
     decode graphs are captured). `cascade_attention` gives decode graphs a shared-prefix variant:
     a batch whose rows share a long KV prefix (a few-shot batch) reads it once for all rows
@@ -84,8 +81,8 @@ class EngineConfig:
             raise ValueError("max_running_requests must be >= 1")
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError("schedule_policy must be 'lpm' or 'fcfs'")
-        if self.decode_gemv not in DECODE_GEMV_MODES:
-            raise ValueError("decode_gemv must be 'cublas', 'triton' or 'fused'")
+        if self.decode_gemv not in ("cublas", "triton"):
+            raise ValueError("decode_gemv must be 'cublas' or 'triton'")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             raise ValueError("cuda_graph_max_bs must be >= 0 (0 turns CUDA graphs off)")
         if self.tp_size < 1:

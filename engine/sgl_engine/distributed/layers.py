@@ -118,11 +118,9 @@ class RowParallelLinear(nn.Module):
         self.gemv: GemvFn | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduce(linear(x, self.weight, None, self.gemv))
-
-    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """This rank's x_r W_r^T (however computed: a fused kernel may give it) -> the output."""
-        y = self.tp.all_reduce(partial) if self.tp is not None else partial
+        y = linear(x, self.weight, None, self.gemv)
+        if self.tp is not None:
+            y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
     def full_shape(self, name: str) -> tuple[int, ...]:

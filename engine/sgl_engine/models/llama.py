@@ -11,7 +11,6 @@ from torch import nn
 from sgl_engine.attention.base import AttentionBackend
 from sgl_engine.distributed.group import TPGroup
 from sgl_engine.distributed.layers import (
-    ColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
@@ -54,20 +53,7 @@ class Attention(nn.Module):
         attn: AttentionBackend,
         ops: Any,
     ) -> torch.Tensor:
-        return self.attend(self.qkv_proj(x), positions, rope, batch, pool, attn, ops)
-
-    def attend(
-        self,
-        qkv: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
-        batch: ForwardBatch,
-        pool: KVPool,
-        attn: AttentionBackend,
-        ops: Any,
-    ) -> torch.Tensor:
-        """Everything after the qkv projection: q/k norm, RoPE, attention, o_proj."""
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:
             q = self.q_norm(q.reshape(-1, self.nh, self.hd), ops).reshape(-1, self.q_size)
             k = self.k_norm(k.reshape(-1, self.nkv, self.hd), ops).reshape(-1, self.kv_size)
@@ -85,22 +71,15 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """`fused` (models/fused_gemv.py FusedGemv, set by the loader with decode_gemv="fused")
-    makes a one-row forward run each norm inside the gemv after it, and SiLU-and-mul inside
-    down_proj's."""
-
     def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer, tp)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.fused: Any = None
 
     def forward(self, x, residual, positions, rope, batch, pool, attn, ops):
         """SGLang's residual style: returns (hidden, residual) with the add fused into the norm."""
-        if self.fused is not None and x.shape[0] == 1:
-            return self._forward_fused(x, residual, positions, rope, batch, pool, attn, ops)
         if residual is None:
             x, residual = self.input_layernorm(x, ops), x
         else:
@@ -108,20 +87,6 @@ class DecoderLayer(nn.Module):
         x = self.self_attn(x, positions, rope, batch, pool, attn, ops)
         x, residual = self.post_attention_layernorm(x, ops, residual)
         return self.mlp(x, ops), residual
-
-    def _forward_fused(self, x, residual, positions, rope, batch, pool, attn, ops):
-        """The same arithmetic at one row in three fewer kernels; residuals are new tensors."""
-        qkv, residual = self._norm_gemv(x, residual, self.input_layernorm, self.self_attn.qkv_proj)
-        x = self.self_attn.attend(qkv, positions, rope, batch, pool, attn, ops)
-        gate_up, residual = self._norm_gemv(
-            x, residual, self.post_attention_layernorm, self.mlp.gate_up_proj
-        )
-        down = self.mlp.down_proj
-        return down.reduce(self.fused.silu_mul(gate_up, down.weight)), residual
-
-    def _norm_gemv(self, x, residual, norm: RMSNorm, proj: ColumnParallelLinear):
-        y, residual = self.fused.add_rmsnorm(x, residual, norm.weight, norm.eps, proj.weight)
-        return (y if proj.bias is None else y + proj.bias), residual
 
 
 class LlamaForCausalLM(nn.Module):

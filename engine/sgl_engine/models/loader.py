@@ -64,10 +64,8 @@ def build_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.rope = RotaryEmbedding(hf_config, cfg.head_dim, max_positions).to(device)
     model.ops = choose_ops(ops, device, dtype)
-    if device.type == "cuda" and decode_gemv in ("triton", "fused"):
+    if device.type == "cuda" and decode_gemv == "triton":
         use_triton_gemv(model)
-    if device.type == "cuda" and decode_gemv == "fused":
-        use_fused_gemv(model)
     if random_weights:
         _init_random(model)
     else:
@@ -83,18 +81,6 @@ def use_triton_gemv(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, ColumnParallelLinear | RowParallelLinear):
             m.gemv = gemv
-
-
-def use_fused_gemv(model: torch.nn.Module) -> None:
-    """Give every decoder layer models/fused_gemv.py's kernels for one-row forwards (its
-    o_proj, and the final norm and lm_head, keep their own path)."""
-    from sgl_engine.models.fused_gemv import FusedGemv
-    from sgl_engine.models.llama import DecoderLayer
-
-    fused = FusedGemv()
-    for m in model.modules():
-        if isinstance(m, DecoderLayer):
-            m.fused = fused
 
 
 def _init_random(model: torch.nn.Module, std: float = 0.02) -> None:
