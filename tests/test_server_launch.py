@@ -45,6 +45,7 @@ def test_gpu_flags_become_engine_config_fields(monkeypatch):
             "--enable-mixed-chunk",
             "--disable-radix-cache",
             "--no-overlap-schedule",
+            "--no-cascade-attention",
         ],
     )
     assert kwargs == {
@@ -56,6 +57,7 @@ def test_gpu_flags_become_engine_config_fields(monkeypatch):
         "enable_mixed_chunk": True,
         "disable_radix_cache": True,
         "overlap_schedule": False,
+        "cascade_attention": False,
     }
     EngineConfig.from_kwargs(**kwargs)
 

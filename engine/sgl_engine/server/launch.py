@@ -140,6 +140,7 @@ ENGINE_ARGS = (
     "enable_mixed_chunk",
     "disable_radix_cache",
     "overlap_schedule",
+    "cascade_attention",
     "tp_size",
     "tp_all_reduce",
 )
@@ -212,6 +213,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         action=argparse.BooleanOptionalAction,
         default=None,
         help="launch each decode step before reading the last one back (default: on CUDA)",
+    )
+    parser.add_argument(
+        "--cascade-attention",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode graphs read a batch's shared prefix once for all rows "
+        "(default: on for MHA models)",
     )
     parser.add_argument(
         "--tp",
