@@ -4,7 +4,8 @@
 
 Prints: batch-1 decode through the engine vs the bare CUDA-graph replay (the GPU floor of a
 step) and the scheduler thread's cProfile; the MMLU-style workload's per-step timeline
-(mode, batch size, wall ms) and cProfile. Shared-prefix (cascade) attention kernels are
+(mode, batch size, wall ms) and cProfile; with --kernels, kernel tables of batch-1 decode and
+of the MMLU batch's big prefill (its achieved matmul rate: the lever left for 300 req/s). Shared-prefix (cascade) attention kernels are
 compared in cascade_kernels.py.
 """
 
@@ -101,10 +102,43 @@ def eager_kernels(eng, tokens: int = 32, top: int = 14) -> list[tuple[str, int, 
     return rows[:top]
 
 
+def prefill_kernels(eng, prompts: list[list[int]], top: int = 14) -> list[tuple[str, int, float]]:
+    """Kernels of the MMLU batch's big prefill (the 63 x 64 own tokens over the cached shared
+    prefix; one token each, so the decode steps are left out): (name, launches, ms), the
+    largest first, after the achieved rate of the run's matmul work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng.flush_cache()
+    sp = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}
+    eng.generate(input_ids=prompts[:1], sampling_params=sp)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.generate(input_ids=prompts[1:], sampling_params=sp)
+    rows = [
+        (e.key[:90], e.count, e.device_time_total / 1e3)
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    ]
+    rows.sort(key=lambda r: -r[2])
+    tokens = sum(len(p) for p in prompts[1:]) - (len(prompts) - 1) * 1024
+    params = sum(p.numel() for p in eng.runner.model.parameters())
+    total = sum(r[2] for r in rows)
+    if not total:
+        return []
+    print(
+        f"prefill of {tokens} tokens: {sum(r[1] for r in rows)} kernels, {total:.1f} ms of "
+        f"kernel time, {2 * params * tokens / total / 1e9:.0f} TFLOP/s of 2 x params x tokens"
+    )
+    return rows[:top]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--kernels", action="store_true", help="eager bs1 decode's kernel table")
+    ap.add_argument(
+        "--kernels",
+        action="store_true",
+        help="kernel tables: eager bs1 decode, and the MMLU batch's big prefill",
+    )
     ap.add_argument("--skip-mmlu", action="store_true")
     args = ap.parse_args()
     from sgl_engine import Engine
@@ -135,6 +169,9 @@ def main() -> None:
         print("mmlu steps (kind, running, ms):", [(k, n, round(m, 2)) for k, n, m in steps])
         print("mmlu step kinds:", Counter(k for k, _, _ in steps))
         print(profiled(eng, lambda: run_batch(eng, prompts, 16)))
+        if args.kernels:
+            for name, count, ms in prefill_kernels(eng, prompts):
+                print(f"  {ms:8.2f} ms  x{count:<5d} {name}")
 
 
 if __name__ == "__main__":
