@@ -99,3 +99,18 @@ def test_the_schedulers_decode_batches_are_monotone(make_engine, tiny_llama, mon
     assert all(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
     assert max(seen) > 0, "no decode batch shared a prefix: the check checked nothing"
     eng.check_invariants()
+
+
+def test_cascade_attention_defaults_to_mha_models_only():
+    """None picks the split for MHA (faster on an H200 for the 7B shape) and not for GQA
+    (slower there); True and False are kept."""
+    from types import SimpleNamespace
+
+    from sgl_engine.model_runner import use_cascade
+
+    mha, gqa = (
+        SimpleNamespace(num_heads=32, num_kv_heads=32),
+        SimpleNamespace(num_heads=32, num_kv_heads=8),
+    )
+    assert use_cascade(None, mha) and not use_cascade(None, gqa)
+    assert use_cascade(True, gqa) and not use_cascade(False, mha)

@@ -34,9 +34,10 @@ class EngineConfig:
     decode graphs are captured). `cascade_attention` gives decode graphs a shared-prefix variant:
     a batch whose rows share a long KV prefix (a few-shot batch) reads it once for all rows
     instead of once per row (None: on for MHA models, where an H200 measured it faster, off for
-    grouped-query ones, where the split kernels measured slower). `enable_mixed_chunk` adds the running requests' next tokens to each
-    prefill pass (a chunk of a long prompt, or new prompts) within `chunked_prefill_size`, so
-    they decode during a long prefill instead of once between its chunks (scheduler docstring).
+    grouped-query ones, where the split kernels measured slower). `enable_mixed_chunk` adds
+    the running requests' next tokens to each prefill pass (a chunk of a long prompt, or new
+    prompts) within `chunked_prefill_size`, so they decode during a long prefill instead of
+    once between its chunks (scheduler docstring).
     """
 
     model_path: str | None = None
