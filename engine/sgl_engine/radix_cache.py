@@ -11,6 +11,7 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 class TreeNode:
@@ -322,8 +323,9 @@ class RadixCache:
         return tuple(key[pos : pos + self.page_size])
 
 
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading token ids `a` and `b` share."""
+def common_prefix_len(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items (token ids, or the call-graph segments of sgl_plugins.graph) `a`
+    and `b` share."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

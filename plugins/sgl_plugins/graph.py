@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from sgl_engine.radix_cache import common_prefix_len
+
 if TYPE_CHECKING:
     from sgl_plugins.backend import Backend
 
@@ -403,15 +405,6 @@ class _TrieNode:
         self.seg = seg
         self.children: dict[Any, _TrieNode] = {}
         self.ends: list[int] = []
-
-
-def common_prefix_len(a: Sequence[Any], b: Sequence[Any]) -> int:
-    """How many leading items `a` and `b` share."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _trie_insert(root: _TrieNode, seq: Sequence[Any], index: int) -> None:
