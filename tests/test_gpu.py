@@ -285,6 +285,14 @@ def _close_until_they_part(ref: list[dict], got: list[dict], same_length: bool) 
     """Output by output, the chosen tokens' logprobs agree to bf16 precision (~1% of the
     logprob: -8.89 vs -8.78 was seen) up to and including the first differing token; forced
     tokens (logprob None) are skipped. `same_length`: the outputs must be as long as each other."""
+    for a, b in _until_they_part(ref, got, same_length):
+        if a is not None and b is not None:
+            assert abs(a - b) <= 0.05 + 0.02 * abs(a), (a, b)
+
+
+def _until_they_part(ref: list[dict], got: list[dict], same_length: bool):
+    """The pairs of chosen-token logprobs of each output, up to and including the first token
+    the two outputs differ in."""
     for r, g in zip(ref, got, strict=True):
         pairs = zip(
             r["meta_info"]["output_token_logprobs"],
@@ -292,8 +300,7 @@ def _close_until_they_part(ref: list[dict], got: list[dict], same_length: bool) 
             strict=same_length,
         )
         for (a, token_a, _), (b, token_b, _) in pairs:
-            if a is not None and b is not None:
-                assert abs(a - b) <= 0.05 + 0.02 * abs(a), (a, b)
+            yield a, b
             if token_a != token_b:
                 break
 
@@ -410,16 +417,7 @@ def test_cascade_decode_graphs_as_accurate_as_plain_graphs(gpu_llama):
 def _drift(got: list[dict], ref: list[dict]) -> float:
     """The mean absolute difference of chosen-token logprobs, output by output, up to and
     including the first differing token."""
-    diffs = []
-    for g, r in zip(got, ref, strict=True):
-        for (a, token_a, _), (b, token_b, _) in zip(
-            g["meta_info"]["output_token_logprobs"],
-            r["meta_info"]["output_token_logprobs"],
-            strict=True,
-        ):
-            diffs.append(abs(a - b))
-            if token_a != token_b:
-                break
+    diffs = [abs(a - b) for a, b in _until_they_part(got, ref, same_length=True)]
     return sum(diffs) / len(diffs)
 
 
