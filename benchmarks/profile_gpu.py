@@ -5,8 +5,8 @@
 Prints: batch-1 decode through the engine vs the bare CUDA-graph replay (the GPU floor of a
 step) and the scheduler thread's cProfile; the MMLU-style workload's per-step timeline
 (mode, batch size, wall ms) and cProfile; with --kernels, kernel tables of batch-1 decode and
-of the MMLU batch's big prefill (its achieved matmul rate: the lever left for 300 req/s). Shared-prefix (cascade) attention kernels are
-compared in cascade_kernels.py.
+of the MMLU batch's big prefill (its achieved matmul rate: the lever left for 300 req/s).
+Shared-prefix (cascade) attention kernels are compared in cascade_kernels.py.
 """
 
 from __future__ import annotations
@@ -89,17 +89,22 @@ def eager_kernels(eng, tokens: int = 32, top: int = 14) -> list[tuple[str, int, 
             eng.generate(input_ids=[7, 8, 9, 10], sampling_params=sp)
     finally:
         on_scheduler_thread(eng, lambda: setattr(eng.runner, "graphs", graphs))
-    rows = [
-        (e.key[:90], e.count // tokens, e.device_time_total / tokens)
-        for e in prof.key_averages()
-        if e.device_time_total > 0
-    ]
-    rows.sort(key=lambda r: -r[2])
+    rows = _kernel_table(prof, per=tokens)
     total = sum(r[2] for r in rows)
     print(
         f"eager bs1 decode: {sum(r[1] for r in rows)} kernels, {total:.0f} us of kernel time/step"
     )
     return rows[:top]
+
+
+def _kernel_table(prof, per: int = 1, scale: float = 1.0) -> list[tuple[str, int, float]]:
+    """The profiled kernels as (name, launches / per, device us / per x scale), largest first."""
+    rows = [
+        (e.key[:90], e.count // per, e.device_time_total / per * scale)
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    ]
+    return sorted(rows, key=lambda r: -r[2])
 
 
 def prefill_kernels(eng, prompts: list[list[int]], top: int = 14) -> list[tuple[str, int, float]]:
@@ -113,12 +118,7 @@ def prefill_kernels(eng, prompts: list[list[int]], top: int = 14) -> list[tuple[
     eng.generate(input_ids=prompts[:1], sampling_params=sp)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         eng.generate(input_ids=prompts[1:], sampling_params=sp)
-    rows = [
-        (e.key[:90], e.count, e.device_time_total / 1e3)
-        for e in prof.key_averages()
-        if e.device_time_total > 0
-    ]
-    rows.sort(key=lambda r: -r[2])
+    rows = _kernel_table(prof, scale=1e-3)
     tokens = sum(len(p) for p in prompts[1:]) - (len(prompts) - 1) * 1024
     params = sum(p.numel() for p in eng.runner.model.parameters())
     total = sum(r[2] for r in rows)
