@@ -76,12 +76,10 @@ def test_extend_batches_are_never_split():
     assert batch.shared_prefix == 0
 
 
-def test_the_schedulers_decode_batches_are_monotone(make_engine, tiny_llama, monkeypatch):
-    """The binary search assumes two rows holding the same slot at p share every slot before
-    p. Every decode batch of a shared-prefix workload under memory pressure (retractions,
-    evictions, overlap) is checked against brute force."""
-    eng = make_engine(tiny_llama, max_total_tokens=1024, max_running_requests=32)
-    eng.runner.shared_prefix_min = 1  # what cascade_attention sets with decode graphs
+def _checked_splits(eng, monkeypatch) -> list[int]:
+    """Split every decode batch of `eng` (as cascade_attention does with decode graphs) and
+    check each split against brute force; returns the shared lengths seen, as they come."""
+    eng.runner.shared_prefix_min = 1
     seen = []
     build = ForwardBatch.build
 
@@ -94,10 +92,55 @@ def test_the_schedulers_decode_batches_are_monotone(make_engine, tiny_llama, mon
         return batch
 
     monkeypatch.setattr(ForwardBatch, "build", spy)
+    return seen
+
+
+def test_the_schedulers_decode_batches_are_monotone(make_engine, tiny_llama, monkeypatch):
+    """The binary search assumes two rows holding the same slot at p share every slot before
+    p. Every decode batch of a shared-prefix workload under memory pressure (retractions,
+    evictions, overlap) is checked against brute force."""
+    eng = make_engine(tiny_llama, max_total_tokens=1024, max_running_requests=32)
+    seen = _checked_splits(eng, monkeypatch)
     work = shared_prefix_workload(48, prefixes=1, prompt_len=(40, 200), new_tokens=(2, 20))
     outs = submit_concurrently(eng, work, threads=4)
     assert all(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
     assert max(seen) > 0, "no decode batch shared a prefix: the check checked nothing"
+    eng.check_invariants()
+
+
+def test_splits_stay_right_while_requests_are_aborted(make_engine, tiny_llama, monkeypatch):
+    """Requests aborted mid-decode leave the batch (and free their slots) between steps: every
+    later split is still the batch's true common prefix, nothing leaks, and the rest finish."""
+    import itertools
+    import threading
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    eng = make_engine(tiny_llama, max_total_tokens=2048, max_running_requests=32)
+    seen = _checked_splits(eng, monkeypatch)
+    work = shared_prefix_workload(24, prefixes=1, prompt_len=(60, 160), new_tokens=(40, 60))
+    victims = {f"r{i}" for i in range(0, len(work), 3)}
+    started = threading.Event()
+
+    def one(i: int) -> dict:
+        ids, new = work[i]
+        sp = {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}
+        stream = eng.generate(input_ids=ids, sampling_params=sp, stream=True, rid=f"r{i}")
+        first = next(stream)
+        started.set()
+        return deque(itertools.chain([first], stream), maxlen=1)[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(one, i) for i in range(len(work))]
+        assert started.wait(30)
+        for rid in sorted(victims):
+            eng.abort(rid)
+        outs = [f.result(timeout=120) for f in futures]
+    reasons = {f"r{i}": o["meta_info"]["finish_reason"]["type"] for i, o in enumerate(outs)}
+    assert "abort" in reasons.values()
+    assert all(r == "length" for rid, r in reasons.items() if rid not in victims)
+    assert max(seen) > 0, "no decode batch shared a prefix: the check checked nothing"
+    assert eng.metrics()["running"] == 0
     eng.check_invariants()
 
 
