@@ -157,3 +157,124 @@ def test_cascade_attention_defaults_to_mha_models_only():
     )
     assert use_cascade(None, mha) and not use_cascade(None, gqa)
     assert use_cascade(True, gqa) and not use_cascade(False, mha)
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(rows=radix_rows(), minimum=st.integers(1, 6))
+def test_split_only_builds_list_the_split_alone(rows, minimum):
+    """A batch built for a cascade graph: split, it carries the shared slots and each row's own
+    slots and no full lists; not split (too little shared), it carries the full lists."""
+    n = len(rows)
+    batch = ForwardBatch.build(
+        ForwardMode.DECODE,
+        [0] * n,
+        [len(r) - 1 for r in rows],
+        [r[-1] for r in rows],
+        [1] * n,
+        [len(r) - 1 for r in rows],
+        rows,
+        torch.device("cpu"),
+        shared_prefix_min=minimum,
+        split_only=True,
+    )
+    shared = brute_force(rows)
+    assert batch.qo_indptr.tolist() == list(range(n + 1))
+    assert batch.seq_lens == [len(r) for r in rows]
+    if shared < minimum:
+        assert batch.shared_prefix == 0 and batch.own_indices is None
+        assert batch.kv_indices.tolist() == [s for r in rows for s in r]
+        assert batch.kv_indptr.tolist() == [sum(map(len, rows[:i])) for i in range(n + 1)]
+        return
+    assert batch.shared_prefix == shared and batch.kv_indptr is None
+    assert batch.kv_indices.tolist() == rows[0][:shared]
+    indptr, own = batch.own_indptr.tolist(), batch.own_indices.tolist()
+    assert [own[indptr[i] : indptr[i + 1]] for i in range(n)] == [r[shared:] for r in rows]
+    assert batch.positions.tolist() == [len(r) - 1 for r in rows]
+    assert batch.out_cache_loc.tolist() == [r[-1] for r in rows]
+
+
+def _cascade_workload() -> list[tuple[list[int], int]]:
+    """Batches of every kind for decode graphs up to 16 rows: 12 rows sharing 300 slots (a
+    cascade graph, until finished rows leave fewer than CASCADE_MIN_ROWS), 4 rows sharing 300
+    (too few rows), 12 rows sharing 100 (too little shared), 20 rows (over the largest graph)."""
+    import random
+
+    rng = random.Random(5)
+
+    def group(rows: int, shared: int) -> list[tuple[list[int], int]]:
+        prefix = [rng.randrange(3, 400) for _ in range(shared)]
+        return [
+            (prefix + [rng.randrange(3, 400) for _ in range(6)], rng.randint(3, 9))
+            for _ in range(rows)
+        ]
+
+    return [group(12, 300), group(4, 300), group(12, 100), group(20, 300)]
+
+
+def test_cascade_bound_batches_are_split_only_and_give_the_same_outputs(
+    make_engine, tiny_llama, monkeypatch
+):
+    """With decode graphs (HostGraphs: the real choice of graph, each replay run from only
+    what that graph reads), every decode batch is checked as built: split-only exactly when
+    it will replay a cascade graph, else whole and unsplit. The outputs (ids and logprobs) are
+    the same as with the old layout (every batch split beside its full lists) and the ids the
+    same as without graphs."""
+    from sgl_engine.cuda_graph import CASCADE_MIN_PREFIX
+    from sgl_engine.host_graphs import HostGraphs
+
+    build = ForwardBatch.build
+    checked: list[bool] = []
+    wrong: list[list[int]] = []  # a failed check inside a step would only abort its requests
+
+    def run(full_kv_lists: bool, graphs: bool) -> list[list[dict]]:
+        eng = make_engine(tiny_llama, max_total_tokens=8192, overlap_schedule=True)
+        runner = eng.runner
+        if graphs:
+            runner.graphs = HostGraphs(runner, max_bs=16)
+            runner.shared_prefix_min = CASCADE_MIN_PREFIX
+            runner.full_kv_lists = full_kv_lists
+
+        def spy(mode, *args, **kwargs):
+            batch = build(mode, *args, **kwargs)
+            if mode is ForwardMode.DECODE and graphs and not full_kv_lists:
+                rows = args[5]
+                will = runner.graphs.cascade_bound([len(r) for r in rows])
+                split = will and brute_force(rows) >= CASCADE_MIN_PREFIX
+                full = [s for r in rows for s in r]
+                if (
+                    (batch.shared_prefix > 0) != split
+                    or (batch.kv_indptr is None) != split
+                    or (not split and batch.kv_indices.tolist() != full)
+                ):
+                    wrong.append([len(r) for r in rows])
+                checked.append(split)
+            return batch
+
+        monkeypatch.setattr(ForwardBatch, "build", spy)
+        sp = {"temperature": 0, "ignore_eos": True}
+        outs = [
+            eng.generate(
+                input_ids=[ids for ids, _ in g],
+                sampling_params=[{**sp, "max_new_tokens": new} for _, new in g],
+                return_logprob=True,
+            )
+            for g in _cascade_workload()
+        ]
+        monkeypatch.setattr(ForwardBatch, "build", build)
+        assert not wrong, f"decode batches built wrongly, of kv lengths {wrong}"
+        assert all(o["meta_info"]["finish_reason"]["type"] == "length" for g in outs for o in g)
+        if graphs:
+            assert runner.graphs.cascade_replays > 0 and runner.graphs.plain_replays > 0
+        return outs
+
+    new, old, plain = run(False, True), run(True, True), run(False, False)
+    assert True in checked and False in checked, "the workload no longer has both kinds"
+
+    def ids(outs):
+        return [[o["output_ids"] for o in g] for g in outs]
+
+    def logprobs(outs):
+        return [[o["meta_info"]["output_token_logprobs"] for o in g] for g in outs]
+
+    assert ids(new) == ids(old) == ids(plain)
+    assert logprobs(new) == logprobs(old)

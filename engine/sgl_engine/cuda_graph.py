@@ -14,7 +14,9 @@ batch carries is bounded by its rows times the context length, not by the pool s
 With `cascade`, sizes of at least CASCADE_MIN_ROWS also get a shared-prefix graph: a batch whose
 rows all share at least CASCADE_MIN_PREFIX leading slots (`ForwardBatch.shared_prefix`) replays
 it, reading the shared slots once for all rows (`CascadeDecode`); its rows' own slots go in the
-same shared index buffer, the shared slots in one of context-length entries.
+same shared index buffer, the shared slots in one of context-length entries. Such a graph reads
+only the batch's split, so the model runner builds nothing else for a batch `cascade_bound`
+says will replay one; batches that cannot replay one are not split at all.
 """
 
 from __future__ import annotations
@@ -179,10 +181,33 @@ class CudaGraphRunner:
             return False
         return True
 
+    def cascade_bound(self, seq_lens: list[int]) -> bool:
+        """Whether a decode batch of `seq_lens` replays a shared-prefix graph once its rows
+        share enough slots: it runs in a graph (`can_run`, without counting a fallback) of a
+        size captured with a cascade variant. Pure: the model runner asks before building."""
+        n = len(seq_lens)
+        if not self.cascade_graphs or n > self.sizes[-1]:
+            return False
+        if self._size(n) not in self.cascade_graphs:
+            return False
+        return graph_kv_entries(seq_lens, self.sizes) <= self.max_kv
+
+    def _size(self, n: int) -> int:
+        """The captured size a batch of `n` rows replays (n <= the largest)."""
+        return self.sizes[bisect.bisect_left(self.sizes, n)]
+
+    def takes_cascade(self, batch: ForwardBatch) -> bool:
+        """Whether `run` replays `batch` in its size's shared-prefix graph."""
+        return batch.shared_prefix > 0 and self._size(batch.batch_size) in self.cascade_graphs
+
     def run(self, batch: ForwardBatch) -> GraphOutput:
-        """Replay for `batch` (decode only); returns its first batch_size rows."""
+        """Replay for `batch` (decode only); returns its first batch_size rows. A batch built
+        split-only (no `kv_indptr`) must take a shared-prefix graph."""
         n = batch.batch_size
-        bs = self.sizes[bisect.bisect_left(self.sizes, n)]
+        bs = self._size(n)
+        cascade = self.takes_cascade(batch)
+        if not cascade and batch.kv_indptr is None:
+            raise ValueError("a split-only decode batch has no shared-prefix graph to replay")
         self.input_ids[:n].copy_(batch.input_ids)
         self.positions[:n].copy_(batch.positions)
         self.out_loc[:n].copy_(batch.out_cache_loc)
@@ -192,7 +217,7 @@ class CudaGraphRunner:
             self.out_loc[n:bs].zero_()
         pad = torch.zeros(bs - n, dtype=torch.int32, device=batch.kv_indices.device)
         shared = batch.shared_prefix
-        if shared and bs in self.cascade_graphs:
+        if cascade:
             own = [length - shared for length in batch.seq_lens] + [1] * (bs - n)
             self.attn.plan_cascade(
                 self.cascade_meta[bs],

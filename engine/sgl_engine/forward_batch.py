@@ -28,6 +28,10 @@ class ForwardBatch:
     `shared_prefix` (decode batches built with `shared_prefix_min`): the number of leading KV
     slots every row has in common (0 if under that minimum); `kv_indices[:shared_prefix]` are
     they, and `own_indices[own_indptr[i]:own_indptr[i+1]]` are row i's slots after them.
+
+    A split batch built `split_only` (for a cascade decode graph, which reads nothing else) does
+    not list every row's slots: `kv_indices` is just the shared slots and `kv_indptr` is None.
+    Every other batch has the full lists (`split_only` is False, or the batch was not split).
     """
 
     mode: ForwardMode
@@ -35,7 +39,7 @@ class ForwardBatch:
     positions: torch.Tensor
     out_cache_loc: torch.Tensor
     qo_indptr: torch.Tensor
-    kv_indptr: torch.Tensor
+    kv_indptr: torch.Tensor | None
     kv_indices: torch.Tensor
     extend_lens: list[int]
     prefix_lens: list[int]
@@ -65,20 +69,28 @@ class ForwardBatch:
         kv_slots: list[list[int]],
         device: torch.device,
         shared_prefix_min: int = 0,
+        split_only: bool = False,
     ) -> ForwardBatch:
         """`input_ids` may already be a tensor on `device` (the overlapped decode step takes the
         previous step's sampled ids without reading them back). With `shared_prefix_min`, a
-        decode batch also gets its rows' common leading slots split off (class docstring)."""
+        decode batch also gets its rows' common leading slots split off; with `split_only`, a
+        batch so split gets only that split (class docstring)."""
         if len(extend_lens) != len(kv_slots):
             raise ValueError("extend_lens and kv_slots differ in length")
         seq_lens = [len(s) for s in kv_slots]
         qo, kv = indptr(extend_lens), indptr(seq_lens)
-        flat = np.fromiter(itertools.chain.from_iterable(kv_slots), dtype=np.int32, count=kv[-1])
         shared = 0
         if mode is ForwardMode.DECODE and shared_prefix_min > 0:
             shared = shared_prefix_len(kv_slots)
             shared = shared if shared >= shared_prefix_min else 0
-        parts = [np.asarray(qo + kv, np.int32), flat]
+        full = not (shared and split_only)
+        if full:
+            head = qo + kv
+            flat = np.fromiter(itertools.chain.from_iterable(kv_slots), np.int32, count=kv[-1])
+        else:
+            head = qo
+            flat = np.fromiter(kv_slots[0], np.int32, count=shared)
+        parts = [np.asarray(head, np.int32), flat]
         if shared:
             own = indptr(n - shared for n in seq_lens)
             own_flat = np.fromiter(
@@ -89,7 +101,7 @@ class ForwardBatch:
             parts += [np.asarray(own, np.int32), own_flat]
         int32 = to_device(np.concatenate(parts), torch.int32, device)
         n = len(extend_lens) + 1
-        end = 2 * n + kv[-1]
+        end = len(head) + len(flat)
         on_device = isinstance(input_ids, torch.Tensor)
         int64 = to_device(
             positions + out_cache_loc + ([] if on_device else input_ids), torch.int64, device
@@ -101,8 +113,8 @@ class ForwardBatch:
             positions=int64[:tokens],
             out_cache_loc=int64[tokens : 2 * tokens],
             qo_indptr=int32[:n],
-            kv_indptr=int32[n : 2 * n],
-            kv_indices=int32[2 * n : end],
+            kv_indptr=int32[n : 2 * n] if full else None,
+            kv_indices=int32[len(head) : end],
             extend_lens=list(extend_lens),
             prefix_lens=list(prefix_lens),
             seq_lens=seq_lens,

@@ -183,6 +183,7 @@ class ModelRunner:
         self.unroll_max_tokens = 0
         self.unrolled_passes = 0
         self.shared_prefix_min = 0
+        self.full_kv_lists = False
         max_bs = config.cuda_graph_max_bs
         if max_bs is None:
             max_bs = DEFAULT_GRAPH_MAX_BS if name == "flashinfer" else 0
@@ -287,6 +288,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(run):
             graph = self.graphs.run(run)
             return graph.hidden, graph
+        if run.kv_indptr is None:
+            raise ValueError("a split-only decode batch cannot run eagerly")
         self.attn.plan(run)
         return self.model(run, self.pool, self.attn), None
 
@@ -413,8 +416,23 @@ class ModelRunner:
             [s.start for s in seqs],
             [s.kv_slots for s in seqs],
             self.device,
-            self.shared_prefix_min,
+            *self._split(mode, seqs),
         )
+
+    def _split(self, mode: ForwardMode, seqs: list[SeqInput]) -> tuple[int, bool]:
+        """How a batch's KV indices are built: the shared-prefix minimum to split it at, and
+        whether the split alone is built (`ForwardBatch`). Only a decode batch that would replay
+        a cascade graph (`CudaGraphRunner.cascade_bound`) is split, and then it lists nothing
+        else: the graph reads nothing else. Without graphs, a `shared_prefix_min` set by hand
+        splits decode batches beside the full lists. `full_kv_lists` (for benchmarks) restores
+        the layout before: every decode batch split beside its full lists."""
+        if mode is not ForwardMode.DECODE or self.shared_prefix_min <= 0:
+            return 0, False
+        if self.graphs is None or self.full_kv_lists:
+            return self.shared_prefix_min, False
+        if self.graphs.cascade_bound([len(s.kv_slots) for s in seqs]):
+            return self.shared_prefix_min, True
+        return 0, False
 
     def _prompt_logprobs(self, hidden, batch: ForwardBatch, seqs, outs) -> None:
         if not any(s.lp_rows for s in seqs):
