@@ -2,7 +2,8 @@
 output lengths, EOS ignored), each side by side in one run: ours, ours with the radix cache
 off, and (for the MMLU-style workload) transformers `generate` and `generate_batch`.
 
-    python benchmarks/bench_gpu.py [--small] [--skip-hf] [--json out.json]
+    python benchmarks/bench_gpu.py [--small] [--skip-hf] [--json out.json] [--no-cascade]
+        [--full-kv-lists]
 
 `--small` uses a 2-layer model of the same width for a quick smoke run.
 """
@@ -361,10 +362,15 @@ def load_hf(path: Path):
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def ours(path: Path, label: str, extra: dict, results: dict, workloads: bool = True) -> None:
+def ours(
+    path: Path, label: str, extra: dict, results: dict, workloads: bool = True, runner=None
+) -> None:
+    """`runner` (attribute: value) is set on the engine's model runner before any request."""
     from sgl_engine import Engine
 
     with Engine(str(path), **GPU_ENGINE, **extra) as eng:
+        for name, value in (runner or {}).items():
+            eng._call(partial(setattr, eng.runner, name, value))
         run_batch(eng, mmlu_prompts(random.Random(0))[:4], 4)
         if workloads:
             run_workloads(label, Ours(eng), results)
@@ -418,6 +424,12 @@ def main() -> None:
         action="store_true",
         help="also run ours with cascade_attention off (the 7B shape is MHA: on by default)",
     )
+    ap.add_argument(
+        "--full-kv-lists",
+        action="store_true",
+        help="also run ours with the old KV-index layout (every decode batch lists its full "
+        "slots beside the cascade split: runner.full_kv_lists; host_step.py measures the host)",
+    )
     args = ap.parse_args()
     path = model_dir(Path(args.root), args.small)
     results: dict = {
@@ -443,6 +455,11 @@ def main() -> None:
         ours(path, "ours no cascade", {"cascade_attention": False}, results)
         results["cascade on/off mmlu"] = (
             results["ours"]["mmlu"]["req_s"] / results["ours no cascade"]["mmlu"]["req_s"]
+        )
+    if args.full_kv_lists:
+        ours(path, "ours full kv lists", {}, results, runner={"full_kv_lists": True})
+        results["cascade-bound builds on/off mmlu"] = (
+            results["ours"]["mmlu"]["req_s"] / results["ours full kv lists"]["mmlu"]["req_s"]
         )
     if not args.skip_hf:
         transformers_baselines(path, results)
