@@ -405,11 +405,13 @@ class Scheduler:
         self, batch: list[tuple[Req, int]], seqs: list[SeqInput], exc: Exception
     ) -> None:
         rids = [req.rid for req, _ in batch]
-        log.error("forward pass failed; aborting requests %s", rids, exc_info=exc)
         self.counters.internal_errors += 1
         message = f"internal error in the forward pass ({type(exc).__name__}); see the server log"
-        if isinstance(exc, EngineUnavailableError):
+        if isinstance(exc, EngineUnavailableError):  # already logged once, where it happened
             message = str(exc)
+            log.warning("engine unavailable; aborting requests %s", rids)
+        else:
+            log.error("forward pass failed; aborting requests %s", rids, exc_info=exc)
         for (req, _), s in zip(batch, seqs, strict=True):
             self.allocator.free(s.new_slots)
             if not req.finished:
