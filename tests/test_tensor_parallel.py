@@ -1,10 +1,12 @@
-"""Tensor parallelism on the CPU (gloo): TP=2 equals TP=1, a dead rank fails its requests with a
-clear error, and shutdown leaves no process or process group behind."""
+"""Tensor parallelism on the CPU (gloo): TP=2 equals TP=1, a dead rank (a follower or the engine
+process holding rank 0) fails its requests with a clear error, and shutdown leaves no process or
+process group behind. The test process itself never joins a group: a TP engine runs in a child."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import httpx
 import pytest
@@ -52,8 +54,8 @@ def test_tp2_greedy_equals_tp1(tiny_model_dirs, make_engine, arch, extra):
     ref = _run(make_engine(path, random_weights=extra.get("random_weights", False)))
     eng = Engine(path, device="cpu", max_total_tokens=4096, tp_size=2, **extra)
     try:
-        pids = eng.runner.driver.pids
-        assert len(pids) == 1 and dist.is_initialized()
+        pids = eng.pids
+        assert len(pids) == 2 and not dist.is_initialized()
         got = _run(eng)
         assert eng.metrics()["cached_tokens"] > 0
         if arch == "llama":  # what `serve --tp 2` serves: the HTTP app over this engine
@@ -103,17 +105,14 @@ def test_tp2_mixed_chunks_equal_tp1(tiny_llama, make_engine):
     assert [o["output_ids"] for o in got] == [o["output_ids"] for o in ref]
 
 
-def test_a_killed_rank_fails_its_requests_and_the_engine_shuts_down(tiny_llama, monkeypatch):
-    import time
-
+def test_a_killed_rank_fails_its_requests_and_the_engine_shuts_down(tiny_llama):
     from sgl_engine import Engine
-    from sgl_engine.distributed import driver
 
-    monkeypatch.setattr(driver, "HEARTBEAT_S", 0.3)
-    eng = Engine(tiny_llama, device="cpu", max_total_tokens=4096, tp_size=2)
+    # tp_timeout_s=10: heartbeats every 1 s, so the idle follower gets some before the step
+    eng = Engine(tiny_llama, device="cpu", max_total_tokens=4096, tp_size=2, tp_timeout_s=10)
     try:
-        (pid,) = eng.runner.driver.pids
-        time.sleep(1.5)  # idle: the follower gets heartbeats on the control group, then a step
+        core, pid = eng.pids
+        time.sleep(2.5)  # idle: the follower gets heartbeats on the control group, then a step
         assert (
             eng.generate("hi", {**GREEDY, "max_new_tokens": 4})["meta_info"]["finish_reason"][
                 "type"
@@ -135,8 +134,38 @@ def test_a_killed_rank_fails_its_requests_and_the_engine_shuts_down(tiny_llama, 
         eng.check_invariants()
     finally:
         eng.shutdown()
-    assert _gone(pid)
+    assert _gone(pid) and _gone(core)
     assert not dist.is_initialized()
+
+
+def test_a_killed_engine_process_fails_its_requests_and_calls(tiny_llama):
+    """Rank 0's process (the engine's child) killed mid-stream: the stream ends with an abort
+    naming it, later requests end so at once, calls raise, shutdown returns; nothing is left."""
+    from sgl_engine import Engine
+    from sgl_engine.errors import EngineUnavailableError
+
+    eng = Engine(tiny_llama, device="cpu", max_total_tokens=4096, tp_size=2)
+    try:
+        pids = eng.pids
+        stream = eng.generate("hi", {**GREEDY, "max_new_tokens": 100000}, stream=True)
+        first = next(stream)
+        assert first["meta_info"]["finish_reason"] is None
+        os.kill(pids[0], signal.SIGKILL)
+        last = list(stream)[-1]
+        reason = last["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort"
+        assert f"engine process (pid {pids[0]}) was killed by SIGKILL" in reason["message"]
+        assert last["text"].startswith(first["text"])
+        later = eng.generate(["a", "b"], {**GREEDY, "max_new_tokens": 3})
+        assert [r["meta_info"]["finish_reason"]["type"] for r in later] == ["abort", "abort"]
+        with pytest.raises(EngineUnavailableError, match="SIGKILL"):
+            eng.metrics()
+    finally:
+        eng.shutdown()
+    deadline = time.monotonic() + 10  # the follower leaves when its parent is gone
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids)
 
 
 def test_tp_size_must_divide_the_heads(tiny_llama):

@@ -45,20 +45,20 @@ class Engine:
     own channel, so requests from many threads are batched together (continuous batching).
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Engine:
+        """`Engine(..., tp_size=N)` with N > 1 is a `ProcessEngine`: its scheduler and model
+        run in a child process, so a rank that dies cannot poison the caller's process."""
+        tp_size = kwargs.get("tp_size", 1)
+        if cls is Engine and isinstance(tp_size, int) and tp_size > 1:
+            from sgl_engine.engine_process import ProcessEngine
+
+            cls = ProcessEngine
+        return super().__new__(cls)
+
     def __init__(
         self, model_path: str | None = None, *, random_weights: bool = False, **kwargs: Any
     ) -> None:
-        from sgl_engine.model_source import load_hf_config, load_tokenizer, resolve_model_path
-
-        self.config = EngineConfig.from_kwargs(model_path=model_path, **kwargs)
-        path = None if random_weights and model_path is None else resolve_model_path(model_path)
-        self.model_path = path
-        trust = self.config.trust_remote_code
-        self.tokenizer = load_tokenizer(self.config.tokenizer_path or path, trust_remote_code=trust)
-        self.hf_config = load_hf_config(path, trust_remote_code=trust)
-        self.context_length = self.config.context_length or getattr(
-            self.hf_config, "max_position_embeddings", 4096
-        )
+        path = self._load_front(model_path, random_weights, kwargs)
         self.runner = ModelRunner(
             self.config, path, self.hf_config, self.context_length, random_weights
         )
@@ -89,6 +89,21 @@ class Engine:
         self._thread.start()
 
     # ---- set-up helpers ---------------------------------------------------------------------
+    def _load_front(self, model_path: str | None, random_weights: bool, kwargs: dict) -> str | None:
+        """Set the config, tokenizer, HF config and context length; returns the resolved path."""
+        from sgl_engine.model_source import load_hf_config, load_tokenizer, resolve_model_path
+
+        self.config = EngineConfig.from_kwargs(model_path=model_path, **kwargs)
+        path = None if random_weights and model_path is None else resolve_model_path(model_path)
+        self.model_path = path
+        trust = self.config.trust_remote_code
+        self.tokenizer = load_tokenizer(self.config.tokenizer_path or path, trust_remote_code=trust)
+        self.hf_config = load_hf_config(path, trust_remote_code=trust)
+        self.context_length = self.config.context_length or getattr(
+            self.hf_config, "max_position_embeddings", 4096
+        )
+        return path
+
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
         for src in (self.tokenizer.eos_token_id, getattr(self.hf_config, "eos_token_id", None)):
@@ -182,15 +197,25 @@ class Engine:
                     ch.put(chunk)
 
     def _submit(self, reqs: list[Req], loop: asyncio.AbstractEventLoop | None) -> list[_Channel]:
+        channels = self._register(reqs, lambda req: _Channel(loop))
+        self._enqueue(reqs)
+        return channels
+
+    def _register(self, reqs: list[Req], make: Callable[[Req], Any]) -> list[Any]:
+        """Give each request a channel (`make(req)`); refuses a request id already in use."""
         channels = []
         with self._chan_lock:
             for req in reqs:
                 if req.rid in self._channels:
                     raise InvalidRequestError(f"request id {req.rid!r} is already in use", "rid")
             for req in reqs:
-                ch = _Channel(loop)
+                ch = make(req)
                 self._channels[req.rid] = ch
                 channels.append(ch)
+        return channels
+
+    def _enqueue(self, reqs: list[Req]) -> None:
+        """Hand registered requests to the scheduler thread."""
 
         def add() -> None:
             for req in reqs:
@@ -203,7 +228,6 @@ class Engine:
                 self.scheduler.add(req)
 
         self._post(add)
-        return channels
 
     # ---- public API -------------------------------------------------------------------------------
     def generate(
@@ -432,6 +456,13 @@ class Engine:
                 self._deliver([req])
 
         self._post(command)
+
+    def inspect(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(engine, *args)` run on the scheduler thread (between steps), its result returned:
+        for tests and benchmarks that read the scheduler or the model runner. With a
+        `ProcessEngine` it runs in the child process on its engine, so `fn` must be a
+        module-level function and its arguments and result picklable."""
+        return self._call(lambda: fn(self, *args))
 
     def flush_cache(self) -> bool:
         """Drop the radix cache; refused (False) while requests are in flight."""

@@ -146,3 +146,20 @@ def submit_concurrently(engine, workload: list[tuple[list[int], int]], threads: 
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(one, workload))
+
+
+def runner_facts(engine) -> dict:
+    """Facts about an engine's model runner, for tests and benchmarks: pass it to
+    `engine.inspect`, which runs it where the runner is (a `ProcessEngine`'s child included).
+    `weight_bytes` are this rank's (rank 0's) parameters: what one GPU reads per decode step."""
+    runner = engine.runner
+    tp = runner.tp
+    fast = None if tp is None else tp.fast
+    path = "none" if tp is None else "one_shot" if fast is not None else "device_group"
+    return {
+        "weight_bytes": sum(p.numel() * p.element_size() for p in runner.model.parameters()),
+        "num_slots": runner.num_slots,
+        "all_reduce": path,
+        "one_shot_calls": 0 if fast is None else fast.calls,
+        "device": str(runner.device),
+    }

@@ -34,7 +34,6 @@ from sgl_engine.forward_batch import ForwardMode
 log = logging.getLogger(__name__)
 
 STOP, HEARTBEAT = "stop", "heartbeat"
-HEARTBEAT_S = 30.0
 JOIN_S = 10.0
 
 
@@ -94,6 +93,7 @@ class TensorParallel:
         from sgl_engine.distributed.worker import worker_main
 
         self.size = config.tp_size
+        self.heartbeat_s = min(30.0, config.tp_timeout_s / 10)  # idle followers hear from us
         self._tmp = tempfile.mkdtemp(prefix="sgl-tp-")
         spec = WorkerSpec(
             config,
@@ -185,11 +185,11 @@ class TensorParallel:
             raise TensorParallelError(self.failure) from exc
 
     def _beat(self) -> None:
-        while not self._stopping.wait(HEARTBEAT_S / 3):
+        while not self._stopping.wait(self.heartbeat_s / 3):
             with self._lock:
                 if self._stopping.is_set() or self.failure is not None:
                     return
-                if time.monotonic() - self._last_sent < HEARTBEAT_S:
+                if time.monotonic() - self._last_sent < self.heartbeat_s:
                     continue
                 try:
                     self.group.broadcast_object(HEARTBEAT)
@@ -206,7 +206,8 @@ class TensorParallel:
         rank = sentinels[ready[0]]
         proc = self.procs[rank - 1]
         proc.join(1.0)
-        self.failure = f"tensor-parallel rank {rank} (pid {proc.pid}) {_describe(proc.exitcode)}"
+        how = describe_exit(proc.exitcode)
+        self.failure = f"tensor-parallel rank {rank} (pid {proc.pid}) {how}"
         error = self._worker_error(rank)
         if error:
             self.failure += f": {error}"
@@ -257,7 +258,10 @@ class TensorParallel:
 
     # ---- stopping ------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Tell the followers to stop, wait for them (kill those that do not), leave the group."""
+        """Tell the followers to stop, wait for them (kill those that do not), leave the group.
+
+        After a rank died the group is not torn down: on NCCL that abort can block for good (a
+        collective never ends), and this process (a `ProcessEngine`'s child) exits next anyway."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -276,7 +280,7 @@ class TensorParallel:
         self._stop_procs(grace=JOIN_S)
         if self._heartbeat is not None:
             self._heartbeat.join(JOIN_S)
-        if not left:
+        if not left and self.failure is None:
             destroy_group(group, abort=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
 
@@ -285,7 +289,8 @@ class TensorParallel:
         return [p.pid for p in self.procs]
 
 
-def _describe(code: int | None) -> str:
+def describe_exit(code: int | None) -> str:
+    """How a process ended, for an error message ("was killed by SIGKILL", ...)."""
     if code is None:
         return "stopped responding"
     if code < 0:
