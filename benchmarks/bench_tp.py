@@ -40,6 +40,7 @@ from bench_gpu import (  # noqa: E402
     mmlu_prompts,
     timed,
 )
+from sgl_engine.testing import runner_facts  # noqa: E402
 
 SHAPES = {
     "7b": LLAMA2_7B,
@@ -149,7 +150,7 @@ def mmlu(eng) -> dict:
 
 def shard_bytes(eng) -> int:
     """Bytes of rank 0's parameters: what each GPU reads per decode step."""
-    return sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+    return eng.inspect(runner_facts)["weight_bytes"]
 
 
 def run(path: Path, tp: int, work, engine: dict, report) -> None:
@@ -176,11 +177,10 @@ def run(path: Path, tp: int, work, engine: dict, report) -> None:
 
 
 def _stack_dumps_after(seconds: float, eng):
-    """If shutdown takes over `seconds`, print every rank's thread stacks: the followers' once
-    (their SIGUSR1 handler; before rank 0's grace period for them ends), rank 0's every
-    `seconds` (faulthandler). Returns the cancel function."""
-    driver = getattr(eng.runner, "driver", None)
-    pids = list(driver.pids) if driver is not None else []
+    """If shutdown takes over `seconds`, print every rank's thread stacks: the engine process's
+    and the followers' once (their SIGUSR1 handler; before the grace period for the followers
+    ends), this process's every `seconds` (faulthandler). Returns the cancel function."""
+    pids = list(getattr(eng, "pids", []))
 
     def dump() -> None:
         logging.error("shutdown still running after %.0f s: thread stacks follow", seconds)
@@ -237,10 +237,7 @@ def phase_7b(root: Path, results: dict, out: str | None, args) -> None:
 
 
 def _path(eng) -> str:
-    tp = eng.runner.tp
-    if tp is None:
-        return "none"
-    return "one_shot" if tp.fast is not None else "device_group"
+    return eng.inspect(runner_facts)["all_reduce"]
 
 
 def phase_70b(root: Path, results: dict, out: str | None, args) -> None:
@@ -250,7 +247,7 @@ def phase_70b(root: Path, results: dict, out: str | None, args) -> None:
     def work(eng):
         res = {"mmlu": mmlu(eng), "decode_bs1": batch1(eng, args.smoke)}
         res["shard_bytes"] = shard_bytes(eng)
-        res["kv_slots"] = eng.runner.num_slots
+        res["kv_slots"] = eng.inspect(runner_facts)["num_slots"]
         return res
 
     engine = SMOKE_ENGINE if args.smoke else {**ENGINE, "decode_gemv": args.decode_gemv}
