@@ -500,6 +500,20 @@ class Engine:
             "waiting": len(s.waiting),
         }
 
+    def health(self) -> str | None:
+        """None while the engine can serve requests, else the message saying why it cannot: a
+        tensor-parallel rank died (the driver's failure), the scheduler thread is gone, or the
+        engine was shut down. Only reads flags: never waits for the scheduler thread, so it
+        answers while a step runs; thread-safe, mutates nothing. Once not None it stays so."""
+        if self._stopping:
+            return "the engine has been shut down"
+        failure = getattr(getattr(self.runner, "driver", None), "failure", None)
+        if failure is not None:
+            return failure
+        if not self._thread.is_alive():
+            return "the engine's scheduler thread has stopped; shut the engine down"
+        return None
+
     def check_invariants(self) -> None:
         """Wait until idle, then assert that no KV slot leaked and no lock is held."""
         import time

@@ -36,6 +36,7 @@ from sgl_engine.request import Req
 log = logging.getLogger(__name__)
 
 START_S = 600.0  # loading a large model on every rank takes minutes
+HEALTH_S = 20.0  # the child answers a health call at once unless its process is stuck
 STOP_S = 150.0  # the child's own shutdown is bounded (scheduler join, TP teardown, followers)
 KILL_S = 10.0
 
@@ -85,7 +86,8 @@ class ProcessEngine(Engine):
 
     If the child dies, every request in flight finishes with an abort naming it, later ones
     finish so at once, and `metrics`, `flush_cache`, `check_invariants` and `inspect` raise
-    `EngineUnavailableError`; the engine then only needs `shutdown()`.
+    `EngineUnavailableError`, and `health()` returns the message; the engine then only needs
+    `shutdown()`.
     """
 
     def __init__(
@@ -253,7 +255,9 @@ class ProcessEngine(Engine):
             with contextlib.suppress(OSError, ValueError):  # the reader fails it if the child died
                 self._send(("abort", rid))
 
-    def _remote(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _remote(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        """`fn(child's engine, *args)` in a thread of its own in the child; its result. Raises
+        `EngineUnavailableError` if the child is gone, `TimeoutError` after `timeout` s."""
         if self._stopping:
             raise RuntimeError("the engine has been shut down")
         cid = next(self._ids)
@@ -267,7 +271,31 @@ class ProcessEngine(Engine):
         except (OSError, ValueError) as exc:
             self._calls.pop(cid, None)
             raise EngineUnavailableError(self.failure or "the engine process is gone") from exc
-        return fut.result()
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            self._calls.pop(cid, None)
+            raise
+
+    def health(self) -> str | None:
+        """None while the engine can serve, else why not: this engine was shut down, its child
+        process died (`failure`), or the child's engine says so (a dead tensor-parallel rank;
+        asked in a thread of the child's own, never waiting for its scheduler). A child that
+        does not answer in `HEALTH_S` is reported unhealthy. Thread-safe; mutates nothing."""
+        from sgl_engine.engine_core import run_method
+
+        if self._stopping:
+            return "the engine has been shut down"
+        if self.failure is not None:
+            return self.failure
+        try:
+            return self._remote(run_method, "health", timeout=HEALTH_S)
+        except EngineUnavailableError as exc:
+            return str(exc)
+        except TimeoutError:
+            return f"the engine process (pid {self.proc.pid}) did not answer in {HEALTH_S:g} s"
+        except RuntimeError:  # shut down meanwhile
+            return "the engine has been shut down"
 
     def inspect(self, fn: Callable[..., Any], *args: Any) -> Any:
         from sgl_engine.engine_core import run_inspect

@@ -3,6 +3,7 @@ model names and error responses. docs/SECURITY.md says what this promises."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sgl_engine.errors import InvalidRequestError
+from sgl_engine.errors import EngineUnavailableError, InvalidRequestError
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_SEQUENCES_PER_REQUEST = 1024
@@ -111,6 +112,20 @@ def create_app(
     elif "*" not in allowed_hosts:
         app.add_middleware(HostCheckMiddleware, allowed=LOOPBACK_HOSTS | set(allowed_hosts))
     return app
+
+
+async def engine_health(engine: Any) -> str | None:
+    """`engine.health()` run off the event loop (a `ProcessEngine` asks its child): None when
+    it can serve, else why not. An engine-shaped object without `health` counts as healthy."""
+    health = getattr(engine, "health", None)
+    return None if health is None else await asyncio.to_thread(health)
+
+
+async def require_healthy(engine: Any) -> None:
+    """Raise `EngineUnavailableError` (answered 503) unless the engine can serve."""
+    message = await engine_health(engine)
+    if message is not None:
+        raise EngineUnavailableError(message)
 
 
 def is_loopback(host: str) -> bool:

@@ -13,7 +13,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sgl_engine.errors import InvalidRequestError
 from sgl_engine.openai_format import raise_if_rejected
 from sgl_engine.sampling_params import MAX_N
-from sgl_engine.server.app import MAX_SEQUENCES_PER_REQUEST, ServerState
+from sgl_engine.server.app import (
+    MAX_SEQUENCES_PER_REQUEST,
+    ServerState,
+    engine_health,
+    error_response,
+)
 from sgl_engine.server.metrics import prometheus_text
 from sgl_engine.server.protocol import GenerateRequest
 from sgl_engine.server.streaming import (
@@ -112,16 +117,24 @@ async def _events(eng: Any, body: GenerateRequest, stream, used: list[str]) -> A
 
 
 @router.get("/health")
-async def health() -> Response:
-    return Response(status_code=200)
+async def health(request: Request) -> Response:
+    """200 while the engine can serve; 503 with the reason (`Engine.health()`) once it cannot."""
+    message = await engine_health(_state(request).engine)
+    return Response(status_code=200) if message is None else error_response(message, 503)
 
 
 @router.get("/health_generate")
 async def health_generate(request: Request) -> Response:
+    """200 once a one-token request finishes; 503 if the engine is unhealthy or it aborts."""
     eng = _state(request).engine
-    ids = [eng.tokenizer.eos_token_id or 0]
-    await eng.async_generate(input_ids=ids, sampling_params={"max_new_tokens": 1})
-    return Response(status_code=200)
+    message = await engine_health(eng)
+    if message is None:
+        ids = [eng.tokenizer.eos_token_id or 0]
+        out = await eng.async_generate(input_ids=ids, sampling_params={"max_new_tokens": 1})
+        reason = out["meta_info"].get("finish_reason") or {}
+        if reason.get("type") == "abort":
+            message = reason.get("message") or "the health check's request was aborted"
+    return Response(status_code=200) if message is None else error_response(message, 503)
 
 
 @router.get("/get_model_info")

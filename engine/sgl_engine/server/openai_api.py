@@ -21,7 +21,12 @@ from sgl_engine.openai_format import (
     usage,
 )
 from sgl_engine.server import tools as tool_calls
-from sgl_engine.server.app import MAX_SEQUENCES_PER_REQUEST, ServerState, error_body
+from sgl_engine.server.app import (
+    MAX_SEQUENCES_PER_REQUEST,
+    ServerState,
+    error_body,
+    require_healthy,
+)
 from sgl_engine.server.protocol import ChatCompletionRequest, CompletionRequest, _OpenAIBase
 from sgl_engine.server.streaming import (
     DONE,
@@ -109,6 +114,13 @@ async def open_streams(
     return streams
 
 
+async def _raise_if_unavailable(eng: Any, results: list[dict]) -> None:
+    """A non-streamed request aborted because the engine became unable to serve while it ran
+    (a dead tensor-parallel rank): 503 with the reason rather than 200 with an abort."""
+    if any((out["meta_info"].get("finish_reason") or {}).get("type") == "abort" for out in results):
+        await require_healthy(eng)
+
+
 # ---- /v1/models ---------------------------------------------------------------------------------
 
 
@@ -154,6 +166,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     eng = s.engine
     s.check_model(body.model)
     body.check_unicode()
+    await require_healthy(eng)
     if body.suffix:
         raise InvalidRequestError("suffix is not supported", "suffix")
     prompts = await asyncio.to_thread(_completion_prompts, body.prompt, eng)
@@ -181,6 +194,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     results = await abort_on_disconnect(request, eng, used, work)
     results = results if isinstance(results, list) else [results]
     raise_if_rejected(results)
+    await _raise_if_unavailable(eng, results)
     choices = [
         _completion_choice(eng.tokenizer, body, i, prompts[i // body.n], out)
         for i, out in enumerate(results)
@@ -270,6 +284,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     eng = s.engine
     s.check_model(body.model)
     body.check_unicode()
+    await require_healthy(eng)
     _check_prompt_chars(eng, [_text_of(m.content) for m in body.messages], "messages")
     requested = (
         body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -287,6 +302,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any
     results = await abort_on_disconnect(request, eng, used, work)
     results = results if isinstance(results, list) else [results]
     raise_if_rejected(results)
+    await _raise_if_unavailable(eng, results)
     choices = [_chat_choice(eng.tokenizer, body, i, out, plan) for i, out in enumerate(results)]
     return {
         "id": rid_prefix,
