@@ -14,6 +14,14 @@ empty tree, once its engine answers (`replica_set.py`). With `call_timeout_s`, a
 stream's wait for its next chunk) that takes longer counts as a hung replica: its actor is
 killed (and restarted) and its leaves re-routed. When no replica is live, calls wait for one
 that is restarting and fail with `NoReplicaError`, saying why each is out, when none is.
+
+A replica whose engine died while its actor lives (a killed tensor-parallel rank) answers with
+aborts: a call whose result holds an abort no client asked for, or that raised inside the
+actor, asks the replica's health (`ReplicaSet.check`). An unhealthy replica is killed (Ray
+restarts it with a fresh engine) and the call handled as if the replica had died: a
+sub-graph's leaves and a score are re-run elsewhere, a stream that yielded nothing is re-sent,
+and a stream that already yielded chunks ends with the engine's abort chunk. A healthy
+replica's abort (a constraint, a full KV cache) or error is the caller's result, as before.
 """
 
 from __future__ import annotations
@@ -29,8 +37,14 @@ from sgl_plugins.backend import (
     BackendBase,
     ContinuationScore,
     StreamChunk,
+    finish_fields,
 )
-from sgl_plugins.builtin.ray.replica_set import DEFAULT_MAX_RESTARTS, ReplicaPool
+from sgl_plugins.builtin.ray.replica_set import (
+    DEFAULT_MAX_RESTARTS,
+    ReplicaPool,
+    request_error,
+    suspect,
+)
 from sgl_plugins.routing import Decision, Router, RouterConfig, Unit, graph_units, subgraph
 
 NUMERIC_RATIOS = ("hit_rate", "kv_usage")
@@ -144,11 +158,19 @@ class RayBackend(BackendBase):
                 )
                 while (ref := self._next(refs)) is not None:
                     chunk = self._ray.get(ref)
+                    message = finish_fields(chunk.meta_info)[2]
+                    if suspect(chunk.finish_reason, message) and self._unhealthy(decision):
+                        if not sent:
+                            break  # nothing yielded yet: re-send it to a live replica
                     sent += 1
                     yield dataclasses.replace(
                         chunk, meta_info={**chunk.meta_info, "replica": decision.replica}
                     )
-                return
+                else:
+                    return
+            except self._ray.exceptions.RayTaskError as exc:
+                if request_error(exc) or not self._unhealthy(decision) or sent:
+                    raise
             except (self._ray.exceptions.RayActorError, _Hung) as exc:
                 self._lost(decision, exc)
                 if sent:
@@ -200,7 +222,7 @@ class RayBackend(BackendBase):
 
     def _run_units(self, graph: Any, units: Sequence[Unit], results: dict[int, Any]) -> list[Unit]:
         """Route `units`, run one sub-graph per replica, store results by leaf id; returns the
-        units of replicas that died (to route again)."""
+        units of replicas that died or whose engine did (to route again)."""
         by_replica: dict[int, list[Unit]] = {}
         epochs: dict[int, Decision] = {}
         for unit in units:
@@ -223,8 +245,16 @@ class RayBackend(BackendBase):
                 self._lost(decision, exc)
                 retry.extend(group)
                 continue
+            except self._ray.exceptions.RayTaskError as exc:
+                if request_error(exc) or not self._unhealthy(decision):
+                    raise
+                retry.extend(group)
+                continue
             finally:
                 self.router.release(replica, weight, decision.epoch)
+            if any(suspect(o.finish_reason, o.error) for o in outs) and self._unhealthy(decision):
+                retry.extend(group)  # its engine is dead: every leaf of the group runs again
+                continue
             for leaf_id, out in zip(original, outs, strict=True):
                 leaf = graph.leaf(leaf_id)
                 results[leaf_id] = dataclasses.replace(
@@ -242,6 +272,9 @@ class RayBackend(BackendBase):
                 return self._get(call(self.replicas[decision.replica]), self._deadline())
             except (self._ray.exceptions.RayActorError, _Hung) as exc:
                 self._lost(decision, exc)
+            except self._ray.exceptions.RayTaskError as exc:
+                if request_error(exc) or not self._unhealthy(decision):
+                    raise
             finally:
                 self.router.release(decision.replica, epoch=decision.epoch)
 
@@ -275,6 +308,11 @@ class RayBackend(BackendBase):
             self.replica_set.hung(decision.replica, decision.epoch, self.call_timeout_s or 0)
         else:
             self.replica_set.lost(decision.replica, decision.epoch)
+
+    def _unhealthy(self, decision: Decision) -> bool:
+        """After an abort or error from the replica of `decision`: whether its engine cannot
+        serve (then it is out of routing, and killed for Ray to restart; `ReplicaSet.check`)."""
+        return self.replica_set.check(decision.replica, decision.epoch) is not None
 
     def _tokens(self, prompt: str | Sequence[int]) -> tuple[int, ...]:
         if isinstance(prompt, str):

@@ -29,6 +29,17 @@ class Replica:
         """(replica index, process id) once the engine has loaded."""
         return self.index, os.getpid()
 
+    def health(self) -> str | None:
+        """The engine's `health()`: None while it can serve, else why not (a dead
+        tensor-parallel rank or engine process, a shut-down engine) -- the actor itself may be
+        alive. Mutates nothing."""
+        return self.backend.engine.health()
+
+    def engine_pids(self) -> list[int]:
+        """The engine's processes beyond this actor (a `ProcessEngine`'s child, then its
+        follower ranks); empty for an in-process engine."""
+        return list(getattr(self.backend.engine, "pids", []))
+
     def tokenizer(self) -> Any:
         return self.backend.tokenizer
 

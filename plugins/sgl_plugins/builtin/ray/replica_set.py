@@ -13,6 +13,12 @@ killed so that Ray restarts it), the router stops routing to it and a `ready` pr
 when the probe answers (Ray queues nothing for a restarting actor: an "actor is restarting"
 answer is probed again shortly), the router takes the replica back with an empty prefix tree.
 Once Ray gives up (`ActorDiedError`, after `max_restarts` restarts) the replica stays out.
+
+An engine can die while its actor lives (a tensor-parallel rank or the engine's process
+killed): its requests then end as aborts. A call that ends in an abort not asked for by a
+client, or in an error, asks the replica's `health()` (`check`); a replica whose engine cannot
+serve is lost like a hung one -- killed, so that Ray restarts it with a fresh engine. An abort
+of a healthy replica (a constraint that cannot be met, a full KV cache) changes nothing.
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sgl_engine.errors import InvalidRequestError
+
 from sgl_plugins.builtin.local import EnginePool
 from sgl_plugins.routing import NoReplicaError, Router, RouterConfig
 
 DEFAULT_INIT = {"include_dashboard": False, "configure_logging": False}
 DEFAULT_MAX_RESTARTS = 3
 PROBE_INTERVAL_S = 0.2
+HEALTH_CALL_S = 60.0  # a ProcessEngine bounds its own health() at 20 s
+CLIENT_ABORT = "aborted by client"  # the scheduler's message for `Engine.abort(rid)`
 
 
 def import_ray() -> Any:
@@ -124,6 +134,25 @@ class ReplicaSet:
         routing, and its actor killed (Ray restarts it while restarts remain)."""
         self.lost(replica, epoch, f"missed a {timeout_s:g}s call deadline", kill=True)
 
+    def check(self, replica: int, epoch: int) -> str | None:
+        """A call routed to `replica` in `epoch` ended in an abort or an error: ask its engine's
+        health. Unhealthy: take it out and kill its actor (as `lost(..., kill=True)`; Ray
+        restarts it with a fresh engine) and return why; healthy: None, nothing changes (the
+        abort was the request's own). A replica that dies meanwhile is `lost`; one that does
+        not answer in `HEALTH_CALL_S` is treated as hung. Blocks on one Ray call; locks and
+        mutates as `lost`."""
+        try:
+            why = self.ray.get(self.replicas[replica].health.remote(), timeout=HEALTH_CALL_S)
+        except self.ray.exceptions.RayActorError:
+            self.lost(replica, epoch)
+            return "died"
+        except self.ray.exceptions.GetTimeoutError:
+            self.hung(replica, epoch, HEALTH_CALL_S)
+            return "hung"
+        if why is not None:
+            self.lost(replica, epoch, f"engine cannot serve: {why}", kill=True)
+        return why
+
     def _probe(self, replica: int, old_pid: int | None = None) -> None:
         """Ask the restarting `replica` whether it is up; an answer from `old_pid` (the
         process killed for hanging, not dead yet) does not count."""
@@ -174,6 +203,18 @@ class ReplicaPool(EnginePool):
 
     def acquire(self, model_path: str | None, **spec: Any) -> tuple[Any, ReplicaSet]:
         return super().acquire(model_path, spec)
+
+
+def suspect(finish_reason: str | None, message: str | None) -> bool:
+    """Whether a result finished so (type, abort message) may come from a dead engine:
+    an abort a client did not ask for (`ReplicaSet.check` decides)."""
+    return finish_reason == "abort" and message != CLIENT_ABORT
+
+
+def request_error(exc: BaseException) -> bool:
+    """Whether a call failed through its request's fault (an `InvalidRequestError` raised in
+    the actor: no reason to doubt the replica)."""
+    return isinstance(getattr(exc, "cause", None), InvalidRequestError)
 
 
 def _later(delay_s: float, call: Callable[[], None]) -> None:

@@ -7,7 +7,11 @@ by its prompts' common token prefix with the backend's router -- a batch sharing
 prefilled once, on one replica. A replica that dies before answering (or, with the
 backend's `call_timeout_s`, does not answer a non-streamed request in time) is taken out of
 routing (and restarted by Ray, see `replica_set.py`) and the request re-sent to another; a
-stream that already sent chunks fails (it cannot be resumed).
+stream that already sent chunks fails (it cannot be resumed). A replica whose engine died while
+its actor lives (its requests end as aborts no client asked for, or raise) is found by asking
+its health (`ReplicaSet.check`), killed for Ray to restart, and handled the same way, except
+that a stream that already sent chunks ends with the engine's abort chunk. `health()` is
+None while some replica is live, so `/health` turns 503 when none can serve.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 from sgl_engine.inputs import GenerateRequest
 
 from sgl_plugins.builtin.ray.backend import RayBackend, ReplicaDiedError
+from sgl_plugins.builtin.ray.replica_set import request_error, suspect
 from sgl_plugins.routing import NoReplicaError, prompt_units
 
 
@@ -63,6 +68,11 @@ class ReplicatedEngine:
         for r in list(self.backend.router.live):
             self.backend.replicas[r].abort.remote(rid)
 
+    def health(self) -> str | None:
+        """None while a replica is live (routed to), else why none is (`NoReplicaError`'s
+        message): what the server's /health reports. Reads the router; mutates nothing."""
+        return self.backend.router.unavailable()
+
     def metrics(self) -> dict[str, Any]:
         return self.backend.metrics()
 
@@ -92,9 +102,14 @@ class ReplicatedEngine:
                 replicas.lost(decision.replica, decision.epoch)
                 continue
             except ray.exceptions.RayTaskError as exc:
-                raise _cause(exc) from None
+                if request_error(exc) or not await self._unhealthy(decision):
+                    raise _cause(exc) from None
+                continue
             finally:
                 router.release(decision.replica, max(1, len(prompts)), decision.epoch)
+            if any(map(_suspect, out if isinstance(out, list) else [out])):
+                if await self._unhealthy(decision):
+                    continue  # its engine is dead: the whole request again, elsewhere
             return _tag(out, decision.replica)
 
     async def _stream(
@@ -110,9 +125,12 @@ class ReplicatedEngine:
                 refs = actor.generate_stream.options(num_returns="streaming").remote(request)
                 async for ref in refs:
                     chunk = await ref
+                    if _suspect(chunk) and await self._unhealthy(decision) and not sent:
+                        break  # nothing sent yet: re-send it to a live replica
                     sent += 1
                     yield _tag(chunk, decision.replica)
-                return
+                else:
+                    return
             except ray.exceptions.RayActorError as exc:
                 self.backend.replica_set.lost(decision.replica, decision.epoch)
                 if sent:
@@ -120,7 +138,8 @@ class ReplicatedEngine:
                         f"replica {decision.replica} died after {sent} chunk(s)"
                     ) from exc
             except ray.exceptions.RayTaskError as exc:
-                raise _cause(exc) from None
+                if request_error(exc) or not await self._unhealthy(decision) or sent:
+                    raise _cause(exc) from None
             finally:
                 router.release(decision.replica, epoch=decision.epoch)
 
@@ -135,6 +154,12 @@ class ReplicatedEngine:
         return await asyncio.to_thread(
             router.route, key, prompts, weight, wait_s=self.backend.call_timeout_s
         )
+
+    async def _unhealthy(self, decision: Any) -> bool:
+        """`ReplicaSet.check` (one blocking Ray call) in a thread: True when the replica's
+        engine cannot serve (it is then out of routing and being restarted)."""
+        check = self.backend.replica_set.check
+        return await asyncio.to_thread(check, decision.replica, decision.epoch) is not None
 
     def _routing_key(
         self, request: GenerateRequest
@@ -154,6 +179,11 @@ def _tag(out: Any, replica: int) -> Any:
     if isinstance(out, list):
         return [_tag(o, replica) for o in out]
     return {**out, "meta_info": {**out.get("meta_info", {}), "replica": replica}}
+
+
+def _suspect(out: dict) -> bool:
+    reason = out.get("meta_info", {}).get("finish_reason")
+    return isinstance(reason, dict) and suspect(reason.get("type"), reason.get("message"))
 
 
 def _cause(exc: Exception) -> Exception:
