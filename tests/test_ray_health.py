@@ -9,6 +9,7 @@ restarts."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -122,8 +123,8 @@ def test_a_killed_tp_rank_takes_its_replica_out_and_its_requests_rerun(backend):
 
 
 def test_the_server_over_replicas_serves_while_one_can_and_503s_when_none_can(backend):
-    """`serve --dp 2`: a request to a dead engine is re-sent; when every engine is dead past
-    max_restarts, the request fails and /health answers 503 saying why."""
+    """`serve --dp 2`: a request (streamed, then not) to a dead engine is re-sent; when every
+    engine is dead past max_restarts, the request fails and /health answers 503 saying why."""
     import httpx
     from sgl_engine.server.app import create_app
     from sgl_engine.server.launch import ServerThread
@@ -138,9 +139,13 @@ def test_the_server_over_replicas_serves_while_one_can_and_503s_when_none_can(ba
         assert backend.flush_cache()
         old = engine_pids(backend, 0)
         os.kill(old[1], signal.SIGKILL)
-        ok = client.post("/generate", json={"text": "Anyone home?", "sampling_params": params})
-        assert ok.status_code == 200 and ok.json()["meta_info"]["replica"] == 1
-        assert ok.json()["meta_info"]["finish_reason"]["type"] == "length"
+        body = {"text": "Anyone home?", "sampling_params": params, "stream": True}
+        with client.stream("POST", "/generate", json=body) as response:
+            lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+        assert response.status_code == 200 and lines[-1] == "[DONE]"
+        chunks = [json.loads(line) for line in lines[:-1]]
+        assert {c["meta_info"]["replica"] for c in chunks} == {1}  # re-sent before any chunk
+        assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
         assert replica_set.restarts == [2, 1]
         wait_until(lambda: back(backend, 0, old))
 
