@@ -200,6 +200,27 @@ def test_round_robin_spreads_the_same_batch(backend):
     assert [r.meta_info["replica"] for r in results] == [0, 1, 0, 1]
 
 
+def test_a_request_error_releases_every_replicas_load(backend):
+    """A batch whose leaf on replica 0 is invalid raises that leaf's error; the leaves routed to
+    replica 1 in the same batch are released too (the router counted them as in flight)."""
+    from sgl_engine.errors import InvalidRequestError
+    from sgl_plugins.routing import Router, RouterConfig
+
+    prompts = ["An invalid leaf", "A valid leaf", "Another valid one"]
+    params = [{"temperature": -1}, GREEDY, GREEDY]  # round robin: replicas 0, 1, 0
+    graph = CallGraph.from_prompts(prompts, backend.tokenizer, params)
+    graph_aware = backend.router
+    backend.replica_set.router = Router(2, RouterConfig(policy="round_robin"))
+    try:
+        with pytest.raises(ray.exceptions.RayTaskError) as info:
+            backend.run_graph(graph)
+        assert isinstance(info.value.cause, InvalidRequestError)
+        assert backend.router.stats()["in_flight"] == [0, 0]
+        assert backend.router.live == [0, 1]  # a request's error is not the replica's
+    finally:
+        backend.replica_set.router = graph_aware
+
+
 def test_the_http_server_over_replicas(backend):
     """What `sgl-adapters serve --dp 2` serves: the ordinary app over `ReplicatedEngine`."""
     import httpx

@@ -222,48 +222,59 @@ class RayBackend(BackendBase):
 
     def _run_units(self, graph: Any, units: Sequence[Unit], results: dict[int, Any]) -> list[Unit]:
         """Route `units`, run one sub-graph per replica, store results by leaf id; returns the
-        units of replicas that died or whose engine did (to route again)."""
+        units of replicas that died or whose engine did (to route again). Each replica's
+        routed load is released exactly once, whatever is raised."""
         by_replica: dict[int, list[Unit]] = {}
         epochs: dict[int, Decision] = {}
-        for unit in units:
-            decision: Decision = self._route(unit.key, unit.prompts, len(unit.leaves))
-            by_replica.setdefault(decision.replica, []).append(unit)
-            epochs[decision.replica] = decision
-        calls = []
-        for replica, group in by_replica.items():
-            leaf_ids = sorted(i for unit in group for i in unit.leaves)
-            sub, original = subgraph(graph, leaf_ids)
-            calls.append((replica, group, original, self.replicas[replica].run_graph.remote(sub)))
-        deadline = self._deadline()
-        retry: list[Unit] = []
-        for replica, group, original, ref in calls:
-            weight = sum(len(u.leaves) for u in group)
-            decision = epochs[replica]
-            try:
-                outs = self._get(ref, deadline)
-            except (self._ray.exceptions.RayActorError, _Hung) as exc:
-                self._lost(decision, exc)
-                retry.extend(group)
-                continue
-            except self._ray.exceptions.RayTaskError as exc:
-                if request_error(exc) or not self._unhealthy(decision):
-                    raise
-                retry.extend(group)
-                continue
-            finally:
-                self.router.release(replica, weight, decision.epoch)
-            if any(suspect(o.finish_reason, o.error) for o in outs) and self._unhealthy(decision):
-                retry.extend(group)  # its engine is dead: every leaf of the group runs again
-                continue
-            for leaf_id, out in zip(original, outs, strict=True):
-                leaf = graph.leaf(leaf_id)
-                results[leaf_id] = dataclasses.replace(
-                    out,
-                    leaf_id=leaf_id,
-                    metadata=leaf.metadata,
-                    meta_info={**out.meta_info, "replica": replica},
+        unreleased: dict[int, int] = {}  # replica -> leaves routed to it, not yet released
+        try:
+            for unit in units:
+                decision: Decision = self._route(unit.key, unit.prompts, len(unit.leaves))
+                by_replica.setdefault(decision.replica, []).append(unit)
+                epochs[decision.replica] = decision
+                unreleased[decision.replica] = unreleased.get(decision.replica, 0) + len(
+                    unit.leaves
                 )
-        return retry
+            calls = []
+            for replica, group in by_replica.items():
+                leaf_ids = sorted(i for unit in group for i in unit.leaves)
+                sub, original = subgraph(graph, leaf_ids)
+                ref = self.replicas[replica].run_graph.remote(sub)
+                calls.append((replica, group, original, ref))
+            deadline = self._deadline()
+            retry: list[Unit] = []
+            for replica, group, original, ref in calls:
+                decision = epochs[replica]
+                try:
+                    outs = self._get(ref, deadline)
+                except (self._ray.exceptions.RayActorError, _Hung) as exc:
+                    self._lost(decision, exc)
+                    retry.extend(group)
+                    continue
+                except self._ray.exceptions.RayTaskError as exc:
+                    if request_error(exc) or not self._unhealthy(decision):
+                        raise
+                    retry.extend(group)
+                    continue
+                finally:
+                    self.router.release(replica, unreleased.pop(replica), decision.epoch)
+                if any(suspect(o.finish_reason, o.error) for o in outs) and self._unhealthy(
+                    decision
+                ):
+                    retry.extend(group)  # its engine is dead: every leaf of the group runs again
+                    continue
+                for leaf_id, out in zip(original, outs, strict=True):
+                    leaf = graph.leaf(leaf_id)
+                    results[leaf_id] = dataclasses.replace(
+                        out,
+                        leaf_id=leaf_id,
+                        metadata=leaf.metadata,
+                        meta_info={**out.meta_info, "replica": replica},
+                    )
+            return retry
+        finally:  # a call that raised (or a route that failed) left the others counted
+            for replica, weight in unreleased.items():
+                self.router.release(replica, weight, epochs[replica].epoch)
 
     def _routed_call(self, key: Sequence[int], call: Any) -> Any:
         while True:
