@@ -101,6 +101,13 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
         help="seconds a --dp replica may take for one request before it counts as hung "
         "(killed, restarted, the request re-sent); default: no deadline",
     )
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        default=10.0,
+        help="seconds between health checks of every --dp replica's engine (a dead one is "
+        "taken out and restarted without waiting for traffic; 0: no checks; default 10)",
+    )
     parser.set_defaults(func=run_serve)
 
 
@@ -121,6 +128,7 @@ def run_serve(args: argparse.Namespace) -> int:
             policy=args.router_policy,
             max_restarts=args.max_restarts,
             call_timeout_s=args.call_timeout,
+            health_interval_s=args.health_interval,
         )
         engine = ReplicatedEngine(backend, owns_backend=True)
     serve_from_args(args, families=get_plugin_manager().model_families(), engine=engine)

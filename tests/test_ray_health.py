@@ -3,8 +3,9 @@ a tensor-parallel engine (tp_size=2 on the CPU, gloo: the engine's rank 0 in a c
 the actor, rank 1 in another). Killing one of those processes leaves the actor alive and every
 request it gets aborted; the backend asks the replica's health, kills the actor so that Ray
 restarts it with a fresh engine, and re-runs the request on the other replica. Ordinary aborts
-(a client's, an invalid constraint) leave a healthy replica alone. One cluster and one backend
-(max_restarts=2) for the module; the tests run in order and the last one uses the last
+(a client's, an invalid constraint) leave a healthy replica alone. The health monitor is off
+here (health_interval_s=None), so the calls alone find each dead engine; the monitor is
+test_ray_monitor.py's. One cluster and one backend (max_restarts=2) for the module; the tests run in order and the last one uses the last
 restarts."""
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def backend(tiny_llama):
     from sgl_plugins.builtin.ray import RayBackend
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
-    b = RayBackend(tiny_llama, replicas=2, engine_kwargs=ENGINE, max_restarts=2)
+    b = RayBackend(
+        tiny_llama, replicas=2, engine_kwargs=ENGINE, max_restarts=2, health_interval_s=None
+    )
     yield b
     b.close()
     ray.shutdown()

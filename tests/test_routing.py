@@ -210,3 +210,5 @@ def test_serve_takes_dp_and_a_router_policy():
     args = build_parser().parse_args(["serve", "--dp", "4", "--router-policy", "round_robin"])
     assert args.dp == 4 and args.router_policy == "round_robin"
     assert build_parser().parse_args(["serve"]).dp == 1
+    assert build_parser().parse_args(["serve"]).health_interval == 10.0
+    assert build_parser().parse_args(["serve", "--health-interval", "0"]).health_interval == 0

@@ -69,8 +69,8 @@ class Decision:
 class Router:
     """Picks a replica for each routing unit and tracks in-flight load per replica.
 
-    Thread-safe: `route`, `release`, `remove`, `restore`, `give_up`, `unavailable` and `stats`
-    take one lock
+    Thread-safe: `route`, `release`, `remove`, `restore`, `give_up`, `unavailable`,
+    `live_epochs` and `stats` take one lock
     (a condition: `route` may wait on it for a restarting replica); they mutate the loads, the
     counters, the live list and the prefix tree. A replica's epoch counts its removals, so a
     late failure or release of a call routed before a restart does not touch the new
@@ -189,6 +189,11 @@ class Router:
         with self._lock:
             for replica in replicas:
                 self.tree.remove_tenant(replica)
+
+    def live_epochs(self) -> list[tuple[int, int]]:
+        """(replica, epoch) of each live replica, read together."""
+        with self._lock:
+            return [(r, self.epochs[r]) for r in self.live]
 
     def unavailable(self) -> str | None:
         """None while a replica is live, else `NoReplicaError`'s message (why each is out)."""

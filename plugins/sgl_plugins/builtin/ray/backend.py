@@ -40,6 +40,7 @@ from sgl_plugins.backend import (
     finish_fields,
 )
 from sgl_plugins.builtin.ray.replica_set import (
+    DEFAULT_HEALTH_INTERVAL_S,
     DEFAULT_MAX_RESTARTS,
     ReplicaPool,
     request_error,
@@ -70,7 +71,10 @@ class RayBackend(BackendBase):
     replica (a sub-graph, a score, the wait for a stream's next chunk); a replica missing it
     is treated as hung (killed, restarted) and the call re-routed. None (default): no
     deadline, because one sub-graph may legitimately decode for minutes; set it above your
-    longest call. Per backend, not part of the shared replica set.
+    longest call. Per backend, not part of the shared replica set. `health_interval_s`: how
+    often the replica set's health monitor asks every live replica's engine whether it can
+    serve (default 10 s; 0 or None: never, a dead engine is then found only by a call); part
+    of the shared set, like `max_restarts`.
     """
 
     capabilities = CAPABILITIES
@@ -89,6 +93,7 @@ class RayBackend(BackendBase):
         ray_init: Mapping[str, Any] | None = None,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
         call_timeout_s: float | None = None,
+        health_interval_s: float | None = DEFAULT_HEALTH_INTERVAL_S,
         chat_template: str | None = None,
         pool: ReplicaPool | None = None,
         name: str = "ray",
@@ -116,6 +121,7 @@ class RayBackend(BackendBase):
             max_concurrency=max_concurrency,
             ray_init=ray_init,
             max_restarts=max_restarts,
+            health_interval_s=health_interval_s,
         )
         self._ray = self.replica_set.ray
 

@@ -19,11 +19,21 @@ killed): its requests then end as aborts. A call that ends in an abort not asked
 client, or in an error, asks the replica's `health()` (`check`); a replica whose engine cannot
 serve is lost like a hung one -- killed, so that Ray restarts it with a fresh engine. An abort
 of a healthy replica (a constraint that cannot be met, a full KV cache) changes nothing.
+
+So that an engine that dies while idle is found without traffic (and `/health` of
+`serve --dp` turns 503 when none can serve), a health monitor -- one daemon thread per set,
+like sgl-router's periodic worker checks -- asks every live replica's health each
+`health_interval_s` (`sweep`) and takes out, as `check` does, each one that is unhealthy, dead
+or does not answer. It stops when the set shuts down. Health calls run in the actor's own
+"health" concurrency group, so a replica whose `max_concurrency` request threads are all busy
+still answers them (it is not mistaken for a hung one).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,7 +46,12 @@ DEFAULT_INIT = {"include_dashboard": False, "configure_logging": False}
 DEFAULT_MAX_RESTARTS = 3
 PROBE_INTERVAL_S = 0.2
 HEALTH_CALL_S = 60.0  # a ProcessEngine bounds its own health() at 20 s
+DEFAULT_HEALTH_INTERVAL_S = 10.0
+HEALTH_GROUP = "health"  # the actors' concurrency group for health calls
+MONITOR_JOIN_S = 10.0
 CLIENT_ABORT = "aborted by client"  # the scheduler's message for `Engine.abort(rid)`
+
+logger = logging.getLogger(__name__)
 
 
 def import_ray() -> Any:
@@ -52,7 +67,9 @@ class ReplicaSet:
     the router locks, the tokenizer is fetched once under a lock, Ray handles are shared;
     `lost`/`hung` and the probes' callbacks (on Ray's threads) update the router and
     `restarts`/`pids` under the set's lock. `max_restarts`: restarts Ray may make of each
-    replica (0: never)."""
+    replica (0: never). `health_interval_s`: seconds between the health monitor's rounds
+    (`sweep`, on a daemon thread started here and stopped by `shutdown`); 0 or None: no
+    monitor, a dead engine is then found only by a call that ends in an abort or error."""
 
     def __init__(
         self,
@@ -64,9 +81,12 @@ class ReplicaSet:
         max_concurrency: int = 256,
         ray_init: Mapping[str, Any] | None = None,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
+        health_interval_s: float | None = DEFAULT_HEALTH_INTERVAL_S,
     ) -> None:
         if max_restarts < 0:
             raise ValueError("max_restarts must be >= 0")
+        if health_interval_s is not None and health_interval_s < 0:
+            raise ValueError("health_interval_s must be >= 0 (0 or None: no health monitor)")
         ray = import_ray()
         if not ray.is_initialized():
             ray.init(**{**DEFAULT_INIT, **dict(ray_init or {})})
@@ -75,7 +95,7 @@ class ReplicaSet:
         self.ray = ray
         self.router = Router(num_replicas, router_config)
         options = dict(replica_options or default_options(engine_kwargs))
-        actor = ray.remote(Replica).options(
+        actor = ray.remote(concurrency_groups={HEALTH_GROUP: 2})(Replica).options(
             max_concurrency=max_concurrency,
             max_restarts=max_restarts,
             max_task_retries=0,
@@ -89,6 +109,13 @@ class ReplicaSet:
         self._lock = threading.Lock()
         self._closed = False
         self._tokenizer: Any = None
+        self._stop = threading.Event()
+        self.monitor: threading.Thread | None = None
+        if health_interval_s:
+            self.monitor = threading.Thread(
+                target=self._watch, args=(health_interval_s,), name="ray-health", daemon=True
+            )
+            self.monitor.start()
 
     @property
     def tokenizer(self) -> Any:
@@ -112,6 +139,8 @@ class ReplicaSet:
         is killed here): take it out of routing and, while restarts remain, wait for Ray's
         restart. False when another call saw it first."""
         with self._lock:
+            if self._closed:
+                return False
             used, limit = self.restarts[replica], self.max_restarts
             restart = used < limit
             if restart:
@@ -141,8 +170,32 @@ class ReplicaSet:
         abort was the request's own). A replica that dies meanwhile is `lost`; one that does
         not answer in `HEALTH_CALL_S` is treated as hung. Blocks on one Ray call; locks and
         mutates as `lost`."""
+        return self._judge(replica, epoch, self._ask_health(replica), HEALTH_CALL_S)
+
+    def sweep(self) -> list[int]:
+        """One round of the health monitor: ask every live replica's health at once (one Ray
+        call each, all answered within `HEALTH_CALL_S`) and handle each answer as `check` does,
+        in the epoch the replica was live in when asked (a replica taken out and back
+        meanwhile is left alone). Returns the replicas found dead, hung or unhealthy. Holds no lock during a Ray
+        call; locks and mutates as `lost`."""
+        live = self.router.live_epochs()
+        refs = [self._ask_health(r) for r, _ in live]
+        deadline = time.monotonic() + HEALTH_CALL_S
+        out = []
+        for (replica, epoch), ref in zip(live, refs, strict=True):
+            wait_s = max(0.0, deadline - time.monotonic())
+            if self._judge(replica, epoch, ref, wait_s) is not None:
+                out.append(replica)
+        return out
+
+    def _ask_health(self, replica: int) -> Any:
+        return self.replicas[replica].health.options(concurrency_group=HEALTH_GROUP).remote()
+
+    def _judge(self, replica: int, epoch: int, ref: Any, timeout_s: float) -> str | None:
+        """Wait up to `timeout_s` for the health answer `ref` of `replica` (asked in `epoch`):
+        dead, hung or unhealthy takes it out (`lost`); returns why, None when healthy."""
         try:
-            why = self.ray.get(self.replicas[replica].health.remote(), timeout=HEALTH_CALL_S)
+            why = self.ray.get(ref, timeout=timeout_s)
         except self.ray.exceptions.RayActorError:
             self.lost(replica, epoch)
             return "died"
@@ -152,6 +205,20 @@ class ReplicaSet:
         if why is not None:
             self.lost(replica, epoch, f"engine cannot serve: {why}", kill=True)
         return why
+
+    def _watch(self, interval_s: float) -> None:
+        """The monitor thread: a `sweep` every `interval_s` until `shutdown`."""
+        while not self._stop.wait(interval_s):
+            try:
+                taken = self.sweep()
+            except Exception:  # noqa: BLE001 -- Ray going down; the next round tries again
+                if self._stop.is_set():
+                    return
+                logger.exception("replica health round failed")
+                continue
+            if taken:
+                down = self.router.stats()["down"]
+                logger.warning("health monitor took out replica(s) %s: %s", taken, down)
 
     def _probe(self, replica: int, old_pid: int | None = None) -> None:
         """Ask the restarting `replica` whether it is up; an answer from `old_pid` (the
@@ -180,17 +247,21 @@ class ReplicaSet:
             )
 
     def shutdown(self) -> None:
-        """Stop the engines, kill the actors (nothing to do once Ray itself is shut down)."""
-        self._closed = True
-        if not self.ray.is_initialized():
-            return
-        for r in list(self.router.live):
-            try:
-                self.ray.get(self.replicas[r].shutdown.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 -- killed below either way
-                pass
-        for actor in self.replicas:
-            self.ray.kill(actor)
+        """Stop the health monitor and the engines, kill the actors (nothing to do once Ray
+        itself is shut down), then wait (bounded) for the monitor thread to end."""
+        with self._lock:
+            self._closed = True
+        self._stop.set()
+        if self.ray.is_initialized():
+            for r in list(self.router.live):
+                try:
+                    self.ray.get(self.replicas[r].shutdown.remote(), timeout=30)
+                except Exception:  # noqa: BLE001 -- killed below either way
+                    pass
+            for actor in self.replicas:
+                self.ray.kill(actor)
+        if self.monitor is not None and self.monitor is not threading.current_thread():
+            self.monitor.join(MONITOR_JOIN_S)  # its pending health calls fail with the kills
 
 
 class ReplicaPool(EnginePool):
