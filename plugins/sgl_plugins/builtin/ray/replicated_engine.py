@@ -10,8 +10,9 @@ routing (and restarted by Ray, see `replica_set.py`) and the request re-sent to 
 stream that already sent chunks fails (it cannot be resumed). A replica whose engine died while
 its actor lives (its requests end as aborts no client asked for, or raise) is found by asking
 its health (`ReplicaSet.check`), killed for Ray to restart, and handled the same way, except
-that a stream that already sent chunks ends with the engine's abort chunk. `health()` is
-None while some replica is live, so `/health` turns 503 when none can serve.
+that a stream that already sent chunks ends with the engine's abort chunk; the replica set's
+health monitor finds one with no traffic. `health()` is None while some replica is live, so
+`/health` turns 503 when none can serve.
 """
 
 from __future__ import annotations
