@@ -126,6 +126,34 @@ def test_inspect_runs_in_the_child_and_reports_what_it_cannot_send(eng):
         eng.inspect(_raises)
 
 
+def test_a_submit_the_child_cannot_handle_fails_alone(eng):
+    """A failure while the child hands requests to its scheduler finishes those requests with
+    an abort saying why; the engine process serves on (it used to end its message loop)."""
+    eng.inspect(_break_enqueue)
+    try:
+        outs = eng.generate(["a", "b"], {**GREEDY, "max_new_tokens": 3})
+    finally:
+        eng.inspect(_mend_enqueue)
+    for out in outs:
+        assert out["meta_info"]["finish_reason"]["type"] == "abort"
+        assert "internal error" in out["meta_info"]["finish_reason"]["message"]
+    assert eng.health() is None
+    ok = eng.generate("c", {**GREEDY, "max_new_tokens": 3})
+    assert ok["meta_info"]["finish_reason"]["type"] == "length"
+    eng.check_invariants()
+
+
+def _break_enqueue(engine):
+    def broken(reqs):
+        raise RuntimeError("enqueue broke")
+
+    engine._enqueue = broken
+
+
+def _mend_enqueue(engine):
+    del engine._enqueue
+
+
 def _unpicklable(engine):
     return threading.Lock()
 

@@ -63,6 +63,7 @@ def test_an_unhealthy_engine_gets_503_on_every_serving_route(single, monkeypatch
     _unavailable(client.get("/health_generate"), DEAD)
     _unavailable(client.post("/v1/completions", json={**COMPLETION, "stream": stream}), DEAD)
     _unavailable(client.post("/v1/chat/completions", json={**CHAT, "stream": stream}), DEAD)
+    _unavailable(client.post("/generate", json={"text": "hi", "stream": stream}), DEAD)
     assert sent == []
 
 

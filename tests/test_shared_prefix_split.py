@@ -43,11 +43,10 @@ def test_binary_search_equals_brute_force(rows):
     assert shared_prefix_len(rows) == brute_force(rows)
 
 
-@settings(max_examples=100, deadline=None, database=None)
-@given(rows=radix_rows(), minimum=st.integers(1, 6))
-def test_build_splits_decode_batches_at_the_shared_prefix(rows, minimum):
+def _decode_batch(rows: list[list[int]], minimum: int, **kwargs) -> ForwardBatch:
+    """A decode batch of `rows` (each row's last slot is its new token's)."""
     n = len(rows)
-    batch = ForwardBatch.build(
+    return ForwardBatch.build(
         ForwardMode.DECODE,
         [0] * n,
         [len(r) - 1 for r in rows],
@@ -57,7 +56,15 @@ def test_build_splits_decode_batches_at_the_shared_prefix(rows, minimum):
         rows,
         torch.device("cpu"),
         shared_prefix_min=minimum,
+        **kwargs,
     )
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(rows=radix_rows(), minimum=st.integers(1, 6))
+def test_build_splits_decode_batches_at_the_shared_prefix(rows, minimum):
+    n = len(rows)
+    batch = _decode_batch(rows, minimum)
     assert batch.kv_indices.tolist() == [s for r in rows for s in r]
     shared = brute_force(rows)
     if shared < minimum:
@@ -165,18 +172,7 @@ def test_split_only_builds_list_the_split_alone(rows, minimum):
     """A batch built for a cascade graph: split, it carries the shared slots and each row's own
     slots and no full lists; not split (too little shared), it carries the full lists."""
     n = len(rows)
-    batch = ForwardBatch.build(
-        ForwardMode.DECODE,
-        [0] * n,
-        [len(r) - 1 for r in rows],
-        [r[-1] for r in rows],
-        [1] * n,
-        [len(r) - 1 for r in rows],
-        rows,
-        torch.device("cpu"),
-        shared_prefix_min=minimum,
-        split_only=True,
-    )
+    batch = _decode_batch(rows, minimum, split_only=True)
     shared = brute_force(rows)
     assert batch.qo_indptr.tolist() == list(range(n + 1))
     assert batch.seq_lens == [len(r) for r in rows]

@@ -96,23 +96,35 @@ class _Server:
             self.conn.send(msg)
 
     def serve(self) -> None:
-        """Handle the front's messages until it says stop or goes away."""
+        """Handle the front's messages until it says stop or goes away. A message that fails
+        is logged; a failed submit finishes its requests with an abort saying why."""
         while True:
             try:
                 msg = self.conn.recv()
             except (EOFError, OSError):
                 log.warning("the engine's front went away; stopping")
                 return
-            kind = msg[0]
-            if kind == "stop":
+            except Exception:  # noqa: BLE001 -- an undecodable message: drop it, go on
+                log.exception("could not read a message from the engine's front")
+                continue
+            if msg[0] == "stop":
                 return
-            if kind == "submit":
-                self._submit(msg[1])
-            elif kind == "abort":
-                with contextlib.suppress(RuntimeError):
-                    self.engine.abort(msg[1])
-            elif kind == "call":
-                threading.Thread(target=self._call, args=msg[1:], daemon=True).start()
+            try:
+                self._handle(msg)
+            except Exception as exc:  # noqa: BLE001 -- this message fails, the engine serves on
+                log.exception("engine process: handling %r failed", msg[0])
+                if msg[0] == "submit":
+                    self._refuse(msg[1], f"internal error: {exc!r}")
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "submit":
+            self._submit(msg[1])
+        elif kind == "abort":
+            with contextlib.suppress(RuntimeError):
+                self.engine.abort(msg[1])
+        elif kind == "call":
+            threading.Thread(target=self._call, args=msg[1:], daemon=True).start()
 
     def _submit(self, reqs: list[Req]) -> None:
         grammar = self.engine.grammar
@@ -121,6 +133,16 @@ class _Server:
                 req.grammar_future = _compile(grammar, req.grammar_future.constraint)
         self.engine._register(reqs, lambda req: _PipeChannel(req.rid, self))
         self.engine._enqueue(reqs)
+
+    def _refuse(self, reqs: list[Req], message: str) -> None:
+        """Finish requests that could not be handed to the scheduler with an abort."""
+        with self.engine._chan_lock:
+            for req in reqs:
+                self.engine._channels.pop(req.rid, None)
+        for req in reqs:
+            req.finish = {"type": "abort", "message": message}
+            self.send(("out", req.rid, self.engine.processor.result(req, "")))
+            self.send(("done", req.rid))
 
     def _call(self, cid: int, fn: Any, args: tuple) -> None:
         try:

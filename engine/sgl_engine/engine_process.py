@@ -167,6 +167,7 @@ class ProcessEngine(Engine):
 
     def _read(self) -> None:
         """The reader thread: deliver the child's outputs until it stops or dies."""
+        kind = None
         while True:
             try:
                 msg = self._conn.recv()
@@ -180,12 +181,13 @@ class ProcessEngine(Engine):
             elif kind == "reply":
                 self._reply(*msg[1:])
             elif kind == "stopped":
-                return
-        if not self._stopping:
+                break
+        if not self._stopping:  # it died, or stopped without being asked
             self.proc.join(1.0)
+            how = _describe(self.proc) if kind != "stopped" else "stopped unasked"
             self._fail(
-                f"the engine process (pid {self.proc.pid}) {_describe(self.proc)}; this engine "
-                "cannot serve any more requests, shut it down"
+                f"the engine process (pid {self.proc.pid}) {how}; this engine cannot serve any "
+                "more requests, shut it down"
             )
 
     def _out(self, rid: str, chunk: dict) -> None:

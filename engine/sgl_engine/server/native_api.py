@@ -18,6 +18,7 @@ from sgl_engine.server.app import (
     ServerState,
     engine_health,
     error_response,
+    require_healthy,
 )
 from sgl_engine.server.metrics import prometheus_text
 from sgl_engine.server.protocol import GenerateRequest
@@ -81,6 +82,7 @@ def _with_token_text(tok: Any, out: dict) -> dict:
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request) -> Any:
     eng = _state(request).engine
+    await require_healthy(eng)  # 503 before anything starts, a stream before its first byte
     body.check_unicode()
     if body.text is not None and body.input_ids is not None:
         raise InvalidRequestError("give either text or input_ids, not both", "text")
