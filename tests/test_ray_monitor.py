@@ -1,15 +1,16 @@
 """The `ray` backend's health monitor finds a dead engine with no traffic: 2 replicas of a tiny
-random model (in-process engines), `health_interval_s=0.2`, `max_restarts=1`. An engine is made
-dead under its live actor by shutting it down inside the actor (`Replica.shutdown`; its
-`Engine.health()` then answers "the engine has been shut down", the same path as a killed
-tensor-parallel rank in test_ray_health.py, without the cost of TP processes). No request is
-sent: the monitor alone takes the replica out, Ray restarts it, the router takes it back, and
-`ReplicatedEngine.health()` (what /health of `serve --dp` reports) turns to the reason once no
-replica can serve. One cluster and one backend for the module; the tests run in order and the
-second one spends the last restarts."""
+random model, each a tensor-parallel engine (tp_size=2 on the CPU, as in test_ray_health.py:
+rank 0 in a child process of the actor, rank 1 in another), `health_interval_s=0.2`,
+`max_restarts=1`. Killing one of those processes leaves the actor alive with an engine that
+cannot serve. No request is sent: the monitor alone takes the replica out, Ray restarts it, the
+router takes it back, and `ReplicatedEngine.health()` (what /health of `serve --dp` reports)
+turns to the reason once no replica can serve. One cluster and one backend for the module;
+the tests run in order and the second one spends the last restarts."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -19,7 +20,7 @@ ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.timeout(300)  # nothing may hang
 
-ENGINE = {"device": "cpu", "max_total_tokens": 4096}
+ENGINE = {"device": "cpu", "max_total_tokens": 4096, "tp_size": 2}
 INTERVAL_S = 0.2
 
 
@@ -44,17 +45,33 @@ def wait_until(condition, timeout_s: float = 120) -> None:
         time.sleep(0.05)
 
 
-def kill_engine(backend, replica: int) -> None:
-    """Stop `replica`'s engine; its actor lives on and answers health() with the reason."""
-    ray.get(backend.replicas[replica].shutdown.remote())
+def engine_pids(backend, replica: int) -> list[int]:
+    return ray.get(backend.replicas[replica].engine_pids.remote())
 
 
-def back(backend, replica: int, old_pid: int) -> bool:
-    """`replica` routed to again, a new actor process with a healthy engine."""
+def kill_engine(backend, replica: int) -> list[int]:
+    """SIGKILL `replica`'s tensor-parallel rank 1; its actor and rank 0 live on. Returns the
+    engine's processes."""
+    pids = engine_pids(backend, replica)
+    os.kill(pids[1], signal.SIGKILL)
+    return pids
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def back(backend, replica: int, old_pids: list[int]) -> bool:
+    """`replica` routed to again, with a healthy engine in new processes, the old ones gone."""
     return (
         replica in backend.router.live
-        and backend.replica_set.pids[replica] != old_pid
         and ray.get(backend.replicas[replica].health.remote()) is None
+        and not set(engine_pids(backend, replica)) & set(old_pids)
+        and all(gone(p) for p in old_pids)
     )
 
 
@@ -68,11 +85,10 @@ def test_the_monitor_restarts_a_dead_engine_without_traffic(backend):
     replica_set, router = backend.replica_set, backend.router
     engine = ReplicatedEngine(backend)
     assert monitors() == [replica_set.monitor] and replica_set.monitor.daemon
-    old_pid = replica_set.pids[0]
-    kill_engine(backend, 0)
+    old = kill_engine(backend, 0)
     wait_until(lambda: replica_set.restarts == [1, 0])  # taken out, actor killed by the monitor
     assert engine.health() is None  # replica 1 still serves
-    wait_until(lambda: back(backend, 0, old_pid))
+    wait_until(lambda: back(backend, 0, old))
     time.sleep(5 * INTERVAL_S)  # more rounds: a healthy replica is left alone
     assert replica_set.restarts == [1, 0] and router.live == [0, 1] and engine.health() is None
     per = backend.metrics()["replicas"]
@@ -84,12 +100,11 @@ def test_health_reports_the_reason_once_no_engine_can_serve(backend):
 
     replica_set, router = backend.replica_set, backend.router
     engine = ReplicatedEngine(backend)
-    old_pid = replica_set.pids[1]
     kill_engine(backend, 0)  # past max_restarts=1: it stays out
-    kill_engine(backend, 1)  # its one restart
-    wait_until(lambda: replica_set.restarts == [1, 1] and back(backend, 1, old_pid))
+    old = kill_engine(backend, 1)  # its one restart
+    wait_until(lambda: replica_set.restarts == [1, 1] and back(backend, 1, old))
     assert router.live == [1] and engine.health() is None
-    assert "engine cannot serve: the engine has been shut down" in router.down[0]
+    assert "engine cannot serve: tensor-parallel rank 1" in router.down[0]
     assert "max_restarts=1 reached" in router.down[0]
 
     kill_engine(backend, 1)
@@ -114,8 +129,9 @@ def test_health_answers_while_every_request_thread_is_busy(backend, tiny_llama, 
     from sgl_plugins.routing import RouterConfig
 
     monkeypatch.setattr(replica_set, "HEALTH_CALL_S", 3.0)  # a queued health call fails fast
+    engine = {**ENGINE, "tp_size": 1}
     busy = ReplicaSet(
-        tiny_llama, 1, ENGINE, RouterConfig(), max_concurrency=1, health_interval_s=None
+        tiny_llama, 1, engine, RouterConfig(), max_concurrency=1, health_interval_s=None
     )
     try:
         assert busy.monitor is None
