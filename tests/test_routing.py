@@ -212,3 +212,43 @@ def test_serve_takes_dp_and_a_router_policy():
     assert build_parser().parse_args(["serve"]).dp == 1
     assert build_parser().parse_args(["serve"]).health_interval == 10.0
     assert build_parser().parse_args(["serve", "--health-interval", "0"]).health_interval == 0
+
+
+def test_fetching_the_tokenizer_from_a_dead_first_replica_does_not_deadlock():
+    """`ReplicaSet.tokenizer` asks the first live replica; one that died is `lost`, which takes
+    the set's lock. The tokenizer is fetched under a lock of its own (it once used the set's,
+    and this deadlocked). Fakes stand in for Ray: no cluster needed."""
+    import threading
+
+    from sgl_plugins.builtin.ray.replica_set import ReplicaSet
+    from sgl_plugins.routing import Router, RouterConfig
+
+    class ActorError(Exception):
+        pass
+
+    class FakeRay:
+        class exceptions:
+            RayActorError = ActorError
+
+        @staticmethod
+        def get(ref, timeout=None):
+            if isinstance(ref, Exception):
+                raise ref
+            return ref
+
+    class Actor:
+        def __init__(self, answer):
+            self.tokenizer = type("Method", (), {"remote": staticmethod(lambda: answer)})
+
+    rs = object.__new__(ReplicaSet)
+    rs.ray, rs.router = FakeRay(), Router(2, RouterConfig())
+    rs.replicas = [Actor(ActorError("replica 0 died")), Actor("the tokenizer")]
+    rs.restarts, rs.max_restarts, rs.pids = [0, 0], 0, {}
+    rs._lock, rs._tokenizer_lock = threading.Lock(), threading.Lock()
+    rs._closed, rs._tokenizer = False, None
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(rs.tokenizer), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert got == ["the tokenizer"]
+    assert rs.router.live == [1]

@@ -64,7 +64,8 @@ def import_ray() -> Any:
 
 class ReplicaSet:
     """`num_replicas` actors each holding an engine, and a `Router` over them. Thread-safe:
-    the router locks, the tokenizer is fetched once under a lock, Ray handles are shared;
+    the router locks, the tokenizer is fetched once under a lock of its own, Ray handles are
+    shared;
     `lost`/`hung` and the probes' callbacks (on Ray's threads) update the router and
     `restarts`/`pids` under the set's lock. `max_restarts`: restarts Ray may make of each
     replica (0: never). `health_interval_s`: seconds between the health monitor's rounds
@@ -107,6 +108,7 @@ class ReplicaSet:
         self.replicas = [actor.remote(i, model_path, kwargs) for i in range(num_replicas)]
         self.pids = dict(ray.get([r.ready.remote() for r in self.replicas]))
         self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()  # not _lock: fetching it may call `lost`
         self._closed = False
         self._tokenizer: Any = None
         self._stop = threading.Event()
@@ -119,7 +121,7 @@ class ReplicaSet:
 
     @property
     def tokenizer(self) -> Any:
-        with self._lock:
+        with self._tokenizer_lock:
             if self._tokenizer is None:
                 self._tokenizer = self.call_any(lambda actor: actor.tokenizer.remote())
             return self._tokenizer
