@@ -11,28 +11,17 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
+from sgl_engine.testing import process_gone, wait_until
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-def _wait_gone(pids: list[int], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return all(_gone(p) for p in pids)
+def _all_gone(pids: list[int], seconds: float) -> None:
+    wait_until(lambda: all(process_gone(p) for p in pids), seconds)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +34,7 @@ def eng(tiny_model_dirs):
     yield engine
     pids = engine.pids
     engine.shutdown()
-    assert _wait_gone(pids, 10)
+    _all_gone(pids, 10)
 
 
 def _slots_used(engine) -> int:
@@ -194,7 +183,7 @@ def test_a_script_that_never_shuts_down_still_exits(tmp_path, tiny_llama):
         assert proc.wait(timeout=120) == 0
     finally:
         proc.kill()
-    assert _wait_gone(pids, 10)
+    _all_gone(pids, 10)
 
 
 def test_killing_the_callers_process_takes_the_child_and_followers_down(tmp_path, tiny_llama):
@@ -202,6 +191,6 @@ def test_killing_the_callers_process_takes_the_child_and_followers_down(tmp_path
     try:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        assert _wait_gone(pids, 20)
+        _all_gone(pids, 20)
     finally:
         proc.kill()

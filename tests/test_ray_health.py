@@ -19,6 +19,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from ray_support import back, engine_pids  # noqa: E402
+from sgl_engine.testing import wait_until  # noqa: E402
 from sgl_plugins.graph import CallGraph  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)  # nothing may hang
@@ -38,38 +40,6 @@ def backend(tiny_llama):
     yield b
     b.close()
     ray.shutdown()
-
-
-def engine_pids(backend, replica: int) -> list[int]:
-    return ray.get(backend.replicas[replica].engine_pids.remote())
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-def wait_until(condition, timeout_s: float = 120) -> None:
-    """Poll `condition` until true; fail after `timeout_s` (a bound, not an assertion)."""
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
-
-
-def back(backend, replica: int, old_pids: list[int]) -> bool:
-    """`replica` routed to again, with a healthy engine in new processes, the old ones gone."""
-    return (
-        replica in backend.router.live
-        and ray.get(backend.replicas[replica].health.remote()) is None
-        and not set(engine_pids(backend, replica)) & set(old_pids)
-        and all(gone(p) for p in old_pids)
-    )
 
 
 def test_ordinary_aborts_leave_a_healthy_replica_live(backend):

@@ -9,14 +9,15 @@ the tests run in order and the second one spends the last restarts."""
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 
 import pytest
 
 ray = pytest.importorskip("ray")
+
+from ray_support import back, kill_rank  # noqa: E402
+from sgl_engine.testing import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)  # nothing may hang
 
@@ -37,44 +38,6 @@ def backend(tiny_llama):
     ray.shutdown()
 
 
-def wait_until(condition, timeout_s: float = 120) -> None:
-    """Poll `condition` until true; fail after `timeout_s` (a bound, not an assertion)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
-
-
-def engine_pids(backend, replica: int) -> list[int]:
-    return ray.get(backend.replicas[replica].engine_pids.remote())
-
-
-def kill_engine(backend, replica: int) -> list[int]:
-    """SIGKILL `replica`'s tensor-parallel rank 1; its actor and rank 0 live on. Returns the
-    engine's processes."""
-    pids = engine_pids(backend, replica)
-    os.kill(pids[1], signal.SIGKILL)
-    return pids
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
-def back(backend, replica: int, old_pids: list[int]) -> bool:
-    """`replica` routed to again, with a healthy engine in new processes, the old ones gone."""
-    return (
-        replica in backend.router.live
-        and ray.get(backend.replicas[replica].health.remote()) is None
-        and not set(engine_pids(backend, replica)) & set(old_pids)
-        and all(gone(p) for p in old_pids)
-    )
-
-
 def monitors() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "ray-health"]
 
@@ -85,7 +48,7 @@ def test_the_monitor_restarts_a_dead_engine_without_traffic(backend):
     replica_set, router = backend.replica_set, backend.router
     engine = ReplicatedEngine(backend)
     assert monitors() == [replica_set.monitor] and replica_set.monitor.daemon
-    old = kill_engine(backend, 0)
+    old = kill_rank(backend, 0)
     wait_until(lambda: replica_set.restarts == [1, 0])  # taken out, actor killed by the monitor
     assert engine.health() is None  # replica 1 still serves
     wait_until(lambda: back(backend, 0, old))
@@ -100,14 +63,14 @@ def test_health_reports_the_reason_once_no_engine_can_serve(backend):
 
     replica_set, router = backend.replica_set, backend.router
     engine = ReplicatedEngine(backend)
-    kill_engine(backend, 0)  # past max_restarts=1: it stays out
-    old = kill_engine(backend, 1)  # its one restart
+    kill_rank(backend, 0)  # past max_restarts=1: it stays out
+    old = kill_rank(backend, 1)  # its one restart
     wait_until(lambda: replica_set.restarts == [1, 1] and back(backend, 1, old))
     assert router.live == [1] and engine.health() is None
     assert "engine cannot serve: tensor-parallel rank 1" in router.down[0]
     assert "max_restarts=1 reached" in router.down[0]
 
-    kill_engine(backend, 1)
+    kill_rank(backend, 1)
     wait_until(lambda: engine.health() is not None)
     assert router.live == [] and "replica 1: engine cannot serve" in engine.health()
     assert "max_restarts=1 reached" in router.down[1]

@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import httpx
 import pytest
 from sgl_engine.server import ServerThread, create_app
+from sgl_engine.testing import wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -95,13 +95,6 @@ def test_a_shut_down_engine_says_so(tiny_llama):
 # ---- tensor parallelism: one TP=2 engine per scenario ----------------------------------------
 
 
-def _wait_for(predicate, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def _running(eng) -> bool:
     return eng.metrics()["running"] > 0
 
@@ -125,7 +118,7 @@ def test_a_dead_follower_rank_makes_the_server_unhealthy(tiny_llama):
                 target=lambda: result.update(r=http.post("/v1/completions", json=long))
             )
             worker.start()
-            _wait_for(lambda: _running(eng))
+            wait_until(lambda: _running(eng), 30)
             os.kill(follower, signal.SIGKILL)
             worker.join(60)
             needle = f"tensor-parallel rank 1 (pid {follower}) was killed by SIGKILL"
@@ -151,7 +144,7 @@ def test_a_dead_engine_process_makes_the_server_unhealthy(tiny_llama):
             assert http.get("/health").status_code == 200
             os.kill(core, signal.SIGKILL)
             needle = f"engine process (pid {core}) was killed by SIGKILL"
-            _wait_for(lambda: eng.failure is not None)
+            wait_until(lambda: eng.failure is not None, 30)
             assert needle in eng.health()
             _unavailable(http.get("/health"), needle)
             _unavailable(http.get("/health_generate"), needle)

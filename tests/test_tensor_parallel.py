@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch.distributed as dist
 from sgl_engine.server import ServerThread, create_app
+from sgl_engine.testing import process_gone, wait_until
 
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 PROMPTS = [
@@ -22,14 +23,6 @@ PROMPTS = [
 ]
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def _run(eng) -> list[dict]:
@@ -71,7 +64,7 @@ def test_tp2_greedy_equals_tp1(tiny_model_dirs, make_engine, arch, extra):
         lp_a = [lp for lp, *_ in a["meta_info"]["input_token_logprobs"][1:]]
         lp_b = [lp for lp, *_ in b["meta_info"]["input_token_logprobs"][1:]]
         assert lp_a == pytest.approx(lp_b, abs=1e-4)
-    assert all(_gone(pid) for pid in pids)
+    assert all(process_gone(pid) for pid in pids)
     assert not dist.is_initialized()
 
 
@@ -134,7 +127,7 @@ def test_a_killed_rank_fails_its_requests_and_the_engine_shuts_down(tiny_llama):
         eng.check_invariants()
     finally:
         eng.shutdown()
-    assert _gone(pid) and _gone(core)
+    assert process_gone(pid) and process_gone(core)
     assert not dist.is_initialized()
 
 
@@ -162,10 +155,7 @@ def test_a_killed_engine_process_fails_its_requests_and_calls(tiny_llama):
             eng.metrics()
     finally:
         eng.shutdown()
-    deadline = time.monotonic() + 10  # the follower leaves when its parent is gone
-    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert all(_gone(p) for p in pids)
+    wait_until(lambda: all(process_gone(p) for p in pids), 10)  # the follower follows
 
 
 def test_tp_size_must_divide_the_heads(tiny_llama):

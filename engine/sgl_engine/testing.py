@@ -163,3 +163,25 @@ def runner_facts(engine) -> dict:
         "one_shot_calls": 0 if fast is None else fast.calls,
         "device": str(runner.device),
     }
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process has `pid` any more (signal 0 finds none)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def wait_until(condition, timeout_s: float = 120.0, poll_s: float = 0.05) -> None:
+    """Poll `condition()` until it is true; AssertionError after `timeout_s` (a bound for
+    tests, so that nothing they wait for can hang them)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting"
+        time.sleep(poll_s)
