@@ -39,6 +39,8 @@ def backend(tiny_llama):
 
 
 def monitors() -> list[threading.Thread]:
+    """Live monitor threads (other modules' sets may still have theirs: a set that a front
+    door never released lives until its Ray session ends)."""
     return [t for t in threading.enumerate() if t.name == "ray-health"]
 
 
@@ -47,7 +49,7 @@ def test_the_monitor_restarts_a_dead_engine_without_traffic(backend):
 
     replica_set, router = backend.replica_set, backend.router
     engine = ReplicatedEngine(backend)
-    assert monitors() == [replica_set.monitor] and replica_set.monitor.daemon
+    assert replica_set.monitor in monitors() and replica_set.monitor.daemon
     old = kill_rank(backend, 0)
     wait_until(lambda: replica_set.restarts == [1, 0])  # taken out, actor killed by the monitor
     assert engine.health() is None  # replica 1 still serves
@@ -80,7 +82,7 @@ def test_the_monitor_stops_when_the_backend_is_released(backend):
     monitor = backend.replica_set.monitor
     assert monitor.is_alive()
     backend.close()  # the last reference: the set shuts down
-    assert not monitor.is_alive() and monitors() == []
+    assert not monitor.is_alive() and monitor not in monitors()
 
 
 def test_health_answers_while_every_request_thread_is_busy(backend, tiny_llama, monkeypatch):

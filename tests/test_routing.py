@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -252,3 +253,40 @@ def test_fetching_the_tokenizer_from_a_dead_first_replica_does_not_deadlock():
     thread.join(10)
     assert got == ["the tokenizer"]
     assert rs.router.live == [1]
+
+
+@pytest.mark.parametrize("end", ["shutdown", "new session"])
+def test_the_health_monitor_ends_with_its_ray_session(end):
+    """A set still referenced when Ray shuts down (a front door that never released it) must
+    not keep sweeping dead handles: its monitor stops once Ray is down or re-initialised."""
+    import threading
+
+    from sgl_plugins.builtin.ray.replica_set import ReplicaSet
+
+    state = {"up": True, "job": "01000000"}
+
+    class FakeRay:
+        @staticmethod
+        def is_initialized():
+            return state["up"]
+
+        @staticmethod
+        def get_runtime_context():
+            return type("Ctx", (), {"get_job_id": staticmethod(lambda: state["job"])})
+
+    sweeps: list[int] = []
+    rs = object.__new__(ReplicaSet)
+    rs.ray, rs._stop = FakeRay(), threading.Event()
+    rs.sweep = lambda: sweeps.append(1) or []
+    thread = threading.Thread(target=rs._watch, args=(0.01,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(sweeps) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert thread.is_alive() and len(sweeps) >= 3
+    if end == "shutdown":
+        state["up"] = False
+    else:
+        state["job"] = "02000000"
+    thread.join(5)
+    assert not thread.is_alive()

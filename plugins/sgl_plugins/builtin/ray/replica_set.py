@@ -209,8 +209,13 @@ class ReplicaSet:
         return why
 
     def _watch(self, interval_s: float) -> None:
-        """The monitor thread: a `sweep` every `interval_s` until `shutdown`."""
+        """The monitor thread: a `sweep` every `interval_s` until `shutdown`, or until the Ray
+        session it was started in ends (a set still referenced when Ray shuts down, say by a
+        front door that never released it, must not go on calling dead handles)."""
+        job = self.ray.get_runtime_context().get_job_id()
         while not self._stop.wait(interval_s):
+            if not self.ray.is_initialized() or self.ray.get_runtime_context().get_job_id() != job:
+                return
             try:
                 taken = self.sweep()
             except Exception:  # noqa: BLE001 -- Ray going down; the next round tries again
