@@ -1,7 +1,8 @@
 """Rank 0's side of tensor parallelism: start the follower ranks, lead them, watch them, stop them.
 
-The engine process is rank 0: it keeps the scheduler, the radix cache and the sampler, and holds
-shard 0 of the model. Ranks 1..N-1 are processes started with torch.multiprocessing (spawn);
+The engine process is rank 0 (a `ProcessEngine`'s child: the caller's process is only its front,
+`engine_process.py`): it keeps the scheduler, the radix cache and the sampler, and holds shard 0
+of the model. Ranks 1..N-1 are processes started with torch.multiprocessing (spawn);
 each runs `worker.follow` and does, step by step, what rank 0's plan says. A rank that dies is
 noticed by a watchdog thread: the other followers are stopped and every later (and the current)
 forward pass raises `TensorParallelError` naming the rank, which fails those requests; the
