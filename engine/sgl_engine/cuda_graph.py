@@ -197,8 +197,12 @@ class CudaGraphRunner:
         return self.sizes[bisect.bisect_left(self.sizes, n)]
 
     def takes_cascade(self, batch: ForwardBatch) -> bool:
-        """Whether `run` replays `batch` in its size's shared-prefix graph."""
-        return batch.shared_prefix > 0 and self._size(batch.batch_size) in self.cascade_graphs
+        """Whether `run` replays `batch` in its size's shared-prefix graph; raises for a batch
+        built split-only (no `kv_indptr`) that has none to replay, as it lists nothing else."""
+        cascade = batch.shared_prefix > 0 and self._size(batch.batch_size) in self.cascade_graphs
+        if not cascade and batch.kv_indptr is None:
+            raise ValueError("a split-only decode batch has no shared-prefix graph to replay")
+        return cascade
 
     def run(self, batch: ForwardBatch) -> GraphOutput:
         """Replay for `batch` (decode only); returns its first batch_size rows. A batch built
@@ -206,8 +210,6 @@ class CudaGraphRunner:
         n = batch.batch_size
         bs = self._size(n)
         cascade = self.takes_cascade(batch)
-        if not cascade and batch.kv_indptr is None:
-            raise ValueError("a split-only decode batch has no shared-prefix graph to replay")
         self.input_ids[:n].copy_(batch.input_ids)
         self.positions[:n].copy_(batch.positions)
         self.out_loc[:n].copy_(batch.out_cache_loc)

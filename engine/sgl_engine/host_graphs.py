@@ -34,15 +34,11 @@ class HostGraphs(CudaGraphRunner):
         self.sizes = default_batch_sizes(max_bs)
         self.max_kv = kv_index_capacity(self.sizes[-1], runner.context_length)
         self.eager_fallbacks = self.cascade_replays = self.plain_replays = 0
-        self.cascade_graphs = {bs: None for bs in self.sizes if bs >= CASCADE_MIN_ROWS}
-        if not cascade:
-            self.cascade_graphs = {}
+        self.cascade_graphs = {bs: None for bs in self.sizes if cascade and bs >= CASCADE_MIN_ROWS}
         self.stub, self.hidden_size = stub, runner.model_config.hidden_size
 
     def run(self, batch: ForwardBatch) -> GraphOutput:
         cascade = self.takes_cascade(batch)
-        if not cascade and batch.kv_indptr is None:
-            raise ValueError("a split-only decode batch has no shared-prefix graph to replay")
         self.cascade_replays += cascade
         self.plain_replays += not cascade
         if self.stub:
