@@ -105,13 +105,9 @@ class ProcessEngine(Engine):
         self._ids = itertools.count()
         self._stopping = False
         self.failure: str | None = None
+        self._reader = threading.Thread(target=self._read, name="sgl-engine-reader", daemon=True)
         spec = CoreSpec(path, random_weights, kwargs, logging.getLogger().getEffectiveLevel())
-        self._unregister: Callable[[], None] = lambda: None
-        try:
-            self.info = self._start(spec)
-        except BaseException:
-            self._unregister()
-            raise
+        self.info = self._start(spec)
         self.grammar = DeferredGrammar() if self.info["grammar"] else None
         self.builder = RequestBuilder(
             self.tokenizer,
@@ -121,7 +117,6 @@ class ProcessEngine(Engine):
             self.grammar,
             self.config.max_top_logprobs,
         )
-        self._reader = threading.Thread(target=self._read, name="sgl-engine-reader", daemon=True)
         self._reader.start()
 
     # ---- the child process -----------------------------------------------------------------
@@ -137,22 +132,29 @@ class ProcessEngine(Engine):
         )
         self.proc.start()
         child_conn.close()
-        self._unregister = _stop_at_exit(self.proc, self._conn)
+        # Without `shutdown()`, multiprocessing would wait at exit for the non-daemon child
+        # forever; registered after its own exit hook, this one runs first.
+        atexit.register(self.shutdown)
         try:
-            if not self._conn.poll(START_S):
-                raise EngineUnavailableError(f"the engine process did not start in {START_S} s")
+            return self._ready()
+        except BaseException:
+            self._kill()
+            atexit.unregister(self.shutdown)
+            raise
+
+    def _ready(self) -> dict:
+        """Wait for the child's engine to be built: its info, or its start-up error raised."""
+        if not self._conn.poll(START_S):
+            raise EngineUnavailableError(f"the engine process did not start in {START_S} s")
+        try:
             msg = self._conn.recv()
         except (EOFError, OSError) as exc:
-            self._kill()
+            self.proc.join(KILL_S)
             raise EngineUnavailableError(
                 f"the engine process (pid {self.proc.pid}) {_describe(self.proc)} while starting"
             ) from exc
-        except BaseException:
-            self._kill()
-            raise
         if msg[0] == "failed":
             self.proc.join(STOP_S)
-            self._kill()
             raise msg[1]
         return msg[1]
 
@@ -214,8 +216,7 @@ class ProcessEngine(Engine):
             self.failure = message
             lives, self._channels = list(self._channels.values()), {}
         for live in lives:
-            live.channel.put(_aborted(live, message))
-            live.channel.put(_DONE)
+            _finish(live, message)
         for cid in list(self._calls):
             fut = self._calls.pop(cid, None)
             if fut is not None:
@@ -240,8 +241,7 @@ class ProcessEngine(Engine):
         with self._chan_lock:
             live = self._channels.pop(rid, None)
         if live is not None:
-            live.channel.put(_aborted(live, message))
-            live.channel.put(_DONE)
+            _finish(live, message)
 
     def _abort_live(self, reqs: list[Req], channels: list[_Channel]) -> None:
         for req, ch in zip(reqs, channels, strict=True):
@@ -331,9 +331,10 @@ class ProcessEngine(Engine):
         if self.proc.is_alive():
             log.error("the engine process did not stop in %.0f s; killing it", STOP_S)
         self._kill()
-        self._reader.join(KILL_S)
+        if self._reader.is_alive():
+            self._reader.join(KILL_S)
         self._conn.close()
-        self._unregister()
+        atexit.unregister(self.shutdown)
         with self._chan_lock:
             left = list(self._channels)
         for rid in left:
@@ -346,6 +347,12 @@ class ProcessEngine(Engine):
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join()
+
+
+def _finish(live: _Live, message: str) -> None:
+    """End a request the child can no longer finish: an abort carrying `message`, then done."""
+    live.channel.put(_aborted(live, message))
+    live.channel.put(_DONE)
 
 
 def _aborted(live: _Live, message: str) -> dict:
@@ -367,20 +374,3 @@ def _describe(proc: multiprocessing.process.BaseProcess) -> str:
     from sgl_engine.distributed.driver import describe_exit
 
     return describe_exit(proc.exitcode)
-
-
-def _stop_at_exit(proc: Any, conn: Any) -> Callable[[], None]:
-    """Stop the child when the interpreter exits without `shutdown()` (multiprocessing would
-    otherwise wait for the non-daemon child forever). Registered after multiprocessing's own
-    exit hook, so it runs first. Returns the function that unregisters it."""
-
-    def stop() -> None:
-        with contextlib.suppress(OSError, ValueError):
-            conn.send(("stop",))
-        proc.join(STOP_S)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-
-    atexit.register(stop)
-    return lambda: atexit.unregister(stop)
