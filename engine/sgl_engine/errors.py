@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+CLIENT_ABORT = "aborted by client"  # the finish message of a request ended by `Engine.abort`
+
 
 class InvalidRequestError(ValueError):
     """A request the engine refuses.

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from sgl_engine.allocator import SlotAllocator
 from sgl_engine.config import EngineConfig
-from sgl_engine.errors import EngineUnavailableError
+from sgl_engine.errors import CLIENT_ABORT, EngineUnavailableError
 from sgl_engine.forward_batch import ForwardMode
 from sgl_engine.model_runner import Launched, ModelRunner, SeqInput, SeqOutput
 from sgl_engine.processor import RequestProcessor
@@ -114,7 +114,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked or self.inflight)
 
-    def abort(self, rid: str, message: str = "aborted by client") -> Req | None:
+    def abort(self, rid: str, message: str = CLIENT_ABORT) -> Req | None:
         for req in list(self.waiting):
             if req.rid == rid:
                 self.waiting.remove(req)

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from sgl_engine.errors import InvalidRequestError
-from sgl_engine.openai_format import raise_if_rejected
+from sgl_engine.openai_format import finish_message, finish_reason, raise_if_rejected
 from sgl_engine.sampling_params import MAX_N
 from sgl_engine.server.app import (
     MAX_SEQUENCES_PER_REQUEST,
@@ -133,9 +133,8 @@ async def health_generate(request: Request) -> Response:
     if message is None:
         ids = [eng.tokenizer.eos_token_id or 0]
         out = await eng.async_generate(input_ids=ids, sampling_params={"max_new_tokens": 1})
-        reason = out["meta_info"].get("finish_reason") or {}
-        if reason.get("type") == "abort":
-            message = reason.get("message") or "the health check's request was aborted"
+        if finish_reason(out["meta_info"])[0] == "abort":
+            message = finish_message(out["meta_info"]) or "the health check's request was aborted"
     return Response(status_code=200) if message is None else error_response(message, 503)
 
 

@@ -117,7 +117,7 @@ async def open_streams(
 async def _raise_if_unavailable(eng: Any, results: list[dict]) -> None:
     """A non-streamed request aborted because the engine became unable to serve while it ran
     (a dead tensor-parallel rank): 503 with the reason rather than 200 with an abort."""
-    if any((out["meta_info"].get("finish_reason") or {}).get("type") == "abort" for out in results):
+    if any(finish_reason(out["meta_info"])[0] == "abort" for out in results):
         await require_healthy(eng)
 
 

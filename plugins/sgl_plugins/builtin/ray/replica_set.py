@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sgl_engine.errors import InvalidRequestError
+from sgl_engine.errors import CLIENT_ABORT, InvalidRequestError
 
 from sgl_plugins.builtin.local import EnginePool
 from sgl_plugins.routing import NoReplicaError, Router, RouterConfig
@@ -49,7 +49,6 @@ HEALTH_CALL_S = 60.0  # a ProcessEngine bounds its own health() at 20 s
 DEFAULT_HEALTH_INTERVAL_S = 10.0
 HEALTH_GROUP = "health"  # the actors' concurrency group for health calls
 MONITOR_JOIN_S = 10.0
-CLIENT_ABORT = "aborted by client"  # the scheduler's message for `Engine.abort(rid)`
 
 logger = logging.getLogger(__name__)
 

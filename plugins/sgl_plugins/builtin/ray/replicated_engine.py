@@ -23,6 +23,7 @@ from typing import Any
 
 from sgl_engine.inputs import GenerateRequest
 
+from sgl_plugins.backend import finish_fields
 from sgl_plugins.builtin.ray.backend import RayBackend, ReplicaDiedError
 from sgl_plugins.builtin.ray.replica_set import request_error, suspect
 from sgl_plugins.routing import NoReplicaError, prompt_units
@@ -183,8 +184,8 @@ def _tag(out: Any, replica: int) -> Any:
 
 
 def _suspect(out: dict) -> bool:
-    reason = out.get("meta_info", {}).get("finish_reason")
-    return isinstance(reason, dict) and suspect(reason.get("type"), reason.get("message"))
+    kind, _, message = finish_fields(out.get("meta_info", {}))
+    return suspect(kind, message)
 
 
 def _cause(exc: Exception) -> Exception:
