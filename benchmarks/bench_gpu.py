@@ -367,6 +367,7 @@ def ours(
 ) -> None:
     """`runner` (attribute: value) is set on the engine's model runner before any request."""
     from sgl_engine import Engine
+    from sgl_engine.testing import runner_facts
 
     with Engine(str(path), **GPU_ENGINE, **extra) as eng:
         for name, value in (runner or {}).items():
@@ -379,7 +380,7 @@ def ours(
         results.setdefault(label, {})["json"] = repeated(partial(json_ours, eng, json_prompts()))
         print(json.dumps({label: {"json": results[label]["json"]}}), flush=True)
         if label == "ours":
-            nbytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+            nbytes = eng.inspect(runner_facts)["weight_bytes"]
             results["decode bs1"] = decode_roofline(eng, nbytes)
             print(json.dumps({"decode bs1": results["decode bs1"]}), flush=True)
         eng.check_invariants()
