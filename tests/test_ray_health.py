@@ -26,7 +26,8 @@ from sgl_plugins.graph import CallGraph  # noqa: E402
 pytestmark = pytest.mark.timeout(300)  # nothing may hang
 
 GREEDY = {"max_new_tokens": 6, "temperature": 0}
-ENGINE = {"device": "cpu", "max_total_tokens": 4096, "tp_size": 2}
+# tp_timeout_s: a rank that hangs fails its engine in 30 s, well inside the test timeout
+ENGINE = {"device": "cpu", "max_total_tokens": 4096, "tp_size": 2, "tp_timeout_s": 30}
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ from sgl_engine.testing import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)  # nothing may hang
 
-ENGINE = {"device": "cpu", "max_total_tokens": 4096, "tp_size": 2}
+# tp_timeout_s: a rank that hangs fails its engine in 30 s, well inside the test timeout
+ENGINE = {"device": "cpu", "max_total_tokens": 4096, "tp_size": 2, "tp_timeout_s": 30}
 INTERVAL_S = 0.2
 
 

@@ -131,6 +131,47 @@ def test_a_killed_rank_fails_its_requests_and_the_engine_shuts_down(tiny_llama):
     assert not dist.is_initialized()
 
 
+def test_a_rank_that_hangs_fails_its_requests_within_tp_timeout(tiny_llama):
+    """A follower that stops answering but keeps its sockets open (SIGSTOP) is found by the
+    bound on the control group: the request aborts within about tp_timeout_s saying the ranks
+    are out of step, later ones at once, health says so, and the stopped rank is killed."""
+    from sgl_engine import Engine
+
+    eng = Engine(tiny_llama, device="cpu", max_total_tokens=4096, tp_size=2, tp_timeout_s=3)
+    try:
+        core, pid = eng.pids
+        first = eng.generate("hi", {**GREEDY, "max_new_tokens": 3})
+        assert first["meta_info"]["finish_reason"]["type"] == "length"
+        os.kill(pid, signal.SIGSTOP)
+        start = time.monotonic()
+        reason = eng.generate("hello", {**GREEDY, "max_new_tokens": 3})["meta_info"][
+            "finish_reason"
+        ]
+        assert time.monotonic() - start < 30
+        assert reason["type"] == "abort"
+        assert "Timed out" in reason["message"] and "out of step" in reason["message"]
+        assert "out of step" in eng.health()
+        wait_until(lambda: process_gone(pid), timeout_s=30)  # killed while stopped
+        later = eng.generate("again", {**GREEDY, "max_new_tokens": 3})
+        assert later["meta_info"]["finish_reason"]["message"] == reason["message"]
+        eng.check_invariants()
+    finally:
+        eng.shutdown()
+    assert process_gone(pid) and process_gone(core)
+
+
+def test_shutdown_kills_a_rank_that_does_not_take_the_stop(tiny_llama):
+    from sgl_engine import Engine
+
+    eng = Engine(tiny_llama, device="cpu", max_total_tokens=4096, tp_size=2, tp_timeout_s=120)
+    core, pid = eng.pids
+    os.kill(pid, signal.SIGSTOP)  # idle and long before tp_timeout_s: nothing has noticed
+    start = time.monotonic()
+    eng.shutdown()
+    assert time.monotonic() - start < 30  # not tp_timeout_s
+    assert process_gone(pid) and process_gone(core)
+
+
 def test_a_killed_engine_process_fails_its_requests_and_calls(tiny_llama):
     """Rank 0's process (the engine's child) killed mid-stream: the stream ends with an abort
     naming it, later requests end so at once, calls raise, shutdown returns; nothing is left."""

@@ -6,7 +6,9 @@ of the model. Ranks 1..N-1 are processes started with torch.multiprocessing (spa
 each runs `worker.follow` and does, step by step, what rank 0's plan says. A rank that dies is
 noticed by a watchdog thread: the other followers are stopped and every later (and the current)
 forward pass raises `TensorParallelError` naming the rank, which fails those requests; the
-engine then only has to be shut down.
+engine then only has to be shut down. A collective that fails or times out (a rank that
+hangs past `tp_timeout_s`) does the same: the ranks are out of step, so the followers are
+stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing.connection
+import re
 import shutil
 import signal
 import tempfile
@@ -28,7 +31,13 @@ import torch
 import torch.multiprocessing as mp
 
 from sgl_engine.config import EngineConfig
-from sgl_engine.distributed.group import TPGroup, destroy_group, drain, init_group
+from sgl_engine.distributed.group import (
+    CollectiveError,
+    TPGroup,
+    destroy_group,
+    drain,
+    init_group,
+)
 from sgl_engine.errors import EngineUnavailableError
 from sgl_engine.forward_batch import ForwardMode
 
@@ -36,6 +45,7 @@ log = logging.getLogger(__name__)
 
 STOP, HEARTBEAT = "stop", "heartbeat"
 JOIN_S = 10.0
+CANNOT_SERVE = "this engine cannot serve any more requests, shut it down"
 
 
 class TensorParallelError(EngineUnavailableError):
@@ -94,6 +104,7 @@ class TensorParallel:
         from sgl_engine.distributed.worker import worker_main
 
         self.size = config.tp_size
+        self.timeout_s = config.tp_timeout_s
         self.heartbeat_s = min(30.0, config.tp_timeout_s / 10)  # idle followers hear from us
         self._tmp = tempfile.mkdtemp(prefix="sgl-tp-")
         spec = WorkerSpec(
@@ -107,7 +118,8 @@ class TensorParallel:
         )
         self.failure: str | None = None
         self._stopping = threading.Event()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one control broadcast at a time
+        self._failing = threading.Lock()
         self._last_sent = time.monotonic()
         self.ctx = mp.start_processes(
             worker_main, (spec,), nprocs=self.size - 1, join=False, daemon=True
@@ -124,7 +136,9 @@ class TensorParallel:
 
     def ready(self) -> None:
         """Every rank has built its shard (no more set-up collectives on the control group):
-        from now on, heartbeats keep idle followers from timing out."""
+        from now on control collectives are bounded by `tp_timeout_s` (each follower does the
+        same), and heartbeats keep idle followers from timing out."""
+        self.group.bound_control(self.timeout_s)
         self._heartbeat = threading.Thread(target=self._beat, name="sgl-tp-heartbeat", daemon=True)
         self._heartbeat.start()
 
@@ -172,18 +186,28 @@ class TensorParallel:
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
-        """Turn an error of a step whose group lost a rank into `TensorParallelError`."""
+        """Turn an error of a step whose group lost a rank, or whose collective failed, into
+        `TensorParallelError` (the latter also stops the followers: see `_broken`)."""
         if self.failure is not None:
             raise TensorParallelError(self.failure)
         try:
             yield
         except Exception as exc:
-            deadline = time.monotonic() + 1.0
-            while self.failure is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if self.failure is None:
+            if not self._broken(exc):
                 raise
             raise TensorParallelError(self.failure) from exc
+
+    def _broken(self, exc: BaseException) -> bool:
+        """Whether `exc` means the group is gone. A dead rank's watchdog names it best, so wait
+        a moment for that; a failed collective without a death (a rank that hangs, or a broken
+        connection) is declared here."""
+        deadline = time.monotonic() + 1.0
+        while self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.failure is None and isinstance(exc, CollectiveError):
+            reason = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", str(exc))
+            self._declare(f"{reason}; the ranks are out of step")
+        return self.failure is not None
 
     def _beat(self) -> None:
         while not self._stopping.wait(self.heartbeat_s / 3):
@@ -194,9 +218,14 @@ class TensorParallel:
                     continue
                 try:
                     self.group.broadcast_object(HEARTBEAT)
-                except Exception:  # noqa: BLE001 -- the watchdog reports the failure
-                    return
-                self._last_sent = time.monotonic()
+                except Exception as exc:  # noqa: BLE001 -- reported as the group's failure
+                    failed = exc
+                else:
+                    self._last_sent = time.monotonic()
+                    continue
+            if not self._stopping.is_set():
+                self._broken(failed)
+            return
 
     # ---- watching them -------------------------------------------------------------------
     def _watch(self) -> None:
@@ -207,12 +236,17 @@ class TensorParallel:
         rank = sentinels[ready[0]]
         proc = self.procs[rank - 1]
         proc.join(1.0)
-        how = describe_exit(proc.exitcode)
-        self.failure = f"tensor-parallel rank {rank} (pid {proc.pid}) {how}"
+        failure = f"tensor-parallel rank {rank} (pid {proc.pid}) {describe_exit(proc.exitcode)}"
         error = self._worker_error(rank)
-        if error:
-            self.failure += f": {error}"
-        self.failure += "; this engine cannot serve any more requests, shut it down"
+        self._declare(f"{failure}: {error}" if error else failure)
+
+    def _declare(self, failure: str) -> None:
+        """The group is gone (the first reason given wins): every later step raises it, and the
+        surviving followers are stopped, since they cannot go on without the others."""
+        with self._failing:
+            if self.failure is not None:
+                return
+            self.failure = f"{failure}; {CANNOT_SERVE}"
         log.error("%s", self.failure)
         self._abort()
 
@@ -267,23 +301,39 @@ class TensorParallel:
             return
         self._stopping.set()
         group = getattr(self, "group", None)
-        left = group is None
+        left, told = group is None, False
         if self.failure is None and group is not None:
             drain()
-            with self._lock:
-                try:
-                    self.group.broadcast_object(STOP)
-                except Exception:  # noqa: BLE001 -- they are killed below
-                    log.warning("could not tell the tensor-parallel ranks to stop")
-                else:
-                    destroy_group(group)  # with the followers, which do the same now
-                    left = True  # done, or stuck in its thread: never a second teardown
-        self._stop_procs(grace=JOIN_S)
+            told = self._tell_stop()
+            if told:
+                destroy_group(group)  # with the followers, which do the same now
+                left = True  # done, or stuck in its thread: never a second teardown
+        self._stop_procs(grace=JOIN_S if told else 1.0)
         if self._heartbeat is not None:
             self._heartbeat.join(JOIN_S)
         if not left and self.failure is None:
             destroy_group(group, abort=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _tell_stop(self) -> bool:
+        """Broadcast STOP, waiting at most JOIN_S for the followers to take it (one that hangs
+        is killed next, which ends the broadcast); returns whether they all took it."""
+        told = threading.Event()
+
+        def tell() -> None:
+            with self._lock:
+                try:
+                    self.group.broadcast_object(STOP)
+                except Exception:  # noqa: BLE001 -- they are killed next
+                    return
+                told.set()
+
+        thread = threading.Thread(target=tell, name="sgl-tp-stop", daemon=True)
+        thread.start()
+        thread.join(JOIN_S)
+        if not told.is_set():
+            log.warning("the tensor-parallel ranks did not take the stop; killing them")
+        return told.is_set()
 
     @property
     def pids(self) -> list[int]:

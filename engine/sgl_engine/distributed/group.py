@@ -2,8 +2,9 @@
 
 Two torch.distributed groups over the same ranks: the default group (gloo, on the CPU) carries
 the step plans rank 0 broadcasts to the followers; `device_group` (NCCL on CUDA, gloo on the
-CPU) carries the all-reduces and all-gathers of the model, with a timeout so that a stuck rank
-raises instead of hanging the others.
+CPU) carries the all-reduces and all-gathers of the model. Both are bounded by `tp_timeout_s`
+once set-up is over (the control group allows longer while the ranks load their shards), so
+that a stuck or vanished rank raises `CollectiveError` instead of hanging the others.
 """
 
 from __future__ import annotations
@@ -21,11 +22,31 @@ from torch.distributed.distributed_c10d import _abort_process_group
 
 from sgl_engine.distributed import one_shot
 
+try:
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+except ImportError:  # older torch: the control group keeps its set-up timeout
+    _set_pg_timeout = None
+
 log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT = datetime.timedelta(minutes=30)
 DESTROY_TIMEOUT_S = 15.0
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class CollectiveError(RuntimeError):
+    """A collective of the tensor-parallel group failed: a peer timed out, went away or broke
+    the connection. The ranks are out of step, so the group cannot be used again."""
+
+
+@contextlib.contextmanager
+def _collective(what: str):
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as exc:
+        raise CollectiveError(f"tensor-parallel {what} failed: {exc}") from exc
 
 
 @dataclass
@@ -46,7 +67,8 @@ class TPGroup:
         messages, when enabled), else `x` summed in place over the device group."""
         if self.fast is not None and self.fast.fits(x):
             return self.fast(x)
-        dist.all_reduce(x, group=self.device_group)
+        with _collective("all-reduce"):
+            dist.all_reduce(x, group=self.device_group)
         return x
 
     def enable_one_shot(self, mode: str, dtype: torch.dtype, device: torch.device) -> bool:
@@ -61,25 +83,37 @@ class TPGroup:
         all-gather into one [size * n, d] buffer, then a transpose."""
         n, d = x.shape
         out = torch.empty((self.size * n, d), dtype=x.dtype, device=x.device)
-        _all_gather_single(out, x.contiguous(), group=self.device_group)
+        with _collective("all-gather"):
+            _all_gather_single(out, x.contiguous(), group=self.device_group)
         return out.view(self.size, n, d).transpose(0, 1).reshape(n, self.size * d)
 
     def broadcast_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's `x` into every rank's `x` (same shape and dtype everywhere), on the device."""
-        dist.broadcast(x, src=0, group=self.device_group)
+        with _collective("broadcast"):
+            dist.broadcast(x, src=0, group=self.device_group)
         return x
 
     def broadcast_object(self, obj: Any = None) -> Any:
         """Rank 0's `obj` (picklable) to every rank, over the CPU control group."""
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        with _collective("control broadcast"):
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def min_int(self, value: int) -> int:
         """The smallest of every rank's `value` (the control group, on the CPU)."""
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        with _collective("control all-reduce"):
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return int(t.item())
+
+    @staticmethod
+    def bound_control(timeout_s: float) -> None:
+        """Set-up is over on this rank: from now on a control collective that waits longer than
+        `timeout_s` for a peer raises (rank 0's heartbeats keep idle followers inside it).
+        Mutates the default process group's timeout."""
+        if _set_pg_timeout is not None:
+            _set_pg_timeout(datetime.timedelta(seconds=timeout_s))
 
 
 def init_group(

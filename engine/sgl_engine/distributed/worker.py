@@ -43,6 +43,7 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
             spec.random_weights,
             tp=group,
         )
+        group.bound_control(spec.config.tp_timeout_s)  # rank 0's heartbeats keep us inside it
         follow(runner, group)
         runner.release()
         drain()
