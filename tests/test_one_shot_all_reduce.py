@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from sgl_engine.config import EngineConfig
-from sgl_engine.distributed import one_shot
+from sgl_engine.distributed import fused_norm, one_shot
 from sgl_engine.distributed.group import TPGroup
+from sgl_engine.models.ops import TorchOps
 
 
 class FakeOneShot(one_shot.OneShotAllReduce):
@@ -150,3 +151,64 @@ def test_a_step_waiting_on_a_dead_peers_one_shot_kernel_fails_instead_of_hanging
     event = NeverReady()
     runner._wait(event)
     assert event.synchronized
+
+
+class FakeFused(fused_norm.FusedAllReduceNorm):
+    """The fused path's policy without its kernel: sums as if the peer sent the same x."""
+
+    def __init__(self, max_rows: int = 2, hidden: int = 512) -> None:
+        self.max_rows, self.hidden, self.dtype, self.calls = max_rows, hidden, torch.bfloat16, 0
+
+    def __call__(self, x, residual, weight, eps):
+        self.calls += 1
+        return TorchOps.add_rmsnorm(x * 2, residual, weight, eps)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "takes"),
+    [
+        ((1, 512), torch.bfloat16, True),
+        ((2, 512), torch.bfloat16, True),  # the workspace's rows
+        ((3, 512), torch.bfloat16, False),  # more rows: NCCL (or one-shot) + the norm kernel
+        ((1, 256), torch.bfloat16, False),  # another width than the workspace's
+        ((1, 512), torch.float32, False),
+        ((0, 512), torch.bfloat16, False),
+        ((512,), torch.bfloat16, False),
+    ],
+)
+def test_fused_fits_depends_only_on_shape_and_dtype(shape, dtype, takes):
+    assert FakeFused().fits(torch.ones(shape, dtype=dtype)) is takes
+
+
+def test_all_reduce_add_rmsnorm_fuses_fitting_messages_and_reduces_then_norms_the_rest(
+    monkeypatch,
+):
+    """Both paths give the same (norm, residual) of the summed partials; only the fitting
+    message takes the fused kernel, the other goes through all_reduce (here the fake one-shot)
+    and then the add-RMSNorm."""
+    monkeypatch.setattr("torch.distributed.all_reduce", lambda x, group=None: x.mul_(2))
+    group = TPGroup(0, 2, device_group=object(), fused=FakeFused())
+    weight, eps = torch.rand(512, dtype=torch.bfloat16) + 0.5, 1e-5
+    for rows in (1, 3):
+        x = torch.randn(rows, 512, dtype=torch.bfloat16)
+        res = torch.randn(rows, 512, dtype=torch.bfloat16)
+        want = TorchOps.add_rmsnorm(x * 2, res.clone(), weight, eps)
+        got = group.all_reduce_add_rmsnorm(x.clone(), res.clone(), weight, eps, TorchOps)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert group.fused.calls == 1
+
+
+def test_fused_mode_needs_cuda_and_refuses_on_every_rank_together():
+    never = pytest.fail
+    with pytest.raises(ValueError, match="'fused' needs CUDA"):
+        one_shot.setup("fused", None, torch.bfloat16, torch.device("cpu"), never)
+    seen = []
+
+    def agree(flag):
+        seen.append(flag)
+        return 0  # another rank cannot build it
+
+    with pytest.raises(RuntimeError, match="'fused' is not available: it needs CUDA"):
+        fused_norm.setup(None, 0, 2, 512, 2, torch.bfloat16, torch.device("cpu"), agree)
+    assert seen == [0]  # asked before any workspace is made
+    EngineConfig(tp_all_reduce="fused")

@@ -160,7 +160,10 @@ class ModelRunner:
             config.decode_gemv,
         )
         log.info("%smodel built on %s in %.1f s", rank, self.device, time.perf_counter() - t0)
-        if tp is not None and tp.enable_one_shot(config.tp_all_reduce, self.dtype, self.device):
+        hidden = self.model_config.hidden_size
+        if tp is not None and tp.enable_one_shot(
+            config.tp_all_reduce, self.dtype, self.device, hidden
+        ):
             log.info("%ssmall all-reduces take the one-shot path", rank)
         mc = self.model_config.shard(tp.size if tp is not None else 1)
         self.num_slots = config.max_total_tokens or self._auto_pool_size(config, mc)
@@ -365,7 +368,7 @@ class ModelRunner:
             return
         self.graphs = None
         if self.tp is not None:
-            self.tp.fast = None
+            self.tp.drop_fast_paths()
         gc.collect()
 
     @torch.inference_mode()

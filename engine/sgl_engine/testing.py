@@ -155,12 +155,16 @@ def runner_facts(engine) -> dict:
     runner = engine.runner
     tp = runner.tp
     fast = None if tp is None else tp.fast
+    fused = None if tp is None else tp.fused
     path = "none" if tp is None else "one_shot" if fast is not None else "device_group"
+    if fused is not None:
+        path = "fused"
     return {
         "weight_bytes": sum(p.numel() * p.element_size() for p in runner.model.parameters()),
         "num_slots": runner.num_slots,
         "all_reduce": path,
         "one_shot_calls": 0 if fast is None else fast.calls,
+        "fused_norm_calls": 0 if fused is None else fused.calls,
         "device": str(runner.device),
     }
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _abort_process_group
 
-from sgl_engine.distributed import one_shot
+from sgl_engine.distributed import fused_norm, one_shot
 
 try:
     from torch.distributed.distributed_c10d import _set_pg_timeout
@@ -57,6 +57,7 @@ class TPGroup:
     size: int
     device_group: Any = None
     fast: one_shot.OneShotAllReduce | None = None
+    fused: fused_norm.FusedAllReduceNorm | None = None
 
     @property
     def is_driver(self) -> bool:
@@ -71,12 +72,37 @@ class TPGroup:
             dist.all_reduce(x, group=self.device_group)
         return x
 
-    def enable_one_shot(self, mode: str, dtype: torch.dtype, device: torch.device) -> bool:
+    def all_reduce_add_rmsnorm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, ops: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The end of a block half whose row-parallel layer left its all-reduce to us: returns
+        (rmsnorm(sum + residual), sum + residual) of the ranks' partial sums `x`, in one fused
+        kernel when enabled and `x` fits, else `all_reduce` then `ops.add_rmsnorm`."""
+        if self.fused is not None and self.fused.fits(x):
+            return self.fused(x, residual, weight, eps)
+        return ops.add_rmsnorm(self.all_reduce(x), residual, weight, eps)
+
+    def enable_one_shot(
+        self, mode: str, dtype: torch.dtype, device: torch.device, hidden: int
+    ) -> bool:
         """Collective (every rank, same `mode`, before any CUDA graph is captured): set up the
-        one-shot all-reduce for `dtype` messages per `mode` (see `one_shot.setup`). Mutates
-        `fast`; returns whether the path is on."""
+        one-shot all-reduce for `dtype` messages per `mode` (see `one_shot.setup`) and, for
+        "fused", the fused all-reduce + add + RMSNorm of `hidden`-wide rows (`fused_norm.py`).
+        Mutates `fast` and `fused`; returns whether the one-shot path is on."""
         self.fast = one_shot.setup(mode, self.device_group, dtype, device, self.min_int)
+        if mode == "fused":
+            rows = fused_norm.MAX_ROWS
+            self.fused = fused_norm.setup(
+                self.device_group, self.rank, self.size, hidden, rows, dtype, device, self.min_int
+            )
         return self.fast is not None
+
+    def drop_fast_paths(self) -> None:
+        """Forget the one-shot and fused paths (their peer memory goes with the group)."""
+        self.fast = None
+        if self.fused is not None:
+            self.fused.close()
+            self.fused = None
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's [n, d] `x` along the last dimension (rank order): one

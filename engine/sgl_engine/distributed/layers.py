@@ -103,7 +103,9 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_r W_r^T) + b with the input features split across ranks (x arrives
-    split the same way, from a column-parallel layer); the one collective of a block half."""
+    split the same way, from a column-parallel layer); the one collective of a block half.
+    `forward(x, reduce=False)` returns this rank's partial sum instead (its share of the bias
+    added), for a caller that fuses the all-reduce with what follows."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = False, tp: TPGroup | None = None
@@ -117,10 +119,13 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.gemv: GemvFn | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         y = linear(x, self.weight, None, self.gemv)
-        if self.tp is not None:
-            y = self.tp.all_reduce(y)
+        if self.tp is None:
+            return y if self.bias is None else y + self.bias
+        if not reduce:
+            return y if self.bias is None else y + self.bias / self.tp.size
+        y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
     def full_shape(self, name: str) -> tuple[int, ...]:

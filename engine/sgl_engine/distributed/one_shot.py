@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_BYTES = 1 << 20
 ALIGN = 16
+REQUIRED = ("one_shot", "fused")
 
 
 class OneShotAllReduce:
@@ -68,8 +69,9 @@ def setup(
 ) -> OneShotAllReduce | None:
     """Build the one-shot path on every rank of `device_group`, or on none.
 
-    `mode`: "nccl" (never), "one_shot" (required: raises if any rank cannot), "auto" (on CUDA
-    when every rank can, else NCCL with a warning). `agree(flag)` returns the minimum of every
+    `mode`: "nccl" (never), "one_shot" or "fused" (required: raises if any rank cannot; "fused"
+    adds fused_norm.py's path on top), "auto" (on CUDA when every rank can, else NCCL with a
+    warning). `agree(flag)` returns the minimum of every
     rank's int flag (the control group), so a rank that cannot allocate the buffer turns the
     path off everywhere before the collective rendezvous. Sets TORCH_SYMM_MEM_DISABLE_MULTICAST
     (unless already set): this path never uses multicast, so the rendezvous need not create it.
@@ -77,8 +79,8 @@ def setup(
     if mode not in TP_ALL_REDUCE_MODES:
         raise ValueError(f"tp_all_reduce must be one of {TP_ALL_REDUCE_MODES}")
     if mode == "nccl" or device.type != "cuda":
-        if mode == "one_shot":
-            raise ValueError("tp_all_reduce='one_shot' needs CUDA devices")
+        if mode in REQUIRED:
+            raise ValueError(f"tp_all_reduce={mode!r} needs CUDA devices")
         return None
     buffer, why = _allocate(dtype, device, max_bytes)
     if not agree(int(buffer is not None)):
@@ -113,7 +115,7 @@ def _allocate(
 
 
 def _refuse(mode: str, why: str) -> None:
-    if mode == "one_shot":
-        raise RuntimeError(f"tp_all_reduce='one_shot' is not available: {why}")
+    if mode in REQUIRED:
+        raise RuntimeError(f"tp_all_reduce={mode!r} is not available: {why}")
     log.warning("one-shot all-reduce off, every all-reduce goes through NCCL: %s", why)
     return None

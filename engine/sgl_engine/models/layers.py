@@ -22,11 +22,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, ops: Any, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        ops: Any,
+        residual: torch.Tensor | None = None,
+        tp: TPGroup | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
+        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual). With `tp`
+        too, `x` is a row-parallel layer's partial sum: all-reduced first, maybe in the same
+        kernel (`TPGroup.all_reduce_add_rmsnorm`)."""
         if residual is None:
             return ops.rmsnorm(x, self.weight, self.eps)
+        if tp is not None:
+            return tp.all_reduce_add_rmsnorm(x, residual, self.weight, self.eps, ops)
         return ops.add_rmsnorm(x, residual, self.weight, self.eps)
 
 
@@ -67,12 +75,13 @@ class RotaryEmbedding(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """gate/up merged and column-parallel, down row-parallel: one all-reduce under TP."""
+    """gate/up merged and column-parallel, down row-parallel: one all-reduce under TP (left to
+    the caller with `reduce=False`)."""
 
     def __init__(self, hidden: int, intermediate: int, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(hidden, [intermediate, intermediate], tp=tp)
         self.down_proj = RowParallelLinear(intermediate, hidden, tp=tp)
 
-    def forward(self, x: torch.Tensor, ops: Any) -> torch.Tensor:
-        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, ops: Any, reduce: bool = True) -> torch.Tensor:
+        return self.down_proj(ops.silu_mul(self.gate_up_proj(x)), reduce)

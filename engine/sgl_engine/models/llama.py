@@ -52,6 +52,7 @@ class Attention(nn.Module):
         pool: KVPool,
         attn: AttentionBackend,
         ops: Any,
+        reduce: bool = True,
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:
@@ -67,12 +68,17 @@ class Attention(nn.Module):
             pool,
             self.scale,
         )
-        return self.o_proj(o)
+        return self.o_proj(o, reduce)
 
 
 class DecoderLayer(nn.Module):
+    """Under TP each half's row-parallel layer returns its partial sum and the next norm
+    all-reduces it (with the residual add and RMSNorm in one kernel on the fused path): the
+    next layer's input norm, or the model's final one, for the MLP's."""
+
     def __init__(self, cfg: ModelConfig, layer: int, tp: TPGroup | None = None) -> None:
         super().__init__()
+        self.tp = tp if tp is not None and tp.size > 1 else None
         self.self_attn = Attention(cfg, layer, tp)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -80,13 +86,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, positions, rope, batch, pool, attn, ops):
         """SGLang's residual style: returns (hidden, residual) with the add fused into the norm."""
+        tp, reduce = self.tp, self.tp is None
         if residual is None:
             x, residual = self.input_layernorm(x, ops), x
         else:
-            x, residual = self.input_layernorm(x, ops, residual)
-        x = self.self_attn(x, positions, rope, batch, pool, attn, ops)
-        x, residual = self.post_attention_layernorm(x, ops, residual)
-        return self.mlp(x, ops), residual
+            x, residual = self.input_layernorm(x, ops, residual, tp)
+        x = self.self_attn(x, positions, rope, batch, pool, attn, ops, reduce)
+        x, residual = self.post_attention_layernorm(x, ops, residual, tp)
+        return self.mlp(x, ops, reduce), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -99,6 +106,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tp = tp if tp is not None and tp.size > 1 else None
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -114,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(
                 x, residual, batch.positions, self.rope, batch, pool, attn, self.ops
             )
-        x, _ = self.norm(x, self.ops, residual)
+        x, _ = self.norm(x, self.ops, residual, self.tp)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
