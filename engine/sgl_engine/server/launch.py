@@ -233,8 +233,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--tp-all-reduce",
         choices=TP_ALL_REDUCE_MODES,
         default=None,
-        help="path of small all-reduces on GPUs: one-shot over peer memory or NCCL "
-        "(default auto: one-shot when every rank can)",
+        help="path of small all-reduces on GPUs: one-shot over peer memory, NCCL, or fused "
+        "(one-shot, plus each all-reduce with its residual add and RMSNorm in one flashinfer "
+        "kernel, built on a machine's first use) (default auto: one-shot when every rank can)",
     )
     parser.add_argument(
         "--graceful-timeout",
