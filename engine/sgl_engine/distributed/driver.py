@@ -120,6 +120,7 @@ class TensorParallel:
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # one control broadcast at a time
         self._failing = threading.Lock()
+        self._reaping = threading.Lock()
         self._last_sent = time.monotonic()
         self.ctx = mp.start_processes(
             worker_main, (spec,), nprocs=self.size - 1, join=False, daemon=True
@@ -242,13 +243,15 @@ class TensorParallel:
 
     def _declare(self, failure: str) -> None:
         """The group is gone (the first reason given wins): every later step raises it, and the
-        surviving followers are stopped, since they cannot go on without the others."""
+        surviving followers are stopped, since they cannot go on without the others. That
+        runs in a thread of its own: an NCCL abort can block for good (seen on two H200s), and
+        the caller may be the scheduler thread."""
         with self._failing:
             if self.failure is not None:
                 return
             self.failure = f"{failure}; {CANNOT_SERVE}"
         log.error("%s", self.failure)
-        self._abort()
+        threading.Thread(target=self._abort, name="sgl-tp-abort", daemon=True).start()
 
     def _worker_error(self, rank: int) -> str:
         """The last line of the traceback the worker left behind, if it raised."""
@@ -281,15 +284,16 @@ class TensorParallel:
         return dist.get_backend(group.device_group) == "nccl"
 
     def _stop_procs(self, grace: float) -> None:
-        for p in self.procs:
-            p.join(grace)
-        for p in self.procs:
-            if p.is_alive():
-                p.terminate()
+        with self._reaping:  # the abort thread and shutdown may both get here
+            for p in self.procs:
                 p.join(grace)
-            if p.is_alive():
-                p.kill()
-                p.join()
+            for p in self.procs:
+                if p.is_alive():
+                    p.terminate()
+                    p.join(grace)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
 
     # ---- stopping ------------------------------------------------------------------------
     def shutdown(self) -> None:
