@@ -212,3 +212,16 @@ def test_fused_mode_needs_cuda_and_refuses_on_every_rank_together():
         fused_norm.setup(None, 0, 2, 512, 2, torch.bfloat16, torch.device("cpu"), agree)
     assert seen == [0]  # asked before any workspace is made
     EngineConfig(tp_all_reduce="fused")
+
+
+def test_bound_control_sets_the_default_groups_timeout_or_says_it_cannot(monkeypatch, caplog):
+    from sgl_engine.distributed import group as group_module
+
+    seen = []
+    monkeypatch.setattr(group_module, "_set_pg_timeout", lambda t: seen.append(t))
+    TPGroup.bound_control(7.5)
+    assert [t.total_seconds() for t in seen] == [7.5]
+    monkeypatch.setattr(group_module, "_set_pg_timeout", None)
+    with caplog.at_level("WARNING"):
+        TPGroup.bound_control(7.5)
+    assert "cannot change a process group's timeout" in caplog.text and len(seen) == 1

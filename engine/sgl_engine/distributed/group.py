@@ -138,8 +138,14 @@ class TPGroup:
         """Set-up is over on this rank: from now on a control collective that waits longer than
         `timeout_s` for a peer raises (rank 0's heartbeats keep idle followers inside it).
         Mutates the default process group's timeout."""
-        if _set_pg_timeout is not None:
-            _set_pg_timeout(datetime.timedelta(seconds=timeout_s))
+        if _set_pg_timeout is None:
+            log.warning(
+                "this torch cannot change a process group's timeout: the control group keeps "
+                "its %s set-up timeout, so a rank that hangs holds the others that long",
+                CONTROL_TIMEOUT,
+            )
+            return
+        _set_pg_timeout(datetime.timedelta(seconds=timeout_s))
 
 
 def init_group(
