@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 import torch
+from tp_allreduce_kernels import graph_us  # benchmarks/ is on the path of its scripts
 
 HIDDEN, INTER, VOCAB = 4096, 11008, 32000
 SHAPES = {  # name: (N, K) of y[1, N] = x[1, K] W[N, K]^T
@@ -29,25 +30,6 @@ SHAPES = {  # name: (N, K) of y[1, N] = x[1, K] W[N, K]^T
 def shard(n: int, k: int, name: str, tp: int) -> tuple[int, int]:
     """One rank's share: column-parallel layers split N, row-parallel ones split K."""
     return (n, k // tp) if name in ("o_proj", "down") else (n // tp, k)
-
-
-def per_call_us(fn, calls: int = 100, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (calls * reps)
 
 
 def main() -> None:
@@ -68,7 +50,7 @@ def main() -> None:
                 ("triton", lambda x=x, w=w: gemv(x, w)),
                 ("cublas", lambda x=x, w=w: torch.nn.functional.linear(x, w)),
             ):
-                us = per_call_us(fn)
+                us = graph_us(fn, 100, 20)
                 row[f"{label}_us"] = round(us, 2)
                 row[f"{label}_TBps"] = round(mb / us, 3)  # MB per us is TB/s
                 times = 1 if name == "lm_head" else 32

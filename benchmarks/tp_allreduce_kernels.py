@@ -41,8 +41,9 @@ def _no_multicast() -> None:
             mod.cuMulticastCreate = refuse
 
 
-def _time(fn, iters: int, reps: int) -> float:
-    """us per call of `fn` replayed from a CUDA graph of `iters` calls."""
+def graph_us(fn, iters: int, reps: int, before=None) -> float:
+    """us per call of `fn` replayed from a CUDA graph of `iters` calls, `reps` times (`before()`
+    runs once between capture and timing: the ranks' barrier here)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -56,7 +57,8 @@ def _time(fn, iters: int, reps: int) -> float:
             fn()
     graph.replay()
     torch.cuda.synchronize()
-    dist.barrier()
+    if before is not None:
+        before()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
@@ -134,7 +136,7 @@ def _measure(rows, rank, world, group, buffer, workspace, meta, gamma, iters) ->
         "max_abs_diff_residual": (got_res.float() - ref_res.float()).abs().max().item(),
     }
     for name, fn in (("nccl", nccl), ("one_shot", one_shot), ("fused", fused)):
-        row[f"{name}_us"] = _time(fn, iters, 20)
+        row[f"{name}_us"] = graph_us(fn, iters, 20, before=dist.barrier)
     return row
 
 
