@@ -209,7 +209,7 @@ def test_fused_mode_needs_cuda_and_refuses_on_every_rank_together():
         return 0  # another rank cannot build it
 
     with pytest.raises(RuntimeError, match="'fused' is not available: it needs CUDA"):
-        fused_norm.setup(None, 0, 2, 512, 2, torch.bfloat16, torch.device("cpu"), agree)
+        fused_norm.setup(None, 0, 2, 512, torch.bfloat16, torch.device("cpu"), agree)
     assert seen == [0]  # asked before any workspace is made
     EngineConfig(tp_all_reduce="fused")
 

@@ -161,7 +161,7 @@ class ModelRunner:
         )
         log.info("%smodel built on %s in %.1f s", rank, self.device, time.perf_counter() - t0)
         hidden = self.model_config.hidden_size
-        if tp is not None and tp.enable_one_shot(
+        if tp is not None and tp.enable_fast_paths(
             config.tp_all_reduce, self.dtype, self.device, hidden
         ):
             log.info("%ssmall all-reduces take the one-shot path", rank)

@@ -105,10 +105,10 @@ def setup(
     rank: int,
     size: int,
     hidden: int,
-    max_rows: int,
     dtype: torch.dtype,
     device: torch.device,
     agree: Any,
+    max_rows: int = MAX_ROWS,
 ) -> FusedAllReduceNorm:
     """Build the fused path on every rank (collective, after the one-shot path is up: its
     workspace is symmetric memory over the same device group). `agree(flag)` is the minimum of

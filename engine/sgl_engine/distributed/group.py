@@ -82,7 +82,7 @@ class TPGroup:
             return self.fused(x, residual, weight, eps)
         return ops.add_rmsnorm(self.all_reduce(x), residual, weight, eps)
 
-    def enable_one_shot(
+    def enable_fast_paths(
         self, mode: str, dtype: torch.dtype, device: torch.device, hidden: int
     ) -> bool:
         """Collective (every rank, same `mode`, before any CUDA graph is captured): set up the
@@ -91,9 +91,8 @@ class TPGroup:
         Mutates `fast` and `fused`; returns whether the one-shot path is on."""
         self.fast = one_shot.setup(mode, self.device_group, dtype, device, self.min_int)
         if mode == "fused":
-            rows = fused_norm.MAX_ROWS
             self.fused = fused_norm.setup(
-                self.device_group, self.rank, self.size, hidden, rows, dtype, device, self.min_int
+                self.device_group, self.rank, self.size, hidden, dtype, device, self.min_int
             )
         return self.fast is not None
 
