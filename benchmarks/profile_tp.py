@@ -4,11 +4,12 @@
     python benchmarks/profile_tp.py --smoke        # the same steps on the CPU (gloo, tiny model)
 
 For each size, one engine: batch-1 decode tokens/s (bench_gpu's `decode_roofline`), then, while a
-long batch-1 decode runs, a trace of rank 0's device (torch.profiler, in the engine process, so
-it works for a TP engine too) and a cProfile of its scheduler thread over the same steps.
-Printed per decode step: the device's busy time against the step's wall time (the rest is idle:
-host work or waiting on a rank), the kernels by name (launches and device us), and the largest
-idle gaps with the kernels on either side. The followers are not traced: a rank that lags shows
+long batch-1 decode runs, rank 0's host parts of a step timed (wrappers, no profiler), then a
+trace of rank 0's device (torch.profiler, in the engine process, so it works for a TP engine
+too) and a cProfile of its scheduler thread over the same steps. Printed per decode step: the
+host parts (calls and us), the device's busy time against the step's wall time (the rest is
+idle: host work or waiting on a rank), the kernels by name (launches and device us), and the
+largest idle gaps with the kernels on either side. The followers are not traced: a rank that lags shows
 as rank 0 waiting inside its collectives (their kernels grow).
 """
 
@@ -70,7 +71,9 @@ def stop_trace(engine, passes_before: int, path: str) -> dict:
 
 
 def summarize(trace: dict, steps: int, cuda: bool) -> dict:
-    """Per-step figures from a chrome trace of `steps` forward passes."""
+    """Per-step figures from a chrome trace of `steps` forward passes. Busy time is the union
+    of the device events (a kernel launched early, with programmatic dependent launch, overlaps
+    the one before it: `overlap_us_per_step`)."""
     cats = DEVICE_CATS if cuda else {"cpu_op"}
     evs = sorted(
         (e for e in trace.get("traceEvents", []) if e.get("cat") in cats and "dur" in e),
@@ -79,44 +82,108 @@ def summarize(trace: dict, steps: int, cuda: bool) -> dict:
     if not evs or steps <= 0:
         return {"steps": steps, "events": len(evs)}
     span = evs[-1]["ts"] + evs[-1]["dur"] - evs[0]["ts"]
-    busy = sum(e["dur"] for e in evs) if cuda else span
     by_name: dict[str, list[float]] = defaultdict(list)
+    gaps, busy, end = [], 0.0, evs[0]["ts"]
+    prev = evs[0]["name"]
     for e in evs:
         by_name[e["name"][:80]].append(e["dur"])
-    gaps = []
-    for a, b in zip(evs, evs[1:], strict=False):
-        gap = b["ts"] - (a["ts"] + a["dur"])
-        if gap > 0:
-            gaps.append((gap, a["name"][:50], b["name"][:50]))
+        if e["ts"] > end:
+            gaps.append((e["ts"] - end, prev[:50], e["name"][:50]))
+        busy += max(0.0, e["ts"] + e["dur"] - max(end, e["ts"]))
+        if e["ts"] + e["dur"] > end:
+            end, prev = e["ts"] + e["dur"], e["name"]
     gaps.sort(reverse=True)
-    long_gaps = sum(g for g, *_ in gaps if g >= 20)
     return {
         "steps": steps,
         "events_per_step": len(evs) / steps,
         "wall_us_per_step": span / steps,
         "busy_us_per_step": busy / steps,
+        "overlap_us_per_step": (sum(e["dur"] for e in evs) - busy) / steps,
         "idle_us_per_step": (span - busy) / steps,
-        "idle_in_gaps_over_20us_per_step": long_gaps / steps,
+        "idle_in_gaps_over_20us_per_step": sum(g for g, *_ in gaps if g >= 20) / steps,
         "kernels": sorted(
             ((n, len(d) / steps, sum(d) / steps) for n, d in by_name.items()),
             key=lambda r: -r[2],
-        )[:24],
+        )[:26],
         "largest_gaps": gaps[:8],
     }
 
 
+TIMED = {
+    "scheduler.step": ("scheduler", "step"),
+    "runner.launch": ("runner", "launch"),
+    "runner.collect": ("runner", "collect"),
+    "runner._build": ("runner", "_build"),
+    "graphs.run": ("graphs", "run"),
+    "driver.publish": ("driver", "publish"),
+}
+
+
+def _owners(engine) -> dict[str, Any]:
+    runner = engine.runner
+    return {
+        "scheduler": engine.scheduler,
+        "runner": runner,
+        "graphs": runner.graphs,
+        "driver": runner.driver,
+        "graph": runner.graphs.graphs[1] if runner.graphs is not None else None,
+    }
+
+
+def start_timers(engine) -> int:
+    """On the scheduler thread: time each call of the host's parts of a step (wrappers set as
+    instance attributes over the methods; `stop_timers` removes them)."""
+    owners = _owners(engine)
+    times: dict[str, list[float]] = defaultdict(list)
+    parts = dict(TIMED, **({"graph.replay": ("graph", "replay")} if owners["graph"] else {}))
+    for key, (owner, name) in parts.items():
+        obj = owners[owner]
+        if obj is None:
+            continue
+        inner = getattr(obj, name)
+
+        def timed_call(*a, _inner=inner, _key=key, **kw):
+            t = time.perf_counter()
+            try:
+                return _inner(*a, **kw)
+            finally:
+                times[_key].append(time.perf_counter() - t)
+
+        setattr(obj, name, timed_call)
+    _held.update(times=times, parts=parts)
+    return engine.scheduler.counters.forward_passes
+
+
+def stop_timers(engine, passes_before: int) -> dict:
+    """Remove the wrappers; per key: calls per step and mean us per call, over the steps."""
+    owners = _owners(engine)
+    for owner, name in _held["parts"].values():
+        if owners[owner] is not None and name in vars(owners[owner]):
+            delattr(owners[owner], name)
+    steps = engine.scheduler.counters.forward_passes - passes_before
+    times = _held.pop("times")
+    return {
+        "steps": steps,
+        **{k: (len(v) / max(steps, 1), 1e6 * sum(v) / len(v)) for k, v in times.items() if v},
+    }
+
+
 def traced_decode(eng, tokens: int, settle_s: float, window_s: float) -> dict:
-    """Trace `window_s` of a batch-1 decode of `tokens` tokens, `settle_s` after it starts."""
+    """During a batch-1 decode of `tokens` tokens: the host timers over `window_s`, then the
+    trace over the next `window_s` (`settle_s` after the decode starts)."""
     sp = {"max_new_tokens": tokens, "temperature": 0, "ignore_eos": True}
     gen = threading.Thread(target=lambda: eng.generate(input_ids=[5, 6, 7, 8], sampling_params=sp))
     gen.start()
     time.sleep(settle_s)
+    before = eng.inspect(start_timers)
+    time.sleep(window_s)
+    host = eng.inspect(stop_timers, before)
     before = eng.inspect(start_trace)
     time.sleep(window_s)
     with tempfile.TemporaryDirectory() as tmp:
         out = eng.inspect(stop_trace, before, str(Path(tmp) / "trace.json"))
     gen.join()
-    return out
+    return dict(out, host_timers=host)
 
 
 def report(label: str, res: dict) -> None:
@@ -125,10 +192,16 @@ def report(label: str, res: dict) -> None:
     if "wall_us_per_step" not in t:
         print(f"no trace events: {t}")
         return
+    h = t["host_timers"]
+    print(f"host, {h['steps']} steps untraced (calls/step, us/call):")
+    for key in [*TIMED, "graph.replay"]:
+        if key in h:
+            print(f"  {key:18s} {h[key][0]:5.2f} {h[key][1]:8.1f}")
     print(
         f"traced {t['steps']} steps: wall {t['wall_us_per_step']:.0f} us/step, device busy "
         f"{t['busy_us_per_step']:.0f}, idle {t['idle_us_per_step']:.0f} (of it in gaps >= 20 us: "
-        f"{t['idle_in_gaps_over_20us_per_step']:.0f}); {t['events_per_step']:.0f} device events"
+        f"{t['idle_in_gaps_over_20us_per_step']:.0f}), kernels overlapping "
+        f"{t['overlap_us_per_step']:.0f}; {t['events_per_step']:.0f} device events"
     )
     print(f"{'kernel':80s} {'n/step':>7s} {'us/step':>8s}")
     for name, n, us in t["kernels"]:
@@ -165,10 +238,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 eng.generate(input_ids=[5, 6, 7, 8], sampling_params=sp)
                 bs1 = {"ours_tok_s": 15 / (time.perf_counter() - t0)}
-                trace = traced_decode(eng, 400, 0.3, 0.5)
+                trace = traced_decode(eng, 500, 0.3, 0.5)
             else:
                 bs1 = decode_roofline(eng, facts["weight_bytes"])
-                trace = traced_decode(eng, 600, 0.5, 0.4)
+                trace = traced_decode(eng, 900, 0.5, 0.5)
         finally:
             eng.shutdown()
         label = f"tp{tp}" + (f" {facts['all_reduce']}" if tp > 1 else "")
