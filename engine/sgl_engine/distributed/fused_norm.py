@@ -8,7 +8,9 @@ all-reduce, then flashinfer's fused add-RMSNorm); `trtllm_allreduce_fusion` with
 partial sums into its peers' buffers over NVLink, sums what arrives, adds the residual and
 normalises. Measured on two H200s (`benchmarks/tp_allreduce_kernels.py`): 4.7 us a call at one
 row against 9.3 us for the two kernels. Its workspace is torch symmetric memory mapped
-point-to-point (`use_symm_dev_mem=False`), never NVLink multicast. flashinfer builds the kernel
+point-to-point (`use_symm_dev_mem=False`), never NVLink multicast. On Hopper and later it is
+launched early (programmatic dependent launch), like the products before and after it
+(models/gemv.py), and waits for its input in the kernel. flashinfer builds the kernel
 the first time it is used on a machine (about four minutes on an H200; cached afterwards).
 
 As for the one-shot all-reduce, every rank must take the same path for every call: `fits`
@@ -48,6 +50,7 @@ class FusedAllReduceNorm:
                 use_symm_dev_mem=False,
             )
         )
+        self.pdl = torch.cuda.get_device_capability()[0] >= 9  # as the products around it
         self.calls = 0
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -75,7 +78,7 @@ class FusedAllReduceNorm:
             token_num=x.shape[0],
             hidden_dim=self.hidden,
             workspace_ptrs=self.workspace,
-            launch_with_pdl=False,
+            launch_with_pdl=self.pdl,
             trigger_completion_at_end=True,
             fp32_acc=True,
             pattern_code=self._ar.AllReduceFusionPattern.kARResidualRMSNorm,

@@ -5,6 +5,13 @@ kernel for some of a 7B model's shapes and reads them below the copy bandwidth. 
 gives each program BLOCK_N output features and walks the whole K, accumulating in fp32 (no
 split, so results do not depend on the launch), autotuned per (N, K) on the first call (which
 must happen outside CUDA-graph capture: the capture warm-up does it).
+
+On Hopper and later it takes part in programmatic dependent launch, as flashinfer's norm and
+activation kernels around it do: it is launched before the kernel it follows has finished,
+reads its first weight tile (which nothing before it writes) while that kernel drains, waits
+for it (`gdc_wait`) before reading x, and lets the next kernel launch once its own loop is
+done. A decode step runs 4 products a layer, each one a kernel boundary a few microseconds
+long otherwise.
 """
 
 from __future__ import annotations
@@ -37,36 +44,64 @@ def _build():
     import triton
     import triton.language as tl
 
+    gdc = getattr(tl.extra.cuda, "gdc_wait", None) is not None
+
     @triton.autotune(configs=_configs(), key=["N", "K"])
     @triton.jit
     def gemv_kernel(
-        x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        N,
+        K,
+        stride_w,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         mask_n = rn < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        w_rows = w_ptr + rn[:, None] * stride_w
+        mask_k = rk < K
+        w = tl.load(w_rows + rk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        x = tl.load(x_ptr + rk, mask=mask_k, other=0.0)
+        acc = w.to(tl.float32) * x.to(tl.float32)[None, :]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             mask_k = (k0 + rk) < K
             w = tl.load(
-                w_ptr + rn[:, None] * stride_w + (k0 + rk)[None, :],
-                mask=mask_n[:, None] & mask_k[None, :],
-                other=0.0,
+                w_rows + (k0 + rk)[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0
             )
             x = tl.load(x_ptr + k0 + rk, mask=mask_k, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
-    return gemv_kernel
+    return gemv_kernel, gdc
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [1, K] @ weight[N, K]^T -> [1, N] in x's dtype; weight rows contiguous."""
+@functools.cache
+def _pdl(device: torch.device) -> bool:
+    """Whether products on `device` take part in programmatic dependent launch (sm90+, and a
+    Triton that has it)."""
+    return _build()[1] and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K]^T -> [1, N] in x's dtype; weight rows contiguous. `pdl` None
+    takes programmatic dependent launch where the device has it (the result is the same)."""
     import triton
 
     n, k = weight.shape
     x = x.contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _build()[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](x, weight, y, n, k, weight.stride(0))
+    pdl = _pdl(x.device) if pdl is None else pdl
+    kernel = _build()[0]
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x, weight, y, n, k, weight.stride(0), PDL=pdl, launch_pdl=pdl
+    )
     return y
