@@ -8,12 +8,10 @@ must happen outside CUDA-graph capture: the capture warm-up does it).
 
 On Hopper and later it takes part in programmatic dependent launch, as flashinfer's norm and
 activation kernels around it do: it is launched before the kernel it follows has finished,
-asks L2 for the first PREFETCH_BYTES of its weight (nothing before it writes a weight) and
-reads its first tile while that kernel drains, waits for it (`gdc_wait`) before reading x, and
-lets the next kernel launch once its own loop is done. After an all-reduce that triggers its
-dependents early (distributed/fused_norm.py), the weight streams in while the all-reduce waits
-on NVLink. A decode step runs 4 products a layer, each one a kernel boundary a few
-microseconds long otherwise.
+reads its first weight tile (which nothing before it writes) while that kernel drains, waits
+for it (`gdc_wait`) before reading x, and lets the next kernel launch once its own loop is
+done. A decode step runs 4 products a layer, each one a kernel boundary a few microseconds
+long otherwise.
 """
 
 from __future__ import annotations
@@ -21,8 +19,6 @@ from __future__ import annotations
 import functools
 
 import torch
-
-PREFETCH_BYTES = 16 << 20  # of a product's weight, spread over its rows: a third of H100/H200 L2
 
 
 def _configs():
@@ -50,18 +46,6 @@ def _build():
 
     gdc = getattr(tl.extra.cuda, "gdc_wait", None) is not None
 
-    @triton.jit
-    def l2_prefetch(rows, nbytes):
-        """Ask L2 for the first `nbytes` of each row (a TMA bulk prefetch: no registers)."""
-        tl.inline_asm_elementwise(
-            "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
-            "=r,l,r",
-            [rows.to(tl.uint64, bitcast=True), tl.zeros(rows.shape, tl.int32) + nbytes],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-
     @triton.autotune(configs=_configs(), key=["N", "K"])
     @triton.jit
     def gemv_kernel(
@@ -71,7 +55,6 @@ def _build():
         N,
         K,
         stride_w,
-        prefetch_bytes,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
@@ -80,9 +63,6 @@ def _build():
         rk = tl.arange(0, BLOCK_K)
         mask_n = rn < N
         w_rows = w_ptr + rn[:, None] * stride_w
-        if PDL:
-            if prefetch_bytes > 0:
-                l2_prefetch(w_ptr + tl.minimum(rn, N - 1).to(tl.int64) * stride_w, prefetch_bytes)
         mask_k = rk < K
         w = tl.load(w_rows + rk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if PDL:
@@ -122,16 +102,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool | None = None) -> torc
     pdl = _pdl(x.device) if pdl is None else pdl
     kernel = _build()[0]
     kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x, weight, y, n, k, weight.stride(0), _prefetch_bytes(weight), PDL=pdl, launch_pdl=pdl
+        x, weight, y, n, k, weight.stride(0), PDL=pdl, launch_pdl=pdl
     )
     return y
-
-
-def _prefetch_bytes(weight: torch.Tensor) -> int:
-    """Bytes of each row to prefetch: PREFETCH_BYTES over the rows, at most a row, in the 16-byte
-    units a bulk prefetch takes (0, none, where rows do not start on 16 bytes)."""
-    row = weight.shape[1] * weight.element_size()
-    aligned = weight.data_ptr() % 16 == 0 and weight.stride(0) * weight.element_size() % 16 == 0
-    if not aligned:
-        return 0
-    return min(row, PREFETCH_BYTES // weight.shape[0]) // 16 * 16
