@@ -10,9 +10,7 @@ normalises. Measured on two H200s (`benchmarks/tp_allreduce_kernels.py`): 4.7 us
 row against 9.3 us for the two kernels. Its workspace is torch symmetric memory mapped
 point-to-point (`use_symm_dev_mem=False`), never NVLink multicast. On Hopper and later it is
 launched early (programmatic dependent launch), like the products before and after it
-(models/gemv.py), waits for its input in the kernel, and lets the next product launch as soon
-as it starts, so that product's first weight tile loads while this kernel waits on NVLink (it
-reads this kernel's output only once this kernel has completed). flashinfer builds the kernel
+(models/gemv.py), and waits for its input in the kernel. flashinfer builds the kernel
 the first time it is used on a machine (about four minutes on an H200; cached afterwards).
 
 As for the one-shot all-reduce, every rank must take the same path for every call: `fits`
@@ -81,7 +79,7 @@ class FusedAllReduceNorm:
             hidden_dim=self.hidden,
             workspace_ptrs=self.workspace,
             launch_with_pdl=self.pdl,
-            trigger_completion_at_end=not self.pdl,
+            trigger_completion_at_end=True,
             fp32_acc=True,
             pattern_code=self._ar.AllReduceFusionPattern.kARResidualRMSNorm,
             use_oneshot=True,
