@@ -92,14 +92,14 @@ def _pdl(device: torch.device) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
-    """x [1, K] @ weight[N, K]^T -> [1, N] in x's dtype; weight rows contiguous. `pdl` None
-    takes programmatic dependent launch where the device has it (the result is the same)."""
+    """x [1, K] @ weight[N, K]^T -> [1, N] in x's dtype; weight rows contiguous. Programmatic
+    dependent launch where the device has it, unless `pdl` is False (the result is the same)."""
     import triton
 
     n, k = weight.shape
     x = x.contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    pdl = _pdl(x.device) if pdl is None else pdl
+    pdl = pdl is not False and _pdl(x.device)
     kernel = _build()[0]
     kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, weight, y, n, k, weight.stride(0), PDL=pdl, launch_pdl=pdl
