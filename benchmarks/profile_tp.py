@@ -64,7 +64,7 @@ def stop_trace(engine, passes_before: int, path: str) -> dict:
     prof.export_chrome_trace(path)
     out = summarize(json.loads(Path(path).read_text()), steps, _held["cuda"])
     text = io.StringIO()
-    pstats.Stats(_held["host"], stream=text).sort_stats("tottime").print_stats(18)
+    pstats.Stats(_held["host"], stream=text).strip_dirs().sort_stats("tottime").print_stats(18)
     out["host_profile"] = text.getvalue()
     _held.clear()
     return out
