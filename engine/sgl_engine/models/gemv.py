@@ -44,8 +44,6 @@ def _build():
     import triton
     import triton.language as tl
 
-    gdc = getattr(tl.extra.cuda, "gdc_wait", None) is not None
-
     @triton.autotune(configs=_configs(), key=["N", "K"])
     @triton.jit
     def gemv_kernel(
@@ -81,14 +79,17 @@ def _build():
         y = tl.sum(acc, axis=1)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
 
-    return gemv_kernel, gdc
+    return gemv_kernel
 
 
 @functools.cache
 def _pdl(device: torch.device) -> bool:
     """Whether products on `device` take part in programmatic dependent launch (sm90+, and a
     Triton that has it)."""
-    return _build()[1] and torch.cuda.get_device_capability(device)[0] >= 9
+    import triton.language as tl
+
+    has_gdc = hasattr(tl.extra.cuda, "gdc_wait")
+    return has_gdc and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
@@ -100,8 +101,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool | None = None) -> torc
     x = x.contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     pdl = pdl is not False and _pdl(x.device)
-    kernel = _build()[0]
-    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+    _build()[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, weight, y, n, k, weight.stride(0), PDL=pdl, launch_pdl=pdl
     )
     return y
