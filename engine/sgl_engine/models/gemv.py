@@ -50,12 +50,15 @@ def _build():
         x_ptr,
         w_ptr,
         y_ptr,
+        peer_ptr,
+        round_ptr,
         N,
         K,
         stride_w,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
+        PUSH: tl.constexpr,
     ):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -76,8 +79,12 @@ def _build():
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        y = tl.sum(acc, axis=1)
-        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
+        if PUSH:
+            slot = tl.load(round_ptr) % 3
+            pushed = tl.where(y == 0.0, 0.0, y).to(y_ptr.dtype.element_ty)
+            tl.store(peer_ptr + slot * N + rn, pushed, mask=mask_n)
+        tl.store(y_ptr + rn, y, mask=mask_n)
 
     return gemv_kernel
 
@@ -92,16 +99,41 @@ def _pdl(device: torch.device) -> bool:
     return has_gdc and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    pdl: bool | None = None,
+    push: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """x [1, K] @ weight[N, K]^T -> [1, N] in x's dtype; weight rows contiguous. Programmatic
-    dependent launch where the device has it, unless `pdl` is False (the result is the same)."""
+    dependent launch where the device has it, unless `pdl` is False (the result is the same).
+
+    `push` = (peer, round): also store the result, with -0.0 made +0.0, into row `round % 3` of
+    `peer` ([3, N], x's dtype; a peer's memory) as each program finishes (push_norm.py reads
+    it there). `round` (int32 [1]) is only read."""
     import triton
 
     n, k = weight.shape
     x = x.contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     pdl = pdl is not False and _pdl(x.device)
+    peer, round_ = push if push is not None else (y, _no_round(x.device))
     _build()[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x, weight, y, n, k, weight.stride(0), PDL=pdl, launch_pdl=pdl
+        x,
+        weight,
+        y,
+        peer,
+        round_,
+        n,
+        k,
+        weight.stride(0),
+        PDL=pdl,
+        PUSH=push is not None,
+        launch_pdl=pdl,
     )
     return y
+
+
+@functools.cache
+def _no_round(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
