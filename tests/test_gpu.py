@@ -527,6 +527,38 @@ def test_cascade_decode_graphs_as_accurate_as_plain_graphs(gpu_llama):
     assert err_cascade <= 2 * err_plain + 0.02, (err_cascade, err_plain)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tp2_push_products_are_as_accurate_as_fused(gpu_llama):
+    """tp_all_reduce="push" (batch-1 row-parallel products push their partial sums to the peer;
+    push_norm.py sums, adds and normalises): greedy batch-1 streams, alone and beside a batch,
+    are no further from an fp32 TP=1 engine than the fused path with the same products, and
+    the push kernel ran (in graphs replayed many times, so the buffer's rows rotate)."""
+    from sgl_engine import Engine
+
+    fp32 = {"dtype": "float32", "attention_backend": "torch", "fused_ops": "torch"}
+    tp2 = {**BF16_FLASHINFER, "tp_size": 2, "decode_gemv": "triton"}
+    outs = {}
+    for label, extra in (
+        ("fp32", fp32),
+        ("fused", {**tp2, "tp_all_reduce": "fused"}),
+        ("push", {**tp2, "tp_all_reduce": "push"}),
+    ):
+        kw = {"device": "cuda", "cuda_graph_max_bs": 16, "max_total_tokens": 8192, **extra}
+        with Engine(gpu_llama, **kw) as eng:
+            params = {**GREEDY, "max_new_tokens": 40}
+            outs[label] = [eng.generate(p, params, return_logprob=True) for p in PROMPTS]
+            outs[label] += eng.generate(PROMPTS * 2, params, return_logprob=True)
+            if label == "push":
+                facts = eng.inspect(runner_facts)
+                assert facts["all_reduce"] == "push" and facts["push_norm_calls"] > 0
+                assert facts["push_rounds"] > 300  # graph replays: the device counts them
+                assert facts["fused_norm_calls"] > 0  # the batch's rounds
+            eng.check_invariants()
+    err_fused = _drift(outs["fused"], outs["fp32"])
+    err_push = _drift(outs["push"], outs["fp32"])
+    assert err_push <= 1.5 * err_fused + 0.01, (err_push, err_fused)
+
+
 def _drift(got: list[dict], ref: list[dict]) -> float:
     """The mean absolute difference of chosen-token logprobs, output by output, up to and
     including the first differing token."""
@@ -542,7 +574,8 @@ from sgl_engine import Engine
 path, mode = sys.argv[1:]
 greedy = {"temperature": 0, "ignore_eos": True}
 kw = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer",
-          cuda_graph_max_bs=16, max_total_tokens=8192, tp_size=2, tp_all_reduce=mode)
+          cuda_graph_max_bs=16, max_total_tokens=8192, tp_size=2, tp_all_reduce=mode,
+          decode_gemv="triton" if mode == "push" else "cublas")
 eng = Engine(path, **kw)
 core, follower = eng.pids
 stream = eng.generate("hi", {**greedy, "max_new_tokens": 100000}, stream=True)
@@ -562,7 +595,7 @@ print(json.dumps({"first": first, "reason": reason, "later": later, "after": aft
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-@pytest.mark.parametrize("mode", ["nccl", "one_shot", "fused"])
+@pytest.mark.parametrize("mode", ["nccl", "one_shot", "fused", "push"])
 def test_tp2_killed_rank_fails_the_stream_instead_of_hanging(gpu_llama, mode):
     """A follower killed mid-stream on GPUs: the stream ends as an abort naming the rank (the
     one-shot kernel then spins for good, so rank 0 must poll rather than block), a later request

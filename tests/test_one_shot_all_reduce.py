@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from sgl_engine.config import EngineConfig
-from sgl_engine.distributed import fused_norm, one_shot
+from sgl_engine.distributed import fused_norm, one_shot, push_norm
 from sgl_engine.distributed.group import TPGroup
 from sgl_engine.models.ops import TorchOps
 
@@ -225,3 +225,83 @@ def test_bound_control_sets_the_default_groups_timeout_or_says_it_cannot(monkeyp
     with caplog.at_level("WARNING"):
         TPGroup.bound_control(7.5)
     assert "cannot change a process group's timeout" in caplog.text and len(seen) == 1
+
+
+class FakePush(push_norm.PushAllReduceNorm):
+    """The push path's policy without its kernels: the 'peer' holds the same partial sums."""
+
+    def __init__(self, hidden: int = 512) -> None:
+        self.hidden, self.dtype, self.calls, self._pushed = hidden, torch.bfloat16, 0, None
+        self.products = 0
+
+    def product(self, x, weight):
+        self.products += 1
+        self._pushed = x @ weight.T
+        return self._pushed
+
+    def __call__(self, x, residual, weight, eps):
+        assert self.took(x)
+        self._pushed = None
+        self.calls += 1
+        return TorchOps.add_rmsnorm(x * 2, residual.clone(), weight, eps)
+
+
+def test_push_takes_only_the_products_it_pushed_and_they_reduce_like_the_rest(monkeypatch):
+    """A one-row product of a row-parallel layer with the one-row kernel pushes; its partial
+    sums take the push kernel. Any other partial sums (more rows, another width, no one-row
+    kernel, or one that was already reduced) go the usual way; the results are the same."""
+    from sgl_engine.distributed.layers import RowParallelLinear
+
+    monkeypatch.setattr("torch.distributed.all_reduce", lambda x, group=None: x.mul_(2))
+    push = FakePush()
+    group = TPGroup(0, 2, device_group=object(), push=push)
+    layer = RowParallelLinear(256, 512, tp=group)
+    torch.nn.init.normal_(layer.weight, std=0.05)
+    layer.weight.data = layer.weight.data.bfloat16()
+    weight, eps = torch.rand(512, dtype=torch.bfloat16) + 0.5, 1e-5
+    res = torch.randn(1, 512, dtype=torch.bfloat16)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    plain = layer(x, reduce=False)  # no one-row kernel: the layer does not push
+    assert push.products == 0 and not push.took(plain)
+    layer.gemv = lambda a, w: a @ w.T
+    pushed = layer(x, reduce=False)
+    assert push.products == 1 and push.took(pushed) and not push.took(plain)
+    want = TorchOps.add_rmsnorm(plain * 2, res.clone(), weight, eps)
+    got = group.all_reduce_add_rmsnorm(pushed, res.clone(), weight, eps, TorchOps)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)) and push.calls == 1
+    assert not push.took(pushed)  # reduced once; the same tensor again would go the usual way
+    assert layer(torch.randn(2, 128, dtype=torch.bfloat16), reduce=False).shape == (2, 512)
+    assert push.products == 1  # two rows: not pushed
+    assert layer(x).shape == (1, 512) and push.products == 1  # reduce=True: the layer reduces
+
+
+@pytest.mark.parametrize(
+    ("shape", "wshape", "takes"),
+    [
+        ((1, 128), (512, 128), True),
+        ((2, 128), (512, 128), False),  # two rows
+        ((1, 128), (256, 128), False),  # another width than the buffer's
+        ((128,), (512, 128), False),
+    ],
+)
+def test_push_fits_depends_only_on_shapes(shape, wshape, takes):
+    x, w = torch.ones(shape, dtype=torch.bfloat16), torch.ones(wshape, dtype=torch.bfloat16)
+    assert FakePush().fits(x, w) is takes
+
+
+def test_push_mode_needs_two_cuda_ranks_and_the_one_row_kernel():
+    with pytest.raises(ValueError, match="'push' needs decode_gemv='triton'"):
+        EngineConfig(tp_all_reduce="push")
+    EngineConfig(tp_all_reduce="push", decode_gemv="triton")
+    with pytest.raises(ValueError, match="'push' needs CUDA"):
+        one_shot.setup("push", None, torch.bfloat16, torch.device("cpu"), pytest.fail)
+    for size, why in ((2, "it needs Hopper or later GPUs"), (4, "it is for two ranks, not 4")):
+        seen = []
+
+        def agree(flag, seen=seen):
+            seen.append(flag)
+            return min(seen)
+
+        with pytest.raises(RuntimeError, match=f"'push' is not available: {why}"):
+            push_norm.setup(None, 0, size, 512, torch.bfloat16, torch.device("cpu"), agree)
+        assert seen == [0]  # refused before any buffer is made

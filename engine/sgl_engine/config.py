@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-TP_ALL_REDUCE_MODES = ("auto", "nccl", "one_shot", "fused")
+TP_ALL_REDUCE_MODES = ("auto", "nccl", "one_shot", "fused", "push")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,9 @@ class EngineConfig:
     `tp_all_reduce` picks the path of small all-reduces on CUDA: "auto" (the one-shot kernel over
     peer memory when every rank can map it, else NCCL), "one_shot" (required), "nccl", or
     "fused" (one_shot, and each block half's all-reduce, residual add and RMSNorm in one
-    flashinfer TensorRT-LLM kernel; built on a machine's first use, minutes).
+    flashinfer TensorRT-LLM kernel; built on a machine's first use, minutes), or "push" (fused,
+    and on two Hopper GPUs with `decode_gemv="triton"` batch-1 row-parallel products push their
+    partial sums to the peer as they finish: distributed/push_norm.py).
     `decode_gemv` picks the kernel of one-row (batch-1 decode) linear layers on CUDA: cuBLAS, or
     the Triton matrix-vector kernel of models/gemv.py (faster on an H200; opt-in until the GPU
     tests have run with it). `unroll_extends` replays small extends of running requests (the
@@ -91,7 +93,9 @@ class EngineConfig:
         if self.tp_size < 1:
             raise ValueError("tp_size must be >= 1")
         if self.tp_all_reduce not in TP_ALL_REDUCE_MODES:
-            raise ValueError("tp_all_reduce must be 'auto', 'nccl', 'one_shot' or 'fused'")
+            raise ValueError("tp_all_reduce must be 'auto', 'nccl', 'one_shot', 'fused' or 'push'")
+        if self.tp_all_reduce == "push" and self.decode_gemv != "triton":
+            raise ValueError("tp_all_reduce='push' needs decode_gemv='triton'")
         if self.tp_timeout_s <= 0:
             raise ValueError("tp_timeout_s must be positive")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:

@@ -156,15 +156,18 @@ def runner_facts(engine) -> dict:
     tp = runner.tp
     fast = None if tp is None else tp.fast
     fused = None if tp is None else tp.fused
+    push = None if tp is None else tp.push
     path = "none" if tp is None else "one_shot" if fast is not None else "device_group"
     if fused is not None:
-        path = "fused"
+        path = "fused" if push is None else "push"
     return {
         "weight_bytes": sum(p.numel() * p.element_size() for p in runner.model.parameters()),
         "num_slots": runner.num_slots,
         "all_reduce": path,
         "one_shot_calls": 0 if fast is None else fast.calls,
         "fused_norm_calls": 0 if fused is None else fused.calls,
+        "push_norm_calls": 0 if push is None else push.calls,
+        "push_rounds": 0 if push is None else int(push.round.item()),
         "device": str(runner.device),
     }
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _abort_process_group
 
-from sgl_engine.distributed import fused_norm, one_shot
+from sgl_engine.distributed import fused_norm, one_shot, push_norm
 
 try:
     from torch.distributed.distributed_c10d import _set_pg_timeout
@@ -58,6 +58,7 @@ class TPGroup:
     device_group: Any = None
     fast: one_shot.OneShotAllReduce | None = None
     fused: fused_norm.FusedAllReduceNorm | None = None
+    push: push_norm.PushAllReduceNorm | None = None
 
     @property
     def is_driver(self) -> bool:
@@ -77,7 +78,10 @@ class TPGroup:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The end of a block half whose row-parallel layer left its all-reduce to us: returns
         (rmsnorm(sum + residual), sum + residual) of the ranks' partial sums `x`, in one fused
-        kernel when enabled and `x` fits, else `all_reduce` then `ops.add_rmsnorm`."""
+        kernel when enabled and `x` fits, else `all_reduce` then `ops.add_rmsnorm`. Partial sums
+        that a product already pushed to the peer (`push_norm.py`) take that path's kernel."""
+        if self.push is not None and self.push.took(x):
+            return self.push(x, residual, weight, eps)
         if self.fused is not None and self.fused.fits(x):
             return self.fused(x, residual, weight, eps)
         return ops.add_rmsnorm(self.all_reduce(x), residual, weight, eps)
@@ -87,18 +91,24 @@ class TPGroup:
     ) -> bool:
         """Collective (every rank, same `mode`, before any CUDA graph is captured): set up the
         one-shot all-reduce for `dtype` messages per `mode` (see `one_shot.setup`) and, for
-        "fused", the fused all-reduce + add + RMSNorm of `hidden`-wide rows (`fused_norm.py`).
-        Mutates `fast` and `fused`; returns whether the one-shot path is on."""
+        "fused" and "push", the fused all-reduce + add + RMSNorm of `hidden`-wide rows
+        (`fused_norm.py`), and for "push" the pushing batch-1 products where they apply
+        (`push_norm.py`). Mutates `fast`, `fused` and `push`; returns whether the one-shot path
+        is on."""
         self.fast = one_shot.setup(mode, self.device_group, dtype, device, self.min_int)
-        if mode == "fused":
-            self.fused = fused_norm.setup(
-                self.device_group, self.rank, self.size, hidden, dtype, device, self.min_int
-            )
+        args = (self.device_group, self.rank, self.size, hidden, dtype, device, self.min_int)
+        if mode in ("fused", "push"):
+            self.fused = fused_norm.setup(*args)
+        if mode == "push":
+            self.push = push_norm.setup(*args)
         return self.fast is not None
 
     def drop_fast_paths(self) -> None:
         """Forget the one-shot and fused paths (their peer memory goes with the group)."""
         self.fast = None
+        if self.push is not None:
+            self.push.close()
+            self.push = None
         if self.fused is not None:
             self.fused.close()
             self.fused = None

@@ -120,6 +120,10 @@ class RowParallelLinear(nn.Module):
         self.gemv: GemvFn | None = None
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        push = self.tp.push if self.tp is not None and not reduce else None
+        if push is not None and self.gemv is not None and self.bias is None:
+            if push.fits(x, self.weight):
+                return push.product(x, self.weight)
         y = linear(x, self.weight, None, self.gemv)
         if self.tp is None:
             return y if self.bias is None else y + self.bias

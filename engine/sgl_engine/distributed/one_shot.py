@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_BYTES = 1 << 20
 ALIGN = 16
-REQUIRED = ("one_shot", "fused")
+REQUIRED = ("one_shot", "fused", "push")
 
 
 class OneShotAllReduce:

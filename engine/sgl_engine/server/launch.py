@@ -235,7 +235,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=None,
         help="path of small all-reduces on GPUs: one-shot over peer memory, NCCL, or fused "
         "(one-shot, plus each all-reduce with its residual add and RMSNorm in one flashinfer "
-        "kernel, built on a machine's first use) (default auto: one-shot when every rank can)",
+        "kernel, built on a machine's first use), or push (fused, plus batch-1 products that "
+        "push their partial sums to the peer; two GPUs, --decode-gemv triton) (default auto: "
+        "one-shot when every rank can)",
     )
     parser.add_argument(
         "--graceful-timeout",
