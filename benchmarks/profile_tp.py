@@ -64,7 +64,9 @@ def stop_trace(engine, passes_before: int, path: str) -> dict:
     prof.export_chrome_trace(path)
     out = summarize(json.loads(Path(path).read_text()), steps, _held["cuda"])
     text = io.StringIO()
-    pstats.Stats(_held["host"], stream=text).strip_dirs().sort_stats("tottime").print_stats(18)
+    stats = pstats.Stats(_held["host"], stream=text).strip_dirs()
+    stats.sort_stats("tottime").print_stats(18)
+    stats.sort_stats("cumulative").print_stats(30)
     out["host_profile"] = text.getvalue()
     _held.clear()
     return out
@@ -86,7 +88,7 @@ def summarize(trace: dict, steps: int, cuda: bool) -> dict:
     gaps, busy, end = [], 0.0, evs[0]["ts"]
     prev = evs[0]["name"]
     for e in evs:
-        by_name[e["name"][:80]].append(e["dur"])
+        by_name[_label(e)].append(e["dur"])
         if e["ts"] > end:
             gaps.append((e["ts"] - end, prev[:50], e["name"][:50]))
         busy += max(0.0, e["ts"] + e["dur"] - max(end, e["ts"]))
@@ -107,6 +109,14 @@ def summarize(trace: dict, steps: int, cuda: bool) -> dict:
         )[:26],
         "largest_gaps": gaps[:8],
     }
+
+
+def _label(event: dict) -> str:
+    """The kernel's name, with its grid for the one-row products (one shape per grid)."""
+    name = event["name"]
+    if "gemv" in name:
+        return f"{name[:40]} grid {event.get('args', {}).get('grid')}"
+    return name[:80]
 
 
 TIMED = {
@@ -186,9 +196,35 @@ def traced_decode(eng, tokens: int, settle_s: float, window_s: float) -> dict:
     return dict(out, host_timers=host)
 
 
+def traced_prompts(eng, n: int) -> dict:
+    """`n` one-token generates of a 4-token prompt (a prefill and its sampled token each): the
+    median wall time of a generate, the host timers over `n` more, then the trace over `n` more."""
+    sp = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}
+
+    def one() -> float:
+        t = time.perf_counter()
+        eng.generate(input_ids=[5, 6, 7, 8], sampling_params=sp)
+        return time.perf_counter() - t
+
+    walls = sorted(one() for _ in range(n))
+    before = eng.inspect(start_timers)
+    for _ in range(n):
+        one()
+    host = eng.inspect(stop_timers, before)
+    before = eng.inspect(start_trace)
+    for _ in range(n):
+        one()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = eng.inspect(stop_trace, before, str(Path(tmp) / "trace.json"))
+    return dict(out, host_timers=host, ttft_ms=1e3 * walls[n // 2])
+
+
 def report(label: str, res: dict) -> None:
     t = res["trace"]
-    print(f"\n=== {label}: {res['decode_bs1']['ours_tok_s']:.1f} tok/s through the engine")
+    if "ttft_ms" in t:
+        print(f"\n=== {label}: a 1-token generate takes {t['ttft_ms']:.1f} ms (median)")
+    else:
+        print(f"\n=== {label}: {res['decode_bs1']['ours_tok_s']:.1f} tok/s through the engine")
     if "wall_us_per_step" not in t:
         print(f"no trace events: {t}")
         return
@@ -209,7 +245,7 @@ def report(label: str, res: dict) -> None:
     print("largest idle gaps (us, after, before):")
     for gap, a, b in t["largest_gaps"]:
         print(f"  {gap:8.1f}  {a} -> {b}")
-    print(t["host_profile"][:4000])
+    print(t["host_profile"][:9000])
 
 
 def main() -> None:
@@ -220,6 +256,7 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/sgl-bench")
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--prompts", type=int, default=0, help="trace this many 1-token generates")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from sgl_engine import Engine
@@ -233,7 +270,9 @@ def main() -> None:
         eng = Engine(str(path), **base, **extra, tp_size=tp)
         try:
             facts = eng.inspect(runner_facts)
-            if args.smoke:
+            if args.prompts:
+                bs1, trace = {}, traced_prompts(eng, args.prompts)
+            elif args.smoke:
                 sp = {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True}
                 t0 = time.perf_counter()
                 eng.generate(input_ids=[5, 6, 7, 8], sampling_params=sp)
