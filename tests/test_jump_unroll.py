@@ -1,5 +1,6 @@
 """Unrolled extends (see model_runner's docstring): the run round after rows jumped forward runs
-as decode rows of one token each and gives what the extend gives; prompts are never unrolled."""
+as decode rows of one token each and gives what the extend gives; so does a prompt with one new
+token (a repeated prompt); prompts of more new tokens are never unrolled."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def test_jump_forward_run_rounds_unrolled_give_the_same_records(make_engine, tin
     assert unrolled.runner.unrolled_passes > unrolled.metrics()["prefill_passes"]
 
 
-def test_prompts_are_never_unrolled(make_engine, tiny_llama):
+def test_prompts_of_several_new_tokens_are_never_unrolled(make_engine, tiny_llama):
     plain, unrolled = _engines(make_engine, tiny_llama)
     prompts = ["The quick brown fox", "Question: What is two plus two? Answer:"]
     sp = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}
@@ -49,6 +50,36 @@ def test_prompts_are_never_unrolled(make_engine, tiny_llama):
         assert g["output_ids"] == w["output_ids"]
         assert [g["meta_info"][k] for k in keys] == [w["meta_info"][k] for k in keys]
     assert unrolled.runner.unrolled_passes == 0
+
+
+def test_a_repeated_prompt_runs_its_one_new_token_as_a_decode_row(make_engine, tiny_llama):
+    """The radix cache holds all of a repeated prompt but its last token, which then runs as a
+    one-row decode batch (a graph replay on CUDA, not an eager extend) with the same results,
+    logprobs included; a fresh prompt still prefills."""
+    plain, unrolled = _engines(make_engine, tiny_llama)
+    sp = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    kw = {"return_logprob": True, "top_logprobs_num": 3}
+    outs = {}
+    for name, eng in (("plain", plain), ("unrolled", unrolled)):
+        outs[name] = [eng.generate("The quick brown fox", sp, **kw) for _ in range(3)]
+        eng.check_invariants()
+    assert unrolled.runner.unrolled_passes == 2  # the two repeats; the first prompt prefilled
+    assert plain.runner.unrolled_passes == 0
+    for g, w in zip(outs["unrolled"], outs["plain"], strict=True):
+        assert g["output_ids"] == w["output_ids"]
+        for key in ("output_token_logprobs", "output_top_logprobs"):
+            assert g["meta_info"][key] == w["meta_info"][key] or _close(
+                g["meta_info"][key], w["meta_info"][key]
+            )
+    assert outs["unrolled"][1]["meta_info"]["cached_tokens"] > 0
+
+
+def _close(a, b, tol: float = 1e-4) -> bool:
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return abs(a - b) <= tol
+    return a == b
 
 
 def test_unrolled_batch_reads_each_tokens_kv_prefix():
@@ -88,6 +119,8 @@ def test_unrolled_batch_reads_each_tokens_kv_prefix():
     runner.unroll_max_tokens = extend.num_tokens - 1
     assert runner._unrolled(extend, seqs) is extend
     runner.unroll_max_tokens = extend.num_tokens
-    seqs[0].running = False  # a prompt in the batch
+    seqs[0].running = False  # a prompt of several new tokens in the batch
     assert runner._unrolled(extend, seqs) is extend
-    assert runner.unrolled_passes == 1
+    seqs[0].running, seqs[1].running = True, False  # a prompt of one new token: unrolled too
+    assert len(seqs[1].new_ids) == 1 and runner._unrolled(extend, seqs) is not extend
+    assert runner.unrolled_passes == 2
