@@ -2,17 +2,17 @@
 
 This is the only place where the scheduler's lists become tensors (`ForwardBatch`) and back.
 
-Unrolled extends. A small extend of running requests (a run round where some rows jumped
-forward and carry several forced tokens), or of prompts that have one new token each (the radix
-cache held the rest: a repeated prompt), runs as a decode batch of one row per token: the row for a sequence's i-th new token reads the sequence's KV up to and including that
-token. Each layer stores every row's k/v before attending, so a row sees the tokens before it in
-the same step: the same causal attention as the extend, as decode-shaped rows. On CUDA that
-batch replays a decode graph (up to the largest captured size) instead of running the model
-eagerly; the hidden rows come out in the extend's token order, so logits and sampling read them
-unchanged. On by default wherever decode graphs exist (`unroll_extends=False` turns it off): on an
-H200 it gives the eager extend's records and turns jump-forward's run rounds from eager passes
-into graph replays (benchmarks/RESULTS.md, issue 18). A prompt of more new tokens keeps the
-extend kernel.
+Unrolled extends. A small extend of running requests (a run round where some rows jumped forward
+and carry several forced tokens), or of prompts that have one new token each (the radix cache
+held the rest: a repeated prompt), runs as a decode batch of one row per token: the row for a
+sequence's i-th new token reads the sequence's KV up to and including that token. Each layer
+stores every row's k/v before attending, so a row sees the tokens before it in the same step:
+the same causal attention as the extend, as decode-shaped rows. On CUDA that batch replays a
+decode graph (up to the largest captured size) instead of running the model eagerly; the hidden
+rows come out in the extend's token order, so logits and sampling read them unchanged. On by
+default wherever decode graphs exist (`unroll_extends=False` turns it off): on an H200 it gives
+the eager extend's records and turns jump-forward's run rounds from eager passes into graph
+replays (benchmarks/RESULTS.md, issue 18). A prompt of more new tokens keeps the extend kernel.
 """
 
 from __future__ import annotations

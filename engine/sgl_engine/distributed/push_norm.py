@@ -42,7 +42,7 @@ from sgl_engine.models.gemv import gemv
 log = logging.getLogger(__name__)
 
 SLOTS = 3
-EMPTY = -32768  # the bits of a bfloat16 or float16 -0.0 as int16
+EMPTY = -32768  # the bits of a bfloat16 or float16 -0.0 as int16 (the kernel spells it out)
 
 
 @functools.cache
@@ -121,7 +121,7 @@ class PushAllReduceNorm:
 
     def product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """This rank's partial sums x @ weight^T ([1, hidden]), also pushed to the peer."""
-        k = weight.shape[1]
+        k = weight.shape[1]  # with N fixed at `hidden`, K names the shape
         if k not in self._tuned:  # autotune without pushing (the tuner runs every config)
             gemv(x, weight)
             self._tuned.add(k)
@@ -162,6 +162,7 @@ class PushAllReduceNorm:
         return norm_out, res_out
 
     def close(self) -> None:
+        """Drop the references to the peer's memory (before the group goes)."""
         self.peer = self.handle = None
 
 
