@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from sgl_engine.models.gemv import gemv
+from sgl_engine.models.gemv import gemv, pdl_supported
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ class PushAllReduceNorm:
         self.peer = handle.get_buffer(1 - rank, (SLOTS, hidden), buffer.dtype)
         self.handle = handle
         self.round = torch.zeros(1, dtype=torch.int32, device=buffer.device)
-        self.pdl = torch.cuda.get_device_capability(buffer.device)[0] >= 9
+        self.pdl = pdl_supported(buffer.device)
+        self.block = 1 << (hidden - 1).bit_length()  # the kernel's one block: the whole row
+        self.warps = max(4, min(16, self.block // 256))
         self._pushed: torch.Tensor | None = None
         self._tuned: set[int] = set()
         self.calls = 0
@@ -138,12 +140,9 @@ class PushAllReduceNorm:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rmsnorm(x + peer's x + residual), x + peer's x + residual) for the `x` that
         `product` returned; advances the round."""
-        import triton
-
         self._pushed = None
         self.calls += 1
         norm_out, res_out = torch.empty_like(x), torch.empty_like(x)
-        block = triton.next_power_of_2(self.hidden)
         _build()[(1,)](
             x,
             self.buffer,
@@ -154,9 +153,9 @@ class PushAllReduceNorm:
             res_out,
             self.hidden,
             eps,
-            BLOCK=block,
+            BLOCK=self.block,
             PDL=self.pdl,
-            num_warps=max(4, min(16, block // 256)),
+            num_warps=self.warps,
             launch_pdl=self.pdl,
         )
         return norm_out, res_out

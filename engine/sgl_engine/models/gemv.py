@@ -90,9 +90,9 @@ def _build():
 
 
 @functools.cache
-def _pdl(device: torch.device) -> bool:
-    """Whether products on `device` take part in programmatic dependent launch (sm90+, and a
-    Triton that has it)."""
+def pdl_supported(device: torch.device) -> bool:
+    """Whether Triton kernels on `device` can take part in programmatic dependent launch (sm90+,
+    and a Triton that has `gdc_wait`)."""
     import triton.language as tl
 
     has_gdc = hasattr(tl.extra.cuda, "gdc_wait")
@@ -116,7 +116,7 @@ def gemv(
     n, k = weight.shape
     x = x.contiguous()
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    pdl = pdl is not False and _pdl(x.device)
+    pdl = pdl is not False and pdl_supported(x.device)
     peer, round_ = push if push is not None else (y, _no_round(x.device))
     _build()[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x,
