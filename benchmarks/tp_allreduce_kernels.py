@@ -41,20 +41,27 @@ def _no_multicast() -> None:
             mod.cuMulticastCreate = refuse
 
 
-def graph_us(fn, iters: int, reps: int, before=None) -> float:
-    """us per call of `fn` replayed from a CUDA graph of `iters` calls, `reps` times (`before()`
-    runs once between capture and timing: the ranks' barrier here)."""
+def capture(fn, calls: int = 1, warmups: int = 3):
+    """(a CUDA graph of `calls` calls of `fn`, what the last captured call returned), after
+    `warmups` eager calls on a side stream."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for _ in range(warmups):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
+    graph, out = torch.cuda.CUDAGraph(), None
     with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
+        for _ in range(calls):
+            out = fn()
+    return graph, out
+
+
+def graph_us(fn, iters: int, reps: int, before=None) -> float:
+    """us per call of `fn` replayed from a CUDA graph of `iters` calls, `reps` times (`before()`
+    runs once between capture and timing: the ranks' barrier here)."""
+    graph, _ = capture(fn, iters)
     graph.replay()
     torch.cuda.synchronize()
     if before is not None:

@@ -21,11 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tp_allreduce_kernels import capture  # noqa: E402
 
 HIDDEN, INTER, HEADS_DIM, EPS = 4096, 11008, 4096, 1e-5
 
@@ -69,20 +74,6 @@ def _half(tp, a, w, res, ln, path):
     return tp.fused(gemv(a, w), res, ln, EPS)
 
 
-def _graph(fn):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
-
-
 def _check(tp, dev, rounds: int) -> dict:
     """The push path's (norm, residual) against the fused path's, on the same partial sums."""
     gen = torch.Generator(device=dev).manual_seed(5 + tp.rank)
@@ -110,7 +101,7 @@ def _check(tp, dev, rounds: int) -> dict:
             outs.append(tp.push(tp.push.product(a_in, w), res_in, ln, EPS))
         return outs
 
-    graph, outs = _graph(seven)
+    graph, outs = capture(seven, warmups=2)
     for _ in range(5):
         a_in.copy_(torch.randn(1, 1024, device=dev, generator=gen, dtype=torch.bfloat16))
         res_in.copy_(torch.randn(1, HIDDEN, device=dev, generator=shared, dtype=torch.bfloat16))
@@ -151,7 +142,7 @@ def worker(rank: int, init: str, args, out: str) -> None:
         generator=torch.Generator(device=dev).manual_seed(1),
     )
     for path in ("fused", "push", "fused", "push"):
-        graph, _ = _graph(lambda p=path: _chain(tp, layers, x0, x0.clone(), p))
+        graph, _ = capture(lambda p=path: _chain(tp, layers, x0, x0.clone(), p), warmups=2)
         graph.replay()
         torch.cuda.synchronize()
         tp.min_int(1)
