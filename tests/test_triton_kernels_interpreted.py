@@ -20,6 +20,7 @@ NAMES = [
     "gemv_push_writes_the_rounds_row_of_the_peer_and_nothing_else",
     "push_norm_sums_adds_normalises_resets_the_last_row_and_advances",
     "two_ranks_stay_in_step_through_rounds_not_a_multiple_of_three",
+    "rope_store_matches_torch_rope_and_the_pools_write",
 ]
 
 

@@ -128,6 +128,37 @@ def two_ranks_stay_in_step_through_rounds_not_a_multiple_of_three(kernels):
     assert [int(t.item()) for t in rounds] == [7, 7]
 
 
+def rope_store_matches_torch_rope_and_the_pools_write(kernels):
+    """models/rope_store.py (a prototype, not wired in): q rotated in place, the rotated k and
+    the v written at each token's slot, within one bf16 rounding of TorchOps.rope + KVPool.store;
+    other slots untouched."""
+    from sgl_engine.kv_cache import KVPool
+    from sgl_engine.models.ops import TorchOps
+    from sgl_engine.models.rope_store import rope_store
+
+    t, nh, nkv, d = 3, 4, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    wide = (nh + 2 * nkv) * d
+    qkv = torch.randn(t, wide + 5, generator=gen).bfloat16()[:, :wide]  # strided rows
+    q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+    pos, loc = torch.tensor([0, 7, 30]), torch.tensor([5, 2, 9])
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.outer(torch.arange(64).float(), inv)
+    cos, sin = freqs.cos(), freqs.sin()
+    want_q, want_k = TorchOps.rope(pos, q.clone(), k.clone(), cos, sin, None, d)
+    want = KVPool(12, 1, nkv, d, torch.bfloat16, torch.device("cpu"))
+    want.store(0, loc, want_k.reshape(t, nkv, d), v.reshape(t, nkv, d))
+    got = KVPool(12, 1, nkv, d, torch.bfloat16, torch.device("cpu"))
+    got.kv[0].fill_(3)
+    out = rope_store(pos, q, k, v, torch.cat([cos, sin], -1), d, got.kv[0], loc)
+    assert out.data_ptr() == q.data_ptr()
+    assert ((q.float() - want_q.float()).abs() <= _ulp(want_q.float())).all()
+    rows = want.kv[0][loc].float()
+    assert ((got.kv[0][loc].float() - rows).abs() <= _ulp(rows)).all()
+    others = [i for i in range(13) if i not in loc.tolist()]
+    assert (got.kv[0][others] == 3).all()
+
+
 CHECKS = {
     f.__name__: f
     for f in (
@@ -135,6 +166,7 @@ CHECKS = {
         gemv_push_writes_the_rounds_row_of_the_peer_and_nothing_else,
         push_norm_sums_adds_normalises_resets_the_last_row_and_advances,
         two_ranks_stay_in_step_through_rounds_not_a_multiple_of_three,
+        rope_store_matches_torch_rope_and_the_pools_write,
     )
 }
 

@@ -27,7 +27,10 @@ WORKSPACE_BYTES = 256 << 20
 
 class FlashInferAttentionBackend:
     """`plan` builds the prefill or decode plan for a batch (one per batch, shared by all layers);
-    `forward` stores the step's k/v in the pool and runs the planned kernel for one layer."""
+    `forward` stores the step's k/v in the pool and runs the planned kernel for one layer; given
+    k = v = None it only attends (the model stored them: models/rope_store.py)."""
+
+    accepts_stored_kv = True
 
     def __init__(
         self, model_config: Any, device: torch.device, dtype: torch.dtype, **_: Any
@@ -185,7 +188,8 @@ class FlashInferAttentionBackend:
         pool: KVPool,
         scale: float,
     ) -> torch.Tensor:
-        pool.store(layer, batch.out_cache_loc, k, v)
+        if k is not None:  # else the model stored them (models/rope_store.py)
+            pool.store(layer, batch.out_cache_loc, k, v)
         cache = pool.kv[layer].unsqueeze(2)
         o = batch.attn_metadata.run(q.contiguous(), cache)
         return o.reshape(q.shape[0], -1)

@@ -58,11 +58,16 @@ class Attention(nn.Module):
         if self.qk_norm:
             q = self.q_norm(q.reshape(-1, self.nh, self.hd), ops).reshape(-1, self.q_size)
             k = self.k_norm(k.reshape(-1, self.nkv, self.hd), ops).reshape(-1, self.kv_size)
-        q, k = rope(positions, q, k, ops)
+        fused = getattr(ops, "rope_store", None)
+        if fused is not None and getattr(attn, "accepts_stored_kv", False):
+            q = fused(positions, q, k, v, rope.cos_sin, self.hd, pool.kv[self.layer], batch)
+            k = v = None  # stored: the backend only attends
+        else:
+            q, k = rope(positions, q, k, ops)
         o = attn.forward(
             q.reshape(-1, self.nh, self.hd),
-            k.reshape(-1, self.nkv, self.hd),
-            v.reshape(-1, self.nkv, self.hd),
+            None if k is None else k.reshape(-1, self.nkv, self.hd),
+            None if v is None else v.reshape(-1, self.nkv, self.hd),
             self.layer,
             batch,
             pool,

@@ -85,6 +85,14 @@ class FlashInferOps:
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         return self.fi.activation.silu_and_mul(x)
 
+    def rope_store(self, positions, q, k, v, cos_sin, head_dim, kv, batch):
+        """RoPE of q (in place, returned) and k, and k and v written into the pool layer `kv`
+        at the batch's slots: one Triton kernel (models/rope_store.py)."""
+        from sgl_engine.models.rope_store import rope_store
+
+        pdl = torch.cuda.get_device_capability(q.device)[0] >= 9
+        return rope_store(positions, q, k, v, cos_sin, head_dim, kv, batch.out_cache_loc, pdl)
+
 
 def choose_ops(name: str, device: torch.device, dtype: torch.dtype) -> TorchOps | FlashInferOps:
     """`auto` picks the fused kernels on CUDA in fp16/bf16 when flashinfer is installed."""

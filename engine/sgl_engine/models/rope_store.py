@@ -1,0 +1,102 @@
+"""RoPE and the KV store of a decode step in one Triton kernel (a prototype, not wired in).
+
+Today a layer runs flashinfer's RoPE kernel on the q/k views of the qkv projection (in place),
+then the pool's indexed write of k and v (a torch `index_put`): two kernels, 1.8 and 3.3 us a
+layer at batch 1 on an H200, neither shrinking under tensor parallelism. This kernel rotates q
+in place, and writes the rotated k and the v of each token straight into the pool at its slot,
+one program per (token, head). On Hopper and later it takes part in programmatic dependent
+launch like the products around it (models/gemv.py): it waits (`gdc_wait`) for the qkv product
+before reading, and lets the attention kernel launch when it is done.
+
+Rotation is neox-style over the full head dimension, from the model's cos/sin cache
+([positions, head_dim]: cos then sin halves), computed in fp32 and rounded once, as
+`TorchOps.rope` and flashinfer's kernel do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def _build():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rope_store_kernel(
+        pos_ptr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        cs_ptr,
+        kv_ptr,
+        loc_ptr,
+        q_stride,
+        kv_stride,
+        slot_stride,
+        NH,
+        NKV: tl.constexpr,
+        HALF: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        d = tl.arange(0, HALF)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        pos = tl.load(pos_ptr + t)
+        cos = tl.load(cs_ptr + pos * 2 * HALF + d).to(tl.float32)
+        sin = tl.load(cs_ptr + pos * 2 * HALF + HALF + d).to(tl.float32)
+        if h < NH:
+            src = q_ptr + t * q_stride + h * 2 * HALF
+            dst = src
+        else:
+            g = h - NH
+            src = k_ptr + t * kv_stride + g * 2 * HALF
+            slot = tl.load(loc_ptr + t)
+            dst = kv_ptr + slot * slot_stride + g * 2 * HALF
+            full = tl.arange(0, 2 * HALF)
+            v = tl.load(v_ptr + t * kv_stride + g * 2 * HALF + full)
+            tl.store(dst + NKV * 2 * HALF + full, v.to(kv_ptr.dtype.element_ty))
+        x1 = tl.load(src + d).to(tl.float32)
+        x2 = tl.load(src + HALF + d).to(tl.float32)
+        out_ty = dst.dtype.element_ty
+        tl.store(dst + d, (x1 * cos - x2 * sin).to(out_ty))
+        tl.store(dst + HALF + d, (x2 * cos + x1 * sin).to(out_ty))
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    return rope_store_kernel
+
+
+def rope_store(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    head_dim: int,
+    kv: torch.Tensor,
+    loc: torch.Tensor,
+    pdl: bool = False,
+) -> torch.Tensor:
+    """Rotate q ([T, Hq * D], rows strided, heads contiguous) in place and return it; rotate k
+    and write it and v ([T, Hkv * D] each, like q) into `kv` ([slots, 2, Hkv, D], one layer of
+    the pool) at slots `loc` ([T]). `cos_sin` is [positions, D] (cos, then sin), in fp32."""
+    t = q.shape[0]
+    nh, nkv = q.shape[1] // head_dim, k.shape[1] // head_dim
+    if head_dim % 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two, not {head_dim}")
+    if k.stride(0) != v.stride(0) or q.stride(1) != 1 or k.stride(1) != 1 or v.stride(1) != 1:
+        raise ValueError("q, k and v must have contiguous heads and k, v the same row stride")
+    if t == 0:
+        return q
+    _build()[(t, nh + nkv)](
+        positions, q, k, v, cos_sin, kv, loc,
+        q.stride(0), k.stride(0), kv.stride(0), nh,
+        NKV=nkv, HALF=head_dim // 2, PDL=pdl, launch_pdl=pdl,
+    )  # fmt: skip
+    return q
