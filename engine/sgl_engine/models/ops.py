@@ -88,9 +88,10 @@ class FlashInferOps:
     def rope_store(self, positions, q, k, v, cos_sin, head_dim, kv, batch):
         """RoPE of q (in place, returned) and k, and k and v written into the pool layer `kv`
         at the batch's slots: one Triton kernel (models/rope_store.py)."""
+        from sgl_engine.models.gemv import pdl_supported
         from sgl_engine.models.rope_store import rope_store
 
-        pdl = torch.cuda.get_device_capability(q.device)[0] >= 9
+        pdl = pdl_supported(q.device)
         return rope_store(positions, q, k, v, cos_sin, head_dim, kv, batch.out_cache_loc, pdl)
 
 
