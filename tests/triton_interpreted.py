@@ -129,14 +129,19 @@ def two_ranks_stay_in_step_through_rounds_not_a_multiple_of_three(kernels):
 
 
 def rope_store_matches_torch_rope_and_the_pools_write(kernels):
-    """models/rope_store.py (a prototype, not wired in): q rotated in place, the rotated k and
+    """models/rope_store.py: q rotated in place, the rotated k and
     the v written at each token's slot, within one bf16 rounding of TorchOps.rope + KVPool.store;
     other slots untouched."""
     from sgl_engine.kv_cache import KVPool
     from sgl_engine.models.ops import TorchOps
     from sgl_engine.models.rope_store import rope_store
 
-    t, nh, nkv, d = 3, 4, 2, 16
+    for d in (16, 24):  # a power of two, and not (masked lanes)
+        _rope_store_case(rope_store, KVPool, TorchOps, d)
+
+
+def _rope_store_case(rope_store, KVPool, TorchOps, d):
+    t, nh, nkv = 3, 4, 2
     gen = torch.Generator().manual_seed(0)
     wide = (nh + 2 * nkv) * d
     qkv = torch.randn(t, wide + 5, generator=gen).bfloat16()[:, :wide]  # strided rows

@@ -1,4 +1,4 @@
-"""RoPE and the KV store of a decode step in one Triton kernel (a prototype, not wired in).
+"""RoPE and the KV store of a layer's new tokens in one Triton kernel.
 
 Today a layer runs flashinfer's RoPE kernel on the q/k views of the qkv projection (in place),
 then the pool's indexed write of k and v (a torch `index_put`): two kernels, 1.8 and 3.3 us a
@@ -40,16 +40,18 @@ def _build():
         NH,
         NKV: tl.constexpr,
         HALF: tl.constexpr,
+        BLOCK: tl.constexpr,
         PDL: tl.constexpr,
     ):
         t = tl.program_id(0)
         h = tl.program_id(1)
-        d = tl.arange(0, HALF)
+        d = tl.arange(0, BLOCK)
+        m = d < HALF
         if PDL:
             tl.extra.cuda.gdc_wait()
         pos = tl.load(pos_ptr + t)
-        cos = tl.load(cs_ptr + pos * 2 * HALF + d).to(tl.float32)
-        sin = tl.load(cs_ptr + pos * 2 * HALF + HALF + d).to(tl.float32)
+        cos = tl.load(cs_ptr + pos * 2 * HALF + d, mask=m).to(tl.float32)
+        sin = tl.load(cs_ptr + pos * 2 * HALF + HALF + d, mask=m).to(tl.float32)
         if h < NH:
             src = q_ptr + t * q_stride + h * 2 * HALF
             dst = src
@@ -58,14 +60,16 @@ def _build():
             src = k_ptr + t * kv_stride + g * 2 * HALF
             slot = tl.load(loc_ptr + t)
             dst = kv_ptr + slot * slot_stride + g * 2 * HALF
-            full = tl.arange(0, 2 * HALF)
-            v = tl.load(v_ptr + t * kv_stride + g * 2 * HALF + full)
-            tl.store(dst + NKV * 2 * HALF + full, v.to(kv_ptr.dtype.element_ty))
-        x1 = tl.load(src + d).to(tl.float32)
-        x2 = tl.load(src + HALF + d).to(tl.float32)
+            vsrc = v_ptr + t * kv_stride + g * 2 * HALF
+            vdst = dst + NKV * 2 * HALF
+            kv_ty = kv_ptr.dtype.element_ty
+            tl.store(vdst + d, tl.load(vsrc + d, mask=m).to(kv_ty), mask=m)
+            tl.store(vdst + HALF + d, tl.load(vsrc + HALF + d, mask=m).to(kv_ty), mask=m)
+        x1 = tl.load(src + d, mask=m).to(tl.float32)
+        x2 = tl.load(src + HALF + d, mask=m).to(tl.float32)
         out_ty = dst.dtype.element_ty
-        tl.store(dst + d, (x1 * cos - x2 * sin).to(out_ty))
-        tl.store(dst + HALF + d, (x2 * cos + x1 * sin).to(out_ty))
+        tl.store(dst + d, (x1 * cos - x2 * sin).to(out_ty), mask=m)
+        tl.store(dst + HALF + d, (x2 * cos + x1 * sin).to(out_ty), mask=m)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
 
@@ -86,10 +90,12 @@ def rope_store(
     """Rotate q ([T, Hq * D], rows strided, heads contiguous) in place and return it; rotate k
     and write it and v ([T, Hkv * D] each, like q) into `kv` ([slots, 2, Hkv, D], one layer of
     the pool) at slots `loc` ([T]). `cos_sin` is [positions, D] (cos, then sin), in fp32."""
+    import triton
+
     t = q.shape[0]
     nh, nkv = q.shape[1] // head_dim, k.shape[1] // head_dim
-    if head_dim % 2 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two, not {head_dim}")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, not {head_dim}")
     if k.stride(0) != v.stride(0) or q.stride(1) != 1 or k.stride(1) != 1 or v.stride(1) != 1:
         raise ValueError("q, k and v must have contiguous heads and k, v the same row stride")
     if t == 0:
@@ -97,6 +103,7 @@ def rope_store(
     _build()[(t, nh + nkv)](
         positions, q, k, v, cos_sin, kv, loc,
         q.stride(0), k.stride(0), kv.stride(0), nh,
-        NKV=nkv, HALF=head_dim // 2, PDL=pdl, launch_pdl=pdl,
+        NKV=nkv, HALF=head_dim // 2, BLOCK=triton.next_power_of_2(head_dim // 2),
+        PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return q
