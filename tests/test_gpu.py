@@ -256,6 +256,42 @@ def test_fused_ops_match_the_reference():
     torch.testing.assert_close(kb, ka, **close)
 
 
+@pytest.mark.parametrize("t", [1, 37])
+def test_rope_store_matches_rope_then_the_pools_write(t):
+    """models/rope_store.py with PDL, on views of one qkv projection as the model passes them:
+    q within one bf16 rounding of TorchOps.rope, the pool's rows of the written slots within one
+    rounding of KVPool.store's, every other slot untouched."""
+    from sgl_engine.kv_cache import KVPool
+    from sgl_engine.models.gemv import pdl_supported
+    from sgl_engine.models.layers import RotaryEmbedding
+    from sgl_engine.models.ops import TorchOps
+    from sgl_engine.models.rope_store import rope_store
+    from sgl_engine.testing import tiny_config
+
+    torch.manual_seed(0)
+    dev, dt, nh, nkv, d, slots = "cuda", torch.bfloat16, 16, 4, 128, 4096
+    qkv = torch.randn(t, (nh + 2 * nkv) * d, device=dev, dtype=dt)
+    q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+    rope = RotaryEmbedding(tiny_config(head_dim=d), d, 4096).to(dev)
+    pos = torch.randint(0, 4000, (t,), device=dev)
+    loc = torch.randperm(slots, device=dev)[:t]
+    want_q, want_k = TorchOps.rope(pos, q.clone(), k.clone(), rope.cos, rope.sin, None, d)
+    want = KVPool(slots, 1, nkv, d, dt, torch.device(dev))
+    want.store(0, loc, want_k.reshape(t, nkv, d), v.reshape(t, nkv, d))
+    got = KVPool(slots, 1, nkv, d, dt, torch.device(dev))
+    got.kv[0].fill_(3)
+    out = rope_store(pos, q, k, v, rope.cos_sin, d, got.kv[0], loc, pdl_supported(q.device))
+    torch.cuda.synchronize()
+    ulp = lambda x: x.abs() * 2.0**-7 + 1e-6  # noqa: E731
+    assert out.data_ptr() == q.data_ptr()
+    assert ((q.float() - want_q.float()).abs() <= ulp(want_q.float())).all()
+    rows = want.kv[0][loc].float()
+    assert ((got.kv[0][loc].float() - rows).abs() <= ulp(rows)).all()
+    others = torch.ones(slots + 1, dtype=torch.bool, device=dev)
+    others[loc] = False
+    assert (got.kv[0][others] == 3).all()
+
+
 def test_overlapped_decode_equals_the_plain_loop_on_cuda(gpu_llama):
     """With CUDA graphs and flashinfer, steps launched from the previous step's ids on the
     device (pinned copies, events, plans reusing pinned buffers) compute what the plain loop
