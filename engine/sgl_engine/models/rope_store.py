@@ -1,12 +1,15 @@
 """RoPE and the KV store of a layer's new tokens in one Triton kernel.
 
-Today a layer runs flashinfer's RoPE kernel on the q/k views of the qkv projection (in place),
-then the pool's indexed write of k and v (a torch `index_put`): two kernels, 1.8 and 3.3 us a
-layer at batch 1 on an H200, neither shrinking under tensor parallelism. This kernel rotates q
-in place, and writes the rotated k and the v of each token straight into the pool at its slot,
-one program per (token, head). On Hopper and later it takes part in programmatic dependent
-launch like the products around it (models/gemv.py): it waits (`gdc_wait`) for the qkv product
-before reading, and lets the attention kernel launch when it is done.
+It replaces two kernels a layer that do not shrink under tensor parallelism: flashinfer's RoPE
+on the q/k views of the qkv projection (1.8 us a layer at batch 1 on an H200) and the pool's
+indexed write of k and v (a torch `index_put`, 3.3 us). It rotates q in place, and writes the
+rotated k and the v of each token straight into the pool at its slot, one program per (token,
+head). On Hopper and later it takes part in programmatic dependent launch like the products
+around it (models/gemv.py): it waits (`gdc_wait`) for the qkv product before reading.
+
+Used where the ops are FlashInferOps and the attention backend only attends when handed
+k = v = None (`accepts_stored_kv`: the flashinfer backend); the torch paths keep
+`ops.rope` + `KVPool.store`, the reference this kernel is tested against.
 
 Rotation is neox-style over the full head dimension, from the model's cos/sin cache
 ([positions, head_dim]: cos then sin halves), computed in fp32 and rounded once, as
