@@ -62,6 +62,11 @@ def gemv_push_writes_the_rounds_row_of_the_peer_and_nothing_else(kernels):
     peer0 = torch.full((3, 16), EMPTY, dtype=torch.int16)
     _gemv(kernels[0], zero, -torch.rand(16, 64).bfloat16(), peer0.view(torch.bfloat16), rnd=3)
     assert (peer0[0] == 0).all() and (peer0[1:] == EMPTY).all()
+    tiny = torch.full((1, 64), 2.0**-70, dtype=torch.bfloat16)  # sums of -2^-134: bf16 -0.0
+    peer1 = torch.full((3, 16), EMPTY, dtype=torch.int16)
+    y = _gemv(kernels[0], tiny, -tiny.expand(16, 64).contiguous(), peer1.view(torch.bfloat16))
+    assert (y.view(torch.int16) == EMPTY).all()  # the local result keeps its -0.0
+    assert (peer1[0] == 0).all() and (peer1[1:] == EMPTY).all()  # pushed as +0.0
 
 
 def _norm(kernel, mine, buf, rnd, res, weight, eps=1e-5):

@@ -82,8 +82,9 @@ def _build():
         y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
         if PUSH:
             slot = tl.load(round_ptr) % 3
-            pushed = tl.where(y == 0.0, 0.0, y).to(y_ptr.dtype.element_ty)
-            tl.store(peer_ptr + slot * N + rn, pushed, mask=mask_n)
+            bits = y.to(tl.int16, bitcast=True)  # -0.0 (the peer's "empty") made +0.0 by its
+            pushed = tl.where(bits == -32768, 0, bits)  # bits: a float select keeps -0.0
+            tl.store(peer_ptr + slot * N + rn, pushed.to(y.dtype, bitcast=True), mask=mask_n)
         tl.store(y_ptr + rn, y, mask=mask_n)
 
     return gemv_kernel
