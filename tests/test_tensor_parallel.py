@@ -160,6 +160,58 @@ def test_a_rank_that_hangs_fails_its_requests_within_tp_timeout(tiny_llama):
     assert process_gone(pid) and process_gone(core)
 
 
+def test_rank_0_failing_inside_a_step_stops_the_group_instead_of_leaving_it_out_of_step(
+    tiny_llama,
+):
+    """Rank 0 raises after the followers were told to run the step: they wait in its
+    collectives, so the engine must not go on pairing later steps' collectives with them."""
+    from sgl_engine import Engine
+    from sgl_engine.testing import fail_once
+
+    eng = Engine(tiny_llama, device="cpu", max_total_tokens=4096, tp_size=2, tp_timeout_s=10)
+    try:
+        core, pid = eng.pids
+        ok = eng.generate("hi", {**GREEDY, "max_new_tokens": 3})
+        assert ok["meta_info"]["finish_reason"]["type"] == "length"
+        eng.inspect(fail_once, "forward")
+        reason = eng.generate("hello", {**GREEDY, "max_new_tokens": 3})["meta_info"][
+            "finish_reason"
+        ]
+        assert reason["type"] == "abort"
+        assert "rank 0 failed part-way through a step" in reason["message"]
+        assert "injected failure (forward)" in reason["message"]
+        assert "out of step" in reason["message"] and "out of step" in eng.health()
+        later = eng.generate("again", {**GREEDY, "max_new_tokens": 3})
+        assert later["meta_info"]["finish_reason"]["message"] == reason["message"]
+        eng.check_invariants()
+    finally:
+        eng.shutdown()
+    assert process_gone(pid) and process_gone(core)
+
+
+def test_rank_0_failing_after_the_collectives_fails_the_step_and_the_ranks_stay_in_step(
+    tiny_llama,
+):
+    """The grammar mask is rank 0's alone and is filled after the step's last collective: its
+    error fails that step's requests, and the next steps still give TP=2's tokens."""
+    from sgl_engine import Engine
+    from sgl_engine.testing import fail_once
+
+    eng = Engine(tiny_llama, device="cpu", max_total_tokens=4096, tp_size=2, tp_timeout_s=10)
+    try:
+        want = [o["text"] for o in _run(eng)]
+        eng.flush_cache()
+        eng.inspect(fail_once, "bitmask")
+        failed = eng.generate("hello", {**GREEDY, "max_new_tokens": 3})["meta_info"]
+        assert failed["finish_reason"]["type"] == "abort"
+        assert "internal error" in failed["finish_reason"]["message"]
+        assert not eng.health()
+        assert [o["text"] for o in _run(eng)] == want
+        eng.check_invariants()
+    finally:
+        eng.shutdown()
+
+
 def test_shutdown_kills_a_rank_that_does_not_take_the_stop(tiny_llama):
     from sgl_engine import Engine
 

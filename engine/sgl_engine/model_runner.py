@@ -249,23 +249,31 @@ class ModelRunner:
         `collect`, only the KV slots of this step are written. `bitmask` (the sampled rows'
         grammar mask) may be a function that makes it: it is called once the forward pass is
         queued, so on CUDA the host fills the mask while the device computes.
+
+        Under tensor parallelism the step's collectives (the forward pass and every logits
+        product) run first, in the guard: an error there leaves the ranks out of step, and the
+        engine stops serving. What only rank 0 does (the mask, logprobs, sampling) comes after
+        them, so an error there fails this step's requests and the ranks stay in step.
         """
         with self._guard():
             if self.driver is not None:
                 self.driver.publish(self.driver.plan(mode, seqs, input_ids), input_ids)
             batch = self._build(mode, seqs, input_ids)
             hidden, graph = self._forward(batch, seqs)
-            if callable(bitmask):
-                bitmask = bitmask()
-            launched = Launched(seqs, [SeqOutput() for _ in seqs])
-            self._prompt_logprobs(hidden, batch, seqs, launched.outs)
-            one_row_each = batch.num_tokens == len(seqs)
-            if graph is not None and one_row_each and bitmask is None and _plain_greedy(seqs):
-                sample = DeviceSample(graph.next_ids, graph.logprobs, graph.chosen, graph.packed[2])
-                self._ship(sample, launched, list(range(len(seqs))), graph.packed)
-            else:
-                self._sample(hidden, batch, seqs, bitmask, launched, graph)
-            return launched
+            prompt_logits = self._prompt_logits(hidden, seqs)
+            rows = [i for i, s in enumerate(seqs) if s.sample is not None]
+            logits = self._logits(hidden, batch, rows, graph)
+        if callable(bitmask):
+            bitmask = bitmask()
+        launched = Launched(seqs, [SeqOutput() for _ in seqs])
+        self._prompt_logprobs(prompt_logits, seqs, launched.outs)
+        one_row_each = batch.num_tokens == len(seqs)
+        if graph is not None and one_row_each and bitmask is None and _plain_greedy(seqs):
+            sample = DeviceSample(graph.next_ids, graph.logprobs, graph.chosen, graph.packed[2])
+            self._ship(sample, launched, list(range(len(seqs))), graph.packed)
+        elif rows:
+            self._sample(logits, seqs, rows, bitmask, launched)
+        return launched
 
     @torch.inference_mode()
     def follow(
@@ -439,29 +447,35 @@ class ModelRunner:
             return self.shared_prefix_min, True
         return 0, False
 
-    def _prompt_logprobs(self, hidden, batch: ForwardBatch, seqs, outs) -> None:
+    def _prompt_logits(self, hidden, seqs: list[SeqInput]) -> torch.Tensor | None:
+        """The logits of the rows whose prompt logprobs are asked for (a collective under TP)."""
         if not any(s.lp_rows for s in seqs):
+            return None
+        return self.model.logits(hidden[_logprob_rows(seqs)[0]])
+
+    def _logits(self, hidden, batch: ForwardBatch, rows: list[int], graph) -> torch.Tensor | None:
+        """The sampled rows' logits: the graph's own, or one logits product (a collective under
+        TP, which the followers run too: `follow`)."""
+        if not rows:
+            return None
+        if _logits_in_graph(graph, batch, rows):
+            return graph.logits
+        return self.model.logits(_last_rows(hidden, batch, rows))
+
+    def _prompt_logprobs(self, logits: torch.Tensor | None, seqs, outs) -> None:
+        if logits is None:
             return
-        rows, targets, owners = _logprob_rows(seqs)
-        logprobs = torch.log_softmax(self.model.logits(hidden[rows]), dim=-1)
+        _, targets, owners = _logprob_rows(seqs)
+        logprobs = torch.log_softmax(logits, dim=-1)
         tgt = torch.tensor(targets, device=logprobs.device)
         chosen = logprobs.gather(1, tgt[:, None])[:, 0].tolist()
         k = max(s.lp_top for s in seqs)
-        tops = top_logprobs(logprobs, k) if k > 0 else [[] for _ in rows]
+        tops = top_logprobs(logprobs, k) if k > 0 else [[] for _ in owners]
         for j, i in enumerate(owners):
             outs[i].prompt_logprobs.append(chosen[j])
             outs[i].prompt_top.append(tops[j][: seqs[i].lp_top])
 
-    def _sample(
-        self, hidden, batch: ForwardBatch, seqs, bitmask, launched: Launched, graph=None
-    ) -> None:
-        idx = [i for i, s in enumerate(seqs) if s.sample is not None]
-        if not idx:
-            return
-        if _logits_in_graph(graph, batch, idx):
-            logits = graph.logits
-        else:
-            logits = self.model.logits(_last_rows(hidden, batch, idx))
+    def _sample(self, logits, seqs, idx: list[int], bitmask, launched: Launched) -> None:
         specs = [seqs[i].sample for i in idx]
         allowed = None
         if bitmask is not None:

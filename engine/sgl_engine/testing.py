@@ -172,6 +172,24 @@ def runner_facts(engine) -> dict:
     }
 
 
+def fail_once(engine, where: str) -> None:
+    """Make rank 0 raise RuntimeError once, for tests of error paths (pass it to
+    `engine.inspect`): `where` is "forward" (entering a forward pass; under TP the followers
+    were already told to run it) or "bitmask" (filling a step's grammar mask: rank 0's own
+    work, after the step's collectives)."""
+    targets = {
+        "forward": (engine.runner, "_forward"),
+        "bitmask": (engine.scheduler.processor, "fill_bitmask"),
+    }
+    obj, name = targets[where]
+
+    def once(*args, **kwargs):
+        delattr(obj, name)  # the class's method again
+        raise RuntimeError(f"injected failure ({where})")
+
+    setattr(obj, name, once)
+
+
 def process_gone(pid: int) -> bool:
     """Whether no process has `pid` any more (signal 0 finds none)."""
     import os

@@ -187,28 +187,32 @@ class TensorParallel:
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
-        """Turn an error of a step whose group lost a rank, or whose collective failed, into
-        `TensorParallelError` (the latter also stops the followers: see `_broken`)."""
+        """Wrap rank 0's part of a step that the followers run too (its collectives). Any error
+        in it becomes `TensorParallelError` and stops the followers (`_broken`): rank 0 left the
+        step part-way, so the ranks are out of step, whether a rank died, a collective failed
+        or rank 0 itself raised."""
         if self.failure is not None:
             raise TensorParallelError(self.failure)
         try:
             yield
         except Exception as exc:
-            if not self._broken(exc):
-                raise
+            self._broken(exc)
             raise TensorParallelError(self.failure) from exc
 
-    def _broken(self, exc: BaseException) -> bool:
-        """Whether `exc` means the group is gone. A dead rank's watchdog names it best, so wait
-        a moment for that; a failed collective without a death (a rank that hangs, or a broken
-        connection) is declared here."""
+    def _broken(self, exc: BaseException) -> None:
+        """Declare the group gone because of `exc`. A dead rank's watchdog names it best, so
+        wait a moment for that; otherwise a failed collective (a rank that hangs, or a broken
+        connection), or rank 0's own error, is declared here."""
         deadline = time.monotonic() + 1.0
         while self.failure is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        if self.failure is None and isinstance(exc, CollectiveError):
+        if self.failure is not None:
+            return
+        if isinstance(exc, CollectiveError):
             reason = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", str(exc))
-            self._declare(f"{reason}; the ranks are out of step")
-        return self.failure is not None
+        else:
+            reason = f"rank 0 failed part-way through a step ({type(exc).__name__}: {exc})"
+        self._declare(f"{reason}; the ranks are out of step")
 
     def _beat(self) -> None:
         while not self._stopping.wait(self.heartbeat_s / 3):
