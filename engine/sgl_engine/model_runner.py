@@ -287,10 +287,8 @@ class ModelRunner:
         logits (their collectives), in the same order, without sampling."""
         batch = self._build(mode, seqs, input_ids)
         hidden, graph = self._forward(batch, seqs)
-        if any(s.lp_rows for s in seqs):
-            self.model.logits(hidden[_logprob_rows(seqs)[0]])
-        if sampled and not _logits_in_graph(graph, batch, sampled):
-            self.model.logits(_last_rows(hidden, batch, sampled))
+        self._prompt_logits(hidden, seqs)
+        self._logits(hidden, batch, sampled, graph)
 
     def _forward(self, batch: ForwardBatch, seqs: list[SeqInput]) -> tuple[torch.Tensor, Any]:
         """Hidden states (one row per token of `batch`, in its order), and the graph's outputs
