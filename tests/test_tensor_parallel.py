@@ -98,6 +98,14 @@ def test_tp2_mixed_chunks_equal_tp1(tiny_llama, make_engine):
     assert [o["output_ids"] for o in got] == [o["output_ids"] for o in ref]
 
 
+def _later_requests_abort_alike(eng, reason: dict) -> None:
+    """After the group broke with `reason`, a new request aborts at once with its message, and
+    no KV slot or lock is left behind."""
+    later = eng.generate("again", {**GREEDY, "max_new_tokens": 3})
+    assert later["meta_info"]["finish_reason"]["message"] == reason["message"]
+    eng.check_invariants()
+
+
 def test_a_killed_rank_fails_its_requests_and_the_engine_shuts_down(tiny_llama):
     from sgl_engine import Engine
 
@@ -152,9 +160,7 @@ def test_a_rank_that_hangs_fails_its_requests_within_tp_timeout(tiny_llama):
         assert "Timed out" in reason["message"] and "out of step" in reason["message"]
         assert "out of step" in eng.health()
         wait_until(lambda: process_gone(pid), timeout_s=30)  # killed while stopped
-        later = eng.generate("again", {**GREEDY, "max_new_tokens": 3})
-        assert later["meta_info"]["finish_reason"]["message"] == reason["message"]
-        eng.check_invariants()
+        _later_requests_abort_alike(eng, reason)
     finally:
         eng.shutdown()
     assert process_gone(pid) and process_gone(core)
@@ -181,9 +187,7 @@ def test_rank_0_failing_inside_a_step_stops_the_group_instead_of_leaving_it_out_
         assert "rank 0 failed part-way through a step" in reason["message"]
         assert "injected failure (forward)" in reason["message"]
         assert "out of step" in reason["message"] and "out of step" in eng.health()
-        later = eng.generate("again", {**GREEDY, "max_new_tokens": 3})
-        assert later["meta_info"]["finish_reason"]["message"] == reason["message"]
-        eng.check_invariants()
+        _later_requests_abort_alike(eng, reason)
     finally:
         eng.shutdown()
     assert process_gone(pid) and process_gone(core)
