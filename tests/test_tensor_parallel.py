@@ -5,6 +5,7 @@ process group behind. The test process itself never joins a group: a TP engine r
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -157,7 +158,10 @@ def test_a_rank_that_hangs_fails_its_requests_within_tp_timeout(tiny_llama):
         ]
         assert time.monotonic() - start < 30
         assert reason["type"] == "abort"
-        assert "Timed out" in reason["message"] and "out of step" in reason["message"]
+        # gloo words its timeout "Timed out waiting ..." or "Application timeout caused pair
+        # closure", depending on which side of the pair notices first
+        assert re.search("timed? ?out", reason["message"], re.IGNORECASE), reason["message"]
+        assert "out of step" in reason["message"]
         assert "out of step" in eng.health()
         wait_until(lambda: process_gone(pid), timeout_s=30)  # killed while stopped
         _later_requests_abort_alike(eng, reason)
