@@ -46,6 +46,9 @@ def test_gpu_flags_become_engine_config_fields(monkeypatch):
             "--disable-radix-cache",
             "--no-overlap-schedule",
             "--no-cascade-attention",
+            "--tp=2",
+            "--tp-all-reduce=push",
+            "--decode-gemv=triton",
         ],
     )
     assert kwargs == {
@@ -58,6 +61,9 @@ def test_gpu_flags_become_engine_config_fields(monkeypatch):
         "disable_radix_cache": True,
         "overlap_schedule": False,
         "cascade_attention": False,
+        "tp_size": 2,
+        "tp_all_reduce": "push",
+        "decode_gemv": "triton",
     }
     EngineConfig.from_kwargs(**kwargs)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 TP_ALL_REDUCE_MODES = ("auto", "nccl", "one_shot", "fused", "push")
+DECODE_GEMV_KERNELS = ("cublas", "triton")
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class EngineConfig:
             raise ValueError("max_running_requests must be >= 1")
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError("schedule_policy must be 'lpm' or 'fcfs'")
-        if self.decode_gemv not in ("cublas", "triton"):
+        if self.decode_gemv not in DECODE_GEMV_KERNELS:
             raise ValueError("decode_gemv must be 'cublas' or 'triton'")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             raise ValueError("cuda_graph_max_bs must be >= 0 (0 turns CUDA graphs off)")

@@ -9,7 +9,7 @@ import os
 import threading
 from typing import Any
 
-from sgl_engine.config import TP_ALL_REDUCE_MODES
+from sgl_engine.config import DECODE_GEMV_KERNELS, TP_ALL_REDUCE_MODES
 from sgl_engine.server.app import DEFAULT_MAX_BODY_BYTES, create_app, is_loopback
 
 API_KEY_ENV = "SGL_ADAPTERS_API_KEY"
@@ -143,6 +143,7 @@ ENGINE_ARGS = (
     "cascade_attention",
     "tp_size",
     "tp_all_reduce",
+    "decode_gemv",
 )
 """The `EngineConfig` fields `serve` takes from the command line (flags with dashes)."""
 
@@ -238,6 +239,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "kernel, built on a machine's first use), or push (fused, plus batch-1 products that "
         "push their partial sums to the peer; two GPUs, --decode-gemv triton) (default auto: "
         "one-shot when every rank can)",
+    )
+    parser.add_argument(
+        "--decode-gemv",
+        choices=DECODE_GEMV_KERNELS,
+        default=None,
+        help="kernel of batch-1 decode's linear layers on GPUs: cuBLAS, or a Triton "
+        "matrix-vector kernel (faster on an H200; needed by --tp-all-reduce push) "
+        "(default cublas)",
     )
     parser.add_argument(
         "--graceful-timeout",
