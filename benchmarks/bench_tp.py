@@ -251,17 +251,22 @@ def _path(eng) -> str:
 
 
 def phase_70b(root: Path, results: dict, out: str | None, args) -> None:
+    """The 70B shape on TP=2 with the first of `--all-reduce`'s modes."""
     shape = "smoke" if args.smoke else args.shape or "70b"
     path = llama_dir(root, f"llama-{shape}-shape", SHAPES[shape])
+    mode = args.all_reduce[0]
 
     def work(eng):
         res = {"mmlu": mmlu(eng), "decode_bs1": batch1(eng, args.smoke)}
         res["shard_bytes"] = shard_bytes(eng)
         res["kv_slots"] = eng.inspect(runner_facts)["num_slots"]
+        res["all_reduce_path"] = _path(eng)
         return res
 
     engine = SMOKE_ENGINE if args.smoke else {**ENGINE, "decode_gemv": args.decode_gemv}
-    run(path, 2, work, engine, lambda r: emit(results, out, **{f"{shape} tp2 mmlu": r}))
+    label = f"{shape} tp2 mmlu" + ("" if mode == "auto" else f" {mode}")
+    engine = {**engine, "tp_all_reduce": mode}
+    run(path, 2, work, engine, lambda r: emit(results, out, **{label: r}))
 
 
 def main() -> None:
