@@ -1,6 +1,6 @@
 """Batch-1 block halves on two GPUs: the fused all-reduce kernel against products that push.
 
-A TP=2 decode step at batch 1 (7B shape) runs, per layer, the products qkv, o, gate_up and
+A TP=2 decode step at batch 1 (`--shape`: 7B, or 70B with its grouped k/v) runs, per layer, the products qkv, o, gate_up and
 down, and after o and after down an all-reduce of the partial sums with the residual add and
 RMSNorm. Two paths, each captured in one CUDA graph of `--layers` layers and replayed:
   fused  the Triton one-row products, then flashinfer's all-reduce + add + RMSNorm kernel
@@ -14,6 +14,7 @@ graph whose number of rounds is not a multiple of the buffer's three rows, and t
 hold the same bits.
 
   python3 benchmarks/tp_push_kernels.py --layers 32
+  python3 benchmarks/tp_push_kernels.py --shape 70b --layers 80
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,10 +34,23 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tp_allreduce_kernels import capture  # noqa: E402
 
-HIDDEN, INTER, HEADS_DIM, EPS = 4096, 11008, 4096, 1e-5
+EPS = 1e-5
 
 
-def _weights(rank: int, layers: int, dev) -> list[dict]:
+@dataclass(frozen=True)
+class Shape:
+    """A model's decode widths: hidden, MLP intermediate, and the q and k/v projections."""
+
+    hidden: int
+    inter: int
+    q: int
+    kv: int
+
+
+SHAPES = {"7b": Shape(4096, 11008, 4096, 4096), "70b": Shape(8192, 28672, 8192, 1024)}
+
+
+def _weights(rank: int, layers: int, dev, sh: Shape) -> list[dict]:
     gen = torch.Generator(device=dev).manual_seed(11 + rank)
 
     def w(n, k):
@@ -43,25 +58,25 @@ def _weights(rank: int, layers: int, dev) -> list[dict]:
 
     return [
         {
-            "qkv": w(3 * HEADS_DIM // 2, HIDDEN),
-            "o": w(HIDDEN, HEADS_DIM // 2),
-            "gate_up": w(INTER, HIDDEN),
-            "down": w(HIDDEN, INTER // 2),
-            "ln": torch.rand(HIDDEN, device=dev, generator=gen, dtype=torch.bfloat16) + 0.5,
+            "qkv": w((sh.q + 2 * sh.kv) // 2, sh.hidden),
+            "o": w(sh.hidden, sh.q // 2),
+            "gate_up": w(sh.inter, sh.hidden),
+            "down": w(sh.hidden, sh.inter // 2),
+            "ln": torch.rand(sh.hidden, device=dev, generator=gen, dtype=torch.bfloat16) + 0.5,
         }
         for _ in range(layers)
     ]
 
 
-def _chain(tp, layers, x, res, path: str):
+def _chain(tp, layers, x, res, path: str, sh: Shape):
     """One decode step's products and block-half reductions; returns the last (norm, res)."""
     from sgl_engine.models.gemv import gemv
 
     for lw in layers:
-        a = gemv(x, lw["qkv"])[:, : HEADS_DIM // 2]
+        a = gemv(x, lw["qkv"])[:, : sh.q // 2]
         x, res = _half(tp, a, lw["o"], res, lw["ln"], path)
         gu = gemv(x, lw["gate_up"])
-        h = torch.nn.functional.silu(gu[:, : INTER // 2]) * gu[:, INTER // 2 :]
+        h = torch.nn.functional.silu(gu[:, : sh.inter // 2]) * gu[:, sh.inter // 2 :]
         x, res = _half(tp, h, lw["down"], res, lw["ln"], path)
     return x, res
 
@@ -74,12 +89,12 @@ def _half(tp, a, w, res, ln, path):
     return tp.fused(gemv(a, w), res, ln, EPS)
 
 
-def _check(tp, dev, rounds: int) -> dict:
+def _check(tp, dev, rounds: int, hidden: int) -> dict:
     """The push path's (norm, residual) against the fused path's, on the same partial sums."""
     gen = torch.Generator(device=dev).manual_seed(5 + tp.rank)
     shared = torch.Generator(device=dev).manual_seed(99)
-    w = torch.randn(HIDDEN, 1024, device=dev, generator=shared, dtype=torch.bfloat16) / 32
-    ln = torch.rand(HIDDEN, device=dev, generator=shared, dtype=torch.bfloat16) + 0.5
+    w = torch.randn(hidden, 1024, device=dev, generator=shared, dtype=torch.bfloat16) / 32
+    ln = torch.rand(hidden, device=dev, generator=shared, dtype=torch.bfloat16) + 0.5
     worst = {"norm": 0.0, "residual": 0.0}
 
     def compare(got, want):
@@ -90,10 +105,10 @@ def _check(tp, dev, rounds: int) -> dict:
         a = torch.randn(1, 1024, device=dev, generator=gen, dtype=torch.bfloat16)
         if i % 7 == 0:
             a[:, :] = 0  # all-zero partial sums: +0.0 is data, only -0.0 means empty
-        res = torch.randn(1, HIDDEN, device=dev, generator=shared, dtype=torch.bfloat16)
+        res = torch.randn(1, hidden, device=dev, generator=shared, dtype=torch.bfloat16)
         compare(tp.push(tp.push.product(a, w), res, ln, EPS), tp.fused(_gemv(a, w), res, ln, EPS))
     a_in = torch.zeros(1, 1024, device=dev, dtype=torch.bfloat16)
-    res_in = torch.zeros(1, HIDDEN, device=dev, dtype=torch.bfloat16)
+    res_in = torch.zeros(1, hidden, device=dev, dtype=torch.bfloat16)
 
     def seven():
         outs = []
@@ -104,7 +119,7 @@ def _check(tp, dev, rounds: int) -> dict:
     graph, outs = capture(seven, warmups=2)
     for _ in range(5):
         a_in.copy_(torch.randn(1, 1024, device=dev, generator=gen, dtype=torch.bfloat16))
-        res_in.copy_(torch.randn(1, HIDDEN, device=dev, generator=shared, dtype=torch.bfloat16))
+        res_in.copy_(torch.randn(1, hidden, device=dev, generator=shared, dtype=torch.bfloat16))
         graph.replay()
         want = tp.fused(_gemv(a_in, w), res_in, ln, EPS)
         for got in outs:
@@ -131,18 +146,19 @@ def worker(rank: int, init: str, args, out: str) -> None:
 
     dev = torch.device("cuda", rank)
     tp = init_group(rank, 2, init, dev, 120.0)
-    tp.enable_fast_paths("push", torch.bfloat16, dev, HIDDEN)
-    result = {"check": _check(tp, dev, args.rounds)}
-    layers = _weights(rank, args.layers, dev)
+    sh = SHAPES[args.shape]
+    tp.enable_fast_paths("push", torch.bfloat16, dev, sh.hidden)
+    result = {"shape": args.shape, "check": _check(tp, dev, args.rounds, sh.hidden)}
+    layers = _weights(rank, args.layers, dev, sh)
     x0 = torch.randn(
         1,
-        HIDDEN,
+        sh.hidden,
         device=dev,
         dtype=torch.bfloat16,
         generator=torch.Generator(device=dev).manual_seed(1),
     )
     for path in ("fused", "push", "fused", "push"):
-        graph, _ = capture(lambda p=path: _chain(tp, layers, x0, x0.clone(), p), warmups=2)
+        graph, _ = capture(lambda p=path: _chain(tp, layers, x0, x0.clone(), p, sh), warmups=2)
         graph.replay()
         torch.cuda.synchronize()
         tp.min_int(1)
@@ -167,6 +183,7 @@ def worker(rank: int, init: str, args, out: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=300)
