@@ -38,6 +38,26 @@ def gpu_llama(tmp_path_factory):
     )
 
 
+@pytest.fixture(scope="module")
+def gpu_qwen3(tmp_path_factory):
+    """A small random Qwen3 (q/k norms, so k is a tensor of its own when RoPE runs), head_dim
+    128, grouped k/v."""
+    from sgl_engine.testing import make_tiny_model_dir
+
+    path = tmp_path_factory.mktemp("gpu-qwen3")
+    return str(
+        make_tiny_model_dir(
+            path,
+            arch="qwen3",
+            hidden_size=512,
+            intermediate_size=1024,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=128,
+        )
+    )
+
+
 def _batch(mode, lens_prefix, lens_new, pool_slots, device):
     from sgl_engine.forward_batch import ForwardBatch
 
@@ -106,12 +126,16 @@ def test_torch_backend_on_cuda_equals_transformers(gpu_llama):
         eng.check_invariants()
 
 
-def test_flashinfer_engine_and_cuda_graphs_agree_with_torch_backend(gpu_llama):
+@pytest.mark.parametrize("model", ["gpu_llama", "gpu_qwen3"])
+def test_flashinfer_engine_and_cuda_graphs_agree_with_torch_backend(model, request):
     """CUDA graphs replay exactly what eager flashinfer computes; the fused bf16 path
-    (flashinfer attention and ops) is as close to an fp32 reference as the torch bf16 path is,
-    on teacher-forced prompt logprobs (greedy tokens of two bf16 paths may legitimately part
-    ways after a near-tie, so tokens are not compared across precisions)."""
+    (flashinfer attention and ops, RoPE + KV store in one kernel) is as close to an fp32
+    reference as the torch bf16 path is, on teacher-forced prompt logprobs (greedy tokens of two
+    bf16 paths may legitimately part ways after a near-tie, so tokens are not compared across
+    precisions)."""
     from sgl_engine import Engine
+
+    path = request.getfixturevalue(model)
 
     reference = {"attention_backend": "torch", "fused_ops": "torch"}
     tokens, scores = {}, {}
@@ -127,7 +151,7 @@ def test_flashinfer_engine_and_cuda_graphs_agree_with_torch_backend(gpu_llama):
             {"attention_backend": "flashinfer", "dtype": "bfloat16", "cuda_graph_max_bs": 8},
         ),
     ):
-        with Engine(gpu_llama, device="cuda", max_total_tokens=4096, **extra) as eng:
+        with Engine(path, device="cuda", max_total_tokens=4096, **extra) as eng:
             tokens[label] = [o["output_ids"] for o in eng.generate(PROMPTS * 2, GREEDY)]
             scored = eng.generate(
                 PROMPTS, {"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0
@@ -256,9 +280,10 @@ def test_fused_ops_match_the_reference():
     torch.testing.assert_close(kb, ka, **close)
 
 
-@pytest.mark.parametrize("t", [1, 37])
-def test_rope_store_matches_rope_then_the_pools_write(t):
-    """models/rope_store.py with PDL, on views of one qkv projection as the model passes them:
+@pytest.mark.parametrize(("t", "own_k"), [(1, False), (37, False), (37, True)])
+def test_rope_store_matches_rope_then_the_pools_write(t, own_k):
+    """models/rope_store.py with PDL, on views of one qkv projection as the model passes them
+    (or k on its own, as after a qk-norm):
     q within one bf16 rounding of TorchOps.rope, the pool's rows of the written slots within one
     rounding of KVPool.store's, every other slot untouched."""
     from sgl_engine.kv_cache import KVPool
@@ -272,6 +297,8 @@ def test_rope_store_matches_rope_then_the_pools_write(t):
     dev, dt, nh, nkv, d, slots = "cuda", torch.bfloat16, 16, 4, 128, 4096
     qkv = torch.randn(t, (nh + 2 * nkv) * d, device=dev, dtype=dt)
     q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+    if own_k:  # as after a qk-norm: k and v with different row strides
+        k = k.contiguous()
     rope = RotaryEmbedding(tiny_config(head_dim=d), d, 4096).to(dev)
     pos = torch.randint(0, 4000, (t,), device=dev)
     loc = torch.randperm(slots, device=dev)[:t]

@@ -141,16 +141,20 @@ def rope_store_matches_torch_rope_and_the_pools_write(kernels):
     from sgl_engine.models.ops import TorchOps
     from sgl_engine.models.rope_store import rope_store
 
-    for d in (16, 24):  # a power of two, and not (masked lanes)
-        _rope_store_case(rope_store, KVPool, TorchOps, d)
+    for d, own_k in ((16, False), (24, False), (16, True)):  # 24: masked lanes
+        _rope_store_case(rope_store, KVPool, TorchOps, d, own_k)
 
 
-def _rope_store_case(rope_store, KVPool, TorchOps, d):
+def _rope_store_case(rope_store, KVPool, TorchOps, d, own_k):
+    """`own_k`: k a tensor of its own, not a view of the qkv output beside v (as after a
+    qk-norm), so k and v have different row strides."""
     t, nh, nkv = 3, 4, 2
     gen = torch.Generator().manual_seed(0)
     wide = (nh + 2 * nkv) * d
     qkv = torch.randn(t, wide + 5, generator=gen).bfloat16()[:, :wide]  # strided rows
     q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+    if own_k:
+        k = k.contiguous()
     pos, loc = torch.tensor([0, 7, 30]), torch.tensor([5, 2, 9])
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     freqs = torch.outer(torch.arange(64).float(), inv)

@@ -38,7 +38,8 @@ def _build():
         kv_ptr,
         loc_ptr,
         q_stride,
-        kv_stride,
+        k_stride,
+        v_stride,
         slot_stride,
         NH,
         NKV: tl.constexpr,
@@ -60,10 +61,10 @@ def _build():
             dst = src
         else:
             g = h - NH
-            src = k_ptr + t * kv_stride + g * 2 * HALF
+            src = k_ptr + t * k_stride + g * 2 * HALF
             slot = tl.load(loc_ptr + t)
             dst = kv_ptr + slot * slot_stride + g * 2 * HALF
-            vsrc = v_ptr + t * kv_stride + g * 2 * HALF
+            vsrc = v_ptr + t * v_stride + g * 2 * HALF
             vdst = dst + NKV * 2 * HALF
             kv_ty = kv_ptr.dtype.element_ty
             tl.store(vdst + d, tl.load(vsrc + d, mask=m).to(kv_ty), mask=m)
@@ -99,13 +100,13 @@ def rope_store(
     nh, nkv = q.shape[1] // head_dim, k.shape[1] // head_dim
     if head_dim % 2:
         raise ValueError(f"head_dim must be even, not {head_dim}")
-    if k.stride(0) != v.stride(0) or q.stride(1) != 1 or k.stride(1) != 1 or v.stride(1) != 1:
-        raise ValueError("q, k and v must have contiguous heads and k, v the same row stride")
+    if q.stride(1) != 1 or k.stride(1) != 1 or v.stride(1) != 1:
+        raise ValueError("q, k and v must have contiguous heads")
     if t == 0:
         return q
     _build()[(t, nh + nkv)](
         positions, q, k, v, cos_sin, kv, loc,
-        q.stride(0), k.stride(0), kv.stride(0), nh,
+        q.stride(0), k.stride(0), v.stride(0), kv.stride(0), nh,
         NKV=nkv, HALF=head_dim // 2, BLOCK=triton.next_power_of_2(head_dim // 2),
         PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
