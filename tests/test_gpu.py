@@ -227,6 +227,15 @@ def _gemv_in_use(engine) -> bool:
     return engine.runner.model.layers[0].mlp.down_proj.gemv is not None
 
 
+def test_decode_gemv_auto_takes_the_triton_kernel_from_hopper_on(gpu_llama):
+    from sgl_engine import Engine
+
+    with Engine(gpu_llama, max_total_tokens=4096, **BF16_FLASHINFER) as eng:
+        facts = eng.inspect(runner_facts)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert facts["decode_gemv"] == ("triton" if hopper else "cublas")
+
+
 def test_triton_decode_gemv_is_as_accurate_as_cublas(gpu_llama):
     """Batch-1 decode (one request at a time, so every decode step is a one-row product in the
     bs=1 graph) with decode_gemv="triton": its chosen-token logprobs are no further from an fp32

@@ -291,8 +291,9 @@ def test_push_fits_depends_only_on_shapes(shape, wshape, takes):
 
 def test_push_mode_needs_two_cuda_ranks_and_the_one_row_kernel():
     with pytest.raises(ValueError, match="'push' needs decode_gemv='triton'"):
-        EngineConfig(tp_all_reduce="push")
+        EngineConfig(tp_all_reduce="push", decode_gemv="cublas")
     EngineConfig(tp_all_reduce="push", decode_gemv="triton")
+    EngineConfig(tp_all_reduce="push")  # "auto": Triton wherever push can run (choose_gemv)
     with pytest.raises(ValueError, match="'push' needs CUDA"):
         one_shot.setup("push", None, torch.bfloat16, torch.device("cpu"), pytest.fail)
     for size, why in ((2, "it needs Hopper or later GPUs"), (4, "it is for two ranks, not 4")):
@@ -305,3 +306,43 @@ def test_push_mode_needs_two_cuda_ranks_and_the_one_row_kernel():
         with pytest.raises(RuntimeError, match=f"'push' is not available: {why}"):
             push_norm.setup(None, 0, size, 512, torch.bfloat16, torch.device("cpu"), agree)
         assert seen == [0]  # refused before any buffer is made
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "dtype", "capability", "want"),
+    [
+        ("auto", "cuda", torch.bfloat16, (9, 0), "triton"),
+        ("auto", "cuda", torch.float16, (10, 0), "triton"),
+        ("auto", "cuda", torch.bfloat16, (8, 0), "cublas"),  # not where it was measured
+        ("auto", "cuda", torch.float32, (9, 0), "cublas"),
+        ("cublas", "cuda", torch.bfloat16, (9, 0), "cublas"),
+        ("triton", "cuda", torch.bfloat16, (8, 0), "triton"),  # asked for: taken as asked
+        ("triton", "cpu", torch.float32, None, "cublas"),  # nothing but torch runs there
+        ("auto", "cpu", torch.bfloat16, None, "cublas"),
+    ],
+)
+def test_decode_gemv_auto_is_triton_where_it_was_measured(
+    monkeypatch, setting, device, dtype, capability, want
+):
+    from sgl_engine.models import gemv
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d=None: capability)
+    assert gemv.choose(setting, torch.device(device), dtype) == want
+
+
+def test_decode_gemv_auto_is_cublas_without_triton(monkeypatch):
+    import builtins
+
+    from sgl_engine.models import gemv
+
+    real = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("no triton here")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _d=None: (9, 0))
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    assert gemv.choose("auto", torch.device("cuda"), torch.bfloat16) == "cublas"
+    assert push_norm._unavailable(2, torch.bfloat16, torch.device("cuda")) == "it needs Triton"

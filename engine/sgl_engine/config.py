@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 TP_ALL_REDUCE_MODES = ("auto", "nccl", "one_shot", "fused", "push")
-DECODE_GEMV_KERNELS = ("cublas", "triton")
+DECODE_GEMV_KERNELS = ("auto", "cublas", "triton")
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,12 @@ class EngineConfig:
     peer memory when every rank can map it, else NCCL), "one_shot" (required), "nccl", or
     "fused" (one_shot, and each block half's all-reduce, residual add and RMSNorm in one
     flashinfer TensorRT-LLM kernel; built on a machine's first use, minutes), or "push" (fused,
-    and on two Hopper GPUs with `decode_gemv="triton"` batch-1 row-parallel products push their
+    and on two Hopper GPUs with the Triton `decode_gemv` batch-1 row-parallel products push their
     partial sums to the peer as they finish: distributed/push_norm.py).
-    `decode_gemv` picks the kernel of one-row (batch-1 decode) linear layers on CUDA: cuBLAS, or
-    the Triton matrix-vector kernel of models/gemv.py (faster on an H200; opt-in until the GPU
-    tests have run with it). `unroll_extends` replays small extends of running requests (the
+    `decode_gemv` picks the kernel of one-row (batch-1 decode) linear layers on CUDA: "cublas",
+    "triton" (the matrix-vector kernel of models/gemv.py: 12% faster batch-1 decode on an H200,
+    a few seconds more at start-up for Triton's compile and autotune), or "auto" (Triton on
+    Hopper and later in bf16/fp16 when Triton imports, else cuBLAS: models/gemv.py:choose). `unroll_extends` replays small extends of running requests (the
     rounds after jump-forward) as decode graphs, one row per token (model_runner; None: whenever
     decode graphs are captured). `cascade_attention` gives decode graphs a shared-prefix variant:
     a batch whose rows share a long KV prefix (a few-shot batch) reads it once for all rows
@@ -51,7 +52,7 @@ class EngineConfig:
     dtype: str = "auto"
     attention_backend: str = "auto"
     fused_ops: str = "auto"
-    decode_gemv: str = "cublas"
+    decode_gemv: str = "auto"
     max_total_tokens: int | None = None
     mem_fraction_static: float = 0.8
     page_size: int = 1
@@ -88,15 +89,15 @@ class EngineConfig:
         if self.schedule_policy not in ("lpm", "fcfs"):
             raise ValueError("schedule_policy must be 'lpm' or 'fcfs'")
         if self.decode_gemv not in DECODE_GEMV_KERNELS:
-            raise ValueError("decode_gemv must be 'cublas' or 'triton'")
+            raise ValueError("decode_gemv must be 'auto', 'cublas' or 'triton'")
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 0:
             raise ValueError("cuda_graph_max_bs must be >= 0 (0 turns CUDA graphs off)")
         if self.tp_size < 1:
             raise ValueError("tp_size must be >= 1")
         if self.tp_all_reduce not in TP_ALL_REDUCE_MODES:
             raise ValueError("tp_all_reduce must be 'auto', 'nccl', 'one_shot', 'fused' or 'push'")
-        if self.tp_all_reduce == "push" and self.decode_gemv != "triton":
-            raise ValueError("tp_all_reduce='push' needs decode_gemv='triton'")
+        if self.tp_all_reduce == "push" and self.decode_gemv == "cublas":
+            raise ValueError("tp_all_reduce='push' needs decode_gemv='triton' (or 'auto')")
         if self.tp_timeout_s <= 0:
             raise ValueError("tp_timeout_s must be positive")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:

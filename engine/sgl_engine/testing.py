@@ -169,6 +169,7 @@ def runner_facts(engine) -> dict:
         "push_norm_calls": 0 if push is None else push.calls,
         "push_rounds": 0 if push is None else int(push.round.item()),
         "device": str(runner.device),
+        "decode_gemv": "triton" if _uses_triton_gemv(runner.model) else "cublas",
     }
 
 
@@ -188,6 +189,12 @@ def fail_once(engine, where: str) -> None:
         raise RuntimeError(f"injected failure ({where})")
 
     setattr(obj, name, once)
+
+
+def _uses_triton_gemv(model) -> bool:
+    from sgl_engine.models.gemv import gemv
+
+    return any(getattr(m, "gemv", None) is gemv for m in model.modules())
 
 
 def process_gone(pid: int) -> bool:

@@ -215,4 +215,8 @@ def _unavailable(size: int, dtype: torch.dtype, device: torch.device) -> str | N
         return "it needs Hopper or later GPUs"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"it needs bfloat16 or float16 activations, not {dtype}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "it needs Triton"
     return None

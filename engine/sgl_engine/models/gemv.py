@@ -90,6 +90,23 @@ def _build():
     return gemv_kernel
 
 
+def choose(setting: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`decode_gemv` resolved for a device: "auto" is "triton" on Hopper and later in bf16/fp16
+    when Triton imports (where the GPU tests and benchmarks ran it), else "cublas"; off CUDA it
+    is always "cublas" (nothing else runs there)."""
+    if device.type != "cuda":
+        return "cublas"
+    if setting != "auto":
+        return setting
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "cublas"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "cublas"
+    return "triton" if torch.cuda.get_device_capability(device)[0] >= 9 else "cublas"
+
+
 @functools.cache
 def pdl_supported(device: torch.device) -> bool:
     """Whether Triton kernels on `device` can take part in programmatic dependent launch (sm90+,

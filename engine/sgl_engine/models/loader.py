@@ -10,6 +10,7 @@ import torch
 
 from sgl_engine.distributed.group import TPGroup
 from sgl_engine.distributed.layers import full_shape, load_full
+from sgl_engine.models import gemv
 from sgl_engine.models.layers import RotaryEmbedding
 from sgl_engine.models.llama import LlamaForCausalLM
 from sgl_engine.models.model_config import ModelConfig
@@ -52,7 +53,7 @@ def build_model(
     random_weights: bool = False,
     ops: str = "auto",
     tp: TPGroup | None = None,
-    decode_gemv: str = "cublas",
+    decode_gemv: str = "auto",
 ) -> LlamaForCausalLM:
     """Allocate directly on `device` in `dtype` (no fp32 copy of big models), then fill weights
     (with `tp`, only this rank's shard is kept; random weights are the same at every tp_size)."""
@@ -64,7 +65,7 @@ def build_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.rope = RotaryEmbedding(hf_config, cfg.head_dim, max_positions).to(device)
     model.ops = choose_ops(ops, device, dtype)
-    if device.type == "cuda" and decode_gemv == "triton":
+    if gemv.choose(decode_gemv, device, dtype) == "triton":
         use_triton_gemv(model)
     if random_weights:
         _init_random(model)

@@ -237,7 +237,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="path of small all-reduces on GPUs: one-shot over peer memory, NCCL, or fused "
         "(one-shot, plus each all-reduce with its residual add and RMSNorm in one flashinfer "
         "kernel, built on a machine's first use), or push (fused, plus batch-1 products that "
-        "push their partial sums to the peer; two GPUs, --decode-gemv triton) (default auto: "
+        "push their partial sums to the peer; two Hopper GPUs, not --decode-gemv cublas) (default auto: "
         "one-shot when every rank can)",
     )
     parser.add_argument(
@@ -246,7 +246,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=None,
         help="kernel of batch-1 decode's linear layers on GPUs: cuBLAS, or a Triton "
         "matrix-vector kernel (faster on an H200; needed by --tp-all-reduce push) "
-        "(default cublas)",
+        "(default auto: Triton on Hopper and later in bf16/fp16)",
     )
     parser.add_argument(
         "--graceful-timeout",
