@@ -282,7 +282,7 @@ def main() -> None:
     ap.add_argument(
         "--all-reduce", default="auto", help="tp_all_reduce modes of the 7b phase's TP>1 runs"
     )
-    ap.add_argument("--decode-gemv", default="auto", help="the engine's decode_gemv (GPU)")
+    ap.add_argument("--decode-gemv", default="cublas", help="the engine's decode_gemv (GPU)")
     args = ap.parse_args()
     args.tp = [int(t) for t in args.tp.split(",")]
     args.all_reduce = args.all_reduce.split(",")

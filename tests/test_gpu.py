@@ -230,7 +230,7 @@ def _gemv_in_use(engine) -> bool:
 def test_decode_gemv_auto_takes_the_triton_kernel_from_hopper_on(gpu_llama):
     from sgl_engine import Engine
 
-    with Engine(gpu_llama, max_total_tokens=4096, **BF16_FLASHINFER) as eng:
+    with Engine(gpu_llama, max_total_tokens=4096, decode_gemv="auto", **BF16_FLASHINFER) as eng:
         facts = eng.inspect(runner_facts)
     hopper = torch.cuda.get_device_capability()[0] >= 9
     assert facts["decode_gemv"] == ("triton" if hopper else "cublas")

@@ -293,7 +293,9 @@ def test_push_mode_needs_two_cuda_ranks_and_the_one_row_kernel():
     with pytest.raises(ValueError, match="'push' needs decode_gemv='triton'"):
         EngineConfig(tp_all_reduce="push", decode_gemv="cublas")
     EngineConfig(tp_all_reduce="push", decode_gemv="triton")
-    EngineConfig(tp_all_reduce="push")  # "auto": Triton wherever push can run (choose_gemv)
+    with pytest.raises(ValueError, match="'push' needs decode_gemv='triton'"):
+        EngineConfig(tp_all_reduce="push")  # the default is cuBLAS
+    EngineConfig(tp_all_reduce="push", decode_gemv="auto")  # Triton wherever push can run
     with pytest.raises(ValueError, match="'push' needs CUDA"):
         one_shot.setup("push", None, torch.bfloat16, torch.device("cpu"), pytest.fail)
     for size, why in ((2, "it needs Hopper or later GPUs"), (4, "it is for two ranks, not 4")):

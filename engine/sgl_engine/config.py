@@ -32,10 +32,13 @@ class EngineConfig:
     flashinfer TensorRT-LLM kernel; built on a machine's first use, minutes), or "push" (fused,
     and on two Hopper GPUs with the Triton `decode_gemv` batch-1 row-parallel products push their
     partial sums to the peer as they finish: distributed/push_norm.py).
-    `decode_gemv` picks the kernel of one-row (batch-1 decode) linear layers on CUDA: "cublas",
-    "triton" (the matrix-vector kernel of models/gemv.py: 12% faster batch-1 decode on an H200,
-    a few seconds more at start-up for Triton's compile and autotune), or "auto" (Triton on
-    Hopper and later in bf16/fp16 when Triton imports, else cuBLAS: models/gemv.py:choose). `unroll_extends` replays small extends of running requests (the
+    `decode_gemv` picks the kernel of one-row (batch-1 decode) linear layers on CUDA: "cublas"
+    (the default), "triton" (the matrix-vector kernel of models/gemv.py: 12% faster batch-1
+    decode on an H200, a few seconds more at start-up for Triton's compile and autotune), or
+    "auto" (Triton on Hopper and later in bf16/fp16 when Triton imports, else cuBLAS:
+    models/gemv.py:choose). Not the default: a batch-1 row then rounds differently from the
+    same row in a batch (cuBLAS), so greedy outputs part at near-ties more often between a solo
+    run and a busy engine (25 of 160 requests against at most 16 with cuBLAS, on an H200). `unroll_extends` replays small extends of running requests (the
     rounds after jump-forward) as decode graphs, one row per token (model_runner; None: whenever
     decode graphs are captured). `cascade_attention` gives decode graphs a shared-prefix variant:
     a batch whose rows share a long KV prefix (a few-shot batch) reads it once for all rows
@@ -52,7 +55,7 @@ class EngineConfig:
     dtype: str = "auto"
     attention_backend: str = "auto"
     fused_ops: str = "auto"
-    decode_gemv: str = "auto"
+    decode_gemv: str = "cublas"
     max_total_tokens: int | None = None
     mem_fraction_static: float = 0.8
     page_size: int = 1

@@ -53,7 +53,7 @@ def build_model(
     random_weights: bool = False,
     ops: str = "auto",
     tp: TPGroup | None = None,
-    decode_gemv: str = "auto",
+    decode_gemv: str = "cublas",
 ) -> LlamaForCausalLM:
     """Allocate directly on `device` in `dtype` (no fp32 copy of big models), then fill weights
     (with `tp`, only this rank's shard is kept; random weights are the same at every tp_size)."""

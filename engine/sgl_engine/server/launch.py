@@ -246,7 +246,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=None,
         help="kernel of batch-1 decode's linear layers on GPUs: cuBLAS, or a Triton "
         "matrix-vector kernel (faster on an H200; needed by --tp-all-reduce push) "
-        "(default auto: Triton on Hopper and later in bf16/fp16)",
+        "(default cublas; auto: Triton on Hopper and later in bf16/fp16)",
     )
     parser.add_argument(
         "--graceful-timeout",
