@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from sgl_engine.models.gemv import gemv, pdl_supported
+from sgl_engine.models.gemv import gemv, hopper_triton_missing, pdl_supported
 
 log = logging.getLogger(__name__)
 
@@ -211,12 +211,4 @@ def setup(
 def _unavailable(size: int, dtype: torch.dtype, device: torch.device) -> str | None:
     if size != 2:
         return f"it is for two ranks, not {size}"
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-        return "it needs Hopper or later GPUs"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"it needs bfloat16 or float16 activations, not {dtype}"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "it needs Triton"
-    return None
+    return hopper_triton_missing(device, dtype)

@@ -91,20 +91,28 @@ def _build():
 
 
 def choose(setting: str, device: torch.device, dtype: torch.dtype) -> str:
-    """`decode_gemv` resolved for a device: "auto" is "triton" on Hopper and later in bf16/fp16
-    when Triton imports (where the GPU tests and benchmarks ran it), else "cublas"; off CUDA it
-    is always "cublas" (nothing else runs there)."""
+    """`decode_gemv` resolved for a device: "auto" is "triton" where `hopper_triton_missing`
+    finds nothing missing (where the GPU tests and benchmarks ran it), else "cublas"; off CUDA
+    it is always "cublas" (nothing else runs there)."""
     if device.type != "cuda":
         return "cublas"
     if setting != "auto":
         return setting
+    return "cublas" if hopper_triton_missing(device, dtype) else "triton"
+
+
+def hopper_triton_missing(device: torch.device, dtype: torch.dtype) -> str | None:
+    """What the batch-1 Triton kernels (this module's, distributed/push_norm.py's) lack on
+    `device` for `dtype` activations, or None: a Hopper or later GPU, bf16/fp16, Triton."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return "it needs Hopper or later GPUs"
     if dtype not in (torch.bfloat16, torch.float16):
-        return "cublas"
+        return f"it needs bfloat16 or float16 activations, not {dtype}"
     try:
         import triton  # noqa: F401
     except ImportError:
-        return "cublas"
-    return "triton" if torch.cuda.get_device_capability(device)[0] >= 9 else "cublas"
+        return "it needs Triton"
+    return None
 
 
 @functools.cache
