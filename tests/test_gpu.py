@@ -223,10 +223,6 @@ def test_triton_gemv_in_a_graph_waits_for_the_kernel_before_it():
         assert torch.equal(out, want)
 
 
-def _gemv_in_use(engine) -> bool:
-    return engine.runner.model.layers[0].mlp.down_proj.gemv is not None
-
-
 def test_decode_gemv_auto_takes_the_triton_kernel_from_hopper_on(gpu_llama):
     from sgl_engine import Engine
 
@@ -253,7 +249,8 @@ def test_triton_decode_gemv_is_as_accurate_as_cublas(gpu_llama):
         with Engine(gpu_llama, **kw) as eng:
             sp = {**GREEDY, "max_new_tokens": 24}
             outs[label] = [eng.generate(p, sp, return_logprob=True) for p in PROMPTS]
-            assert eng.inspect(_gemv_in_use) == (label == "triton")
+            triton = eng.inspect(runner_facts)["decode_gemv"] == "triton"
+            assert triton == (label == "triton")
             eng.check_invariants()
     err_cublas = _drift(outs["cublas"], outs["fp32"])
     err_triton = _drift(outs["triton"], outs["fp32"])
