@@ -130,17 +130,19 @@ def _first_diff(r: dict, g: dict) -> int | None:
     return next((k for k, (a, b) in enumerate(pairs) if a != b), None)
 
 
+def first_token_s(eng) -> float:
+    """Seconds of a 1-token greedy generate of the prompt batch-1 decode starts from."""
+    sp = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}
+    return timed(lambda: eng.generate(input_ids=[5, 6, 7, 8], sampling_params=sp))[0]
+
+
 def batch1(eng, smoke: bool) -> dict:
     """Batch-1 decode, median of 3 runs, against the roofline of one rank's shard; with the
     split of a run into its first token (`ttft_ms`: a 1-token generate, median of 5) and the
     255 decode steps after it (`step_ms`)."""
     if not smoke:
         res = decode_roofline(eng, shard_bytes(eng))
-        sp = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}
-        one = sorted(
-            timed(lambda: eng.generate(input_ids=[5, 6, 7, 8], sampling_params=sp))[0]
-            for _ in range(5)
-        )[2]
+        one = sorted(first_token_s(eng) for _ in range(5))[2]
         res["ttft_ms"] = 1e3 * one
         res["step_ms"] = 1e3 * (255 / res["ours_tok_s"] - one) / 255
         return res

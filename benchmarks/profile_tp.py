@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import decode_roofline, llama_dir  # noqa: E402
-from bench_tp import ENGINE, SHAPES, SMOKE_ENGINE  # noqa: E402
+from bench_tp import ENGINE, SHAPES, SMOKE_ENGINE, first_token_s  # noqa: E402
 from sgl_engine.testing import runner_facts  # noqa: E402
 
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
@@ -199,21 +199,14 @@ def traced_decode(eng, tokens: int, settle_s: float, window_s: float) -> dict:
 def traced_prompts(eng, n: int) -> dict:
     """`n` one-token generates of a 4-token prompt (a prefill and its sampled token each): the
     median wall time of a generate, the host timers over `n` more, then the trace over `n` more."""
-    sp = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}
-
-    def one() -> float:
-        t = time.perf_counter()
-        eng.generate(input_ids=[5, 6, 7, 8], sampling_params=sp)
-        return time.perf_counter() - t
-
-    walls = sorted(one() for _ in range(n))
+    walls = sorted(first_token_s(eng) for _ in range(n))
     before = eng.inspect(start_timers)
     for _ in range(n):
-        one()
+        first_token_s(eng)
     host = eng.inspect(stop_timers, before)
     before = eng.inspect(start_trace)
     for _ in range(n):
-        one()
+        first_token_s(eng)
     with tempfile.TemporaryDirectory() as tmp:
         out = eng.inspect(stop_trace, before, str(Path(tmp) / "trace.json"))
     return dict(out, host_timers=host, ttft_ms=1e3 * walls[n // 2])
