@@ -38,8 +38,9 @@ class EngineConfig:
     "auto" (Triton on Hopper and later in bf16/fp16 when Triton imports, else cuBLAS:
     models/gemv.py:choose). Not the default: a batch-1 row then rounds differently from the
     same row in a batch (cuBLAS), so greedy outputs part at near-ties more often between a solo
-    run and a busy engine (25 of 160 requests against at most 16 with cuBLAS, on an H200). `unroll_extends` replays small extends of running requests (the
-    rounds after jump-forward) as decode graphs, one row per token (model_runner; None: whenever
+    run and a busy engine (25 of 160 requests against at most 16 with cuBLAS, on an H200).
+    `unroll_extends` replays small extends of running requests (the rounds after jump-forward)
+    as decode graphs, one row per token (model_runner; None: whenever
     decode graphs are captured). `cascade_attention` gives decode graphs a shared-prefix variant:
     a batch whose rows share a long KV prefix (a few-shot batch) reads it once for all rows
     instead of once per row (None: on for MHA models, where an H200 measured it faster, off for

@@ -237,8 +237,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="path of small all-reduces on GPUs: one-shot over peer memory, NCCL, or fused "
         "(one-shot, plus each all-reduce with its residual add and RMSNorm in one flashinfer "
         "kernel, built on a machine's first use), or push (fused, plus batch-1 products that "
-        "push their partial sums to the peer; two Hopper GPUs, not --decode-gemv cublas) (default auto: "
-        "one-shot when every rank can)",
+        "push their partial sums to the peer; two Hopper GPUs, not --decode-gemv cublas) "
+        "(default auto: one-shot when every rank can)",
     )
     parser.add_argument(
         "--decode-gemv",
